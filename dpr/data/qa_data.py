@@ -1,0 +1,102 @@
+"""Question files for retrieval evaluation: DPR's qas CSV and JSON lines, plain or gzipped.
+
+The qas CSV is tab separated without a header: `question \t ['answer', ...]`. DPR parses the answers column with
+`eval`; here it is `ast.literal_eval`, so a file can hold data but never run code.
+"""
+import ast
+import csv
+import json
+import logging
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Optional, Union
+
+from dpr.data.passages import open_text_file
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+
+
+class QADataError(ValueError):
+    """A malformed row of a question file; the message names the file and line."""
+
+
+@dataclass(frozen=True)
+class QASample:
+    question: str
+    answers: list[str]
+    id: Optional[str] = None
+
+
+def _parse_answers(value: object, where: str) -> list[str]:
+    """Answers as a list of strings; a single string is one answer."""
+    if isinstance(value, str):
+        return [value]
+    if isinstance(value, (list, tuple)) and all(isinstance(answer, str) for answer in value):
+        return list(value)
+    raise QADataError(f"{where}: answers must be a string or a list of strings, got {value!r:.100}")
+
+
+def _csv_sample(row: list[str], question_col: int, answers_col: int, id_col: int, where: str) -> QASample:
+    needed = max(question_col, answers_col, id_col) + 1
+    if len(row) < needed:
+        raise QADataError(f"{where}: expected at least {needed} tab-separated columns, got {len(row)}")
+    try:
+        answers = ast.literal_eval(row[answers_col])
+    except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as error:
+        raise QADataError(f"{where}: answers column is not a Python literal: {row[answers_col]!r:.100}") from error
+    sample_id = row[id_col] if id_col >= 0 else None
+    return QASample(row[question_col], _parse_answers(answers, where), sample_id)
+
+
+def read_qa_csv(
+    path: PathLike,
+    question_col: int = 0,
+    answers_col: int = 1,
+    id_col: int = -1,
+) -> list[QASample]:
+    """DPR's qas CSV (tab separated, no header); `id_col=-1` means the file has no id column."""
+    samples = []
+    with open_text_file(path) as reader:
+        rows = csv.reader(reader, delimiter="\t")
+        for row in rows:
+            if row:
+                where = f"{path}, line {rows.line_num}"
+                samples.append(_csv_sample(row, question_col, answers_col, id_col, where))
+    return samples
+
+
+def read_qa_jsonl(path: PathLike) -> list[QASample]:
+    """JSON lines of `{"question": str, "answer": str | [str], "id"?: ...}` (`answers` is accepted too)."""
+    samples = []
+    with open_text_file(path) as reader:
+        for line_number, line in enumerate(reader, start=1):
+            if not line.strip():
+                continue
+            where = f"{path}, line {line_number}"
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as error:
+                raise QADataError(f"{where}: not valid JSON ({error.msg})") from error
+            if not isinstance(record, dict) or "question" not in record:
+                raise QADataError(f"{where}: expected an object with a 'question' key")
+            answers = record.get("answer", record.get("answers"))
+            if answers is None:
+                raise QADataError(f"{where}: no 'answer' key")
+            sample_id = record.get("id")
+            samples.append(
+                QASample(record["question"], _parse_answers(answers, where), None if sample_id is None else str(sample_id))
+            )
+    return samples
+
+
+def read_qa_file(path: PathLike, question_col: int = 0, answers_col: int = 1, id_col: int = -1) -> list[QASample]:
+    """Read questions from a `.jsonl`/`.json` lines file or a qas CSV (either may end in `.gz`)."""
+    name = str(path)[: -len(".gz")] if str(path).endswith(".gz") else str(path)
+    if name.endswith((".jsonl", ".json")):
+        samples = read_qa_jsonl(path)
+    else:
+        samples = read_qa_csv(path, question_col, answers_col, id_col)
+    logger.info("read %d questions from %s", len(samples), path)
+    return samples
