@@ -1,0 +1,41 @@
+#!/usr/bin/env python3
+"""Download DPR data, checkpoints and indexes: ``python data/download_data.py --resource KEY [--output_dir DIR]``.
+
+Without ``--resource`` it lists every key. Files land in ``{output_dir}/downloads/...`` (DPR's layout).
+"""
+import argparse
+import os
+import sys
+from pathlib import Path
+
+# Runnable as a plain script from anywhere: make the repository's `dpr` package importable.
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from dpr.data.download import MIRROR_ENV, DownloadError, UnknownResourceError, download  # noqa: E402
+from dpr.utils.logging import setup_logging  # noqa: E402
+
+
+def parse_args() -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--resource", help="resource key, or a prefix of keys to download all of them "
+                                           "(omit it to list the keys)")
+    parser.add_argument("--output_dir", default="./", help="root folder; files go under OUTPUT_DIR/downloads/")
+    parser.add_argument("--mirror", default=os.environ.get(MIRROR_ENV),
+                        help=f"base URL holding the same relative paths as dl.fbaipublicfiles.com/dpr/ "
+                             f"(http(s):// or file://; default ${MIRROR_ENV})")
+    parser.add_argument("--no-verify", dest="verify", action="store_false",
+                        help="trust existing files instead of checking their recorded sha256")
+    return parser.parse_args()
+
+
+def main() -> None:
+    args = parse_args()
+    setup_logging()
+    try:
+        download(args.resource, args.output_dir, mirror=args.mirror, verify=args.verify)
+    except (UnknownResourceError, DownloadError) as err:
+        sys.exit(f"error: {err}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,263 @@
+"""Download the resources of :mod:`dpr.data.resources` into DPR's layout (spec §7), robustly (spec §9 item 18).
+
+Where DPR's downloader is fragile, this one streams in constant memory (also when gunzipping), resumes a partial
+``.part`` file with an HTTP Range request, retries dropped connections with exponential backoff, publishes a file
+under its final name only once complete, and records the sha256 of every file in ``downloads/checksums.sha256``
+(``sha256sum -c`` format), which a rerun verifies: a corrupted file is reported and downloaded again.
+"""
+from __future__ import annotations
+
+import gzip
+import hashlib
+import http.client
+import logging
+import os
+import sys
+import time
+import urllib.error
+import urllib.request
+import zlib
+from dataclasses import dataclass
+from pathlib import Path
+from typing import BinaryIO, TextIO
+
+from tqdm import tqdm
+
+from dpr.data.resources import (DOWNLOADS_DIR, DPR_BASE_URL, NQ_LICENSE_FILES, RESOURCES_MAP, join_url,
+                                local_paths, matching_keys, resource_dir)
+
+logger = logging.getLogger(__name__)
+
+CHUNK_SIZE = 1 << 20
+MANIFEST_NAME = "checksums.sha256"
+MIRROR_ENV = "DPR_DOWNLOAD_MIRROR"
+
+
+class UnknownResourceError(ValueError):
+    """The requested name is neither a resource key nor the prefix of one."""
+
+
+class DownloadError(RuntimeError):
+    """A file could not be downloaded (a permanent HTTP error, or retries exhausted)."""
+
+
+class IncompleteDownloadError(ConnectionError):
+    """The connection ended before the announced number of bytes arrived; worth a retry."""
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """Bounded retries: attempt ``i`` (from 1) waits ``base_delay_s * 2**(i-1)`` seconds before the next."""
+
+    max_attempts: int = 6
+    base_delay_s: float = 2.0
+    timeout_s: float = 60.0
+
+
+class ChecksumManifest:
+    """sha256 of every downloaded file, as ``<hex>  <path relative to the downloads folder>`` lines."""
+
+    def __init__(self, path: Path):
+        self.path = path
+        self.root = path.parent
+        self._digests = self._read()
+
+    def _read(self) -> dict[str, str]:
+        if not self.path.exists():
+            return {}
+        digests = {}
+        for line in self.path.read_text(encoding="utf-8").splitlines():
+            digest, _, name = line.partition("  ")
+            if name:
+                digests[name] = digest
+        return digests
+
+    def _name(self, file: Path) -> str:
+        return file.relative_to(self.root).as_posix()
+
+    def get(self, file: Path) -> str | None:
+        return self._digests.get(self._name(file))
+
+    def record(self, file: Path, digest: str) -> None:
+        self._digests[self._name(file)] = digest
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        temp = self.path.with_name(self.path.name + ".tmp")
+        temp.write_text("".join(f"{d}  {n}\n" for n, d in sorted(self._digests.items())), encoding="utf-8")
+        os.replace(temp, self.path)
+
+
+def download(resource: str | None, output_dir: str = "./", mirror: str | None = None, verify: bool = True,
+             retry: RetryPolicy = RetryPolicy(), out: TextIO = sys.stdout) -> list[str]:
+    """Download every resource matching ``resource`` (exact key or raw prefix) and return their local files.
+
+    With ``resource=None`` the keys and their descriptions are printed to ``out`` instead. ``mirror`` replaces the
+    base URL (the mirror holds the same relative paths); ``verify=False`` trusts existing files without hashing.
+    """
+    if resource is None:
+        out.write(format_listing())
+        return []
+    keys = matching_keys(resource)
+    if not keys:
+        raise UnknownResourceError(f"no resource key is or starts with {resource!r}; "
+                                   f"run python data/download_data.py without --resource to list them")
+    logger.info("Resources to download: %s", ", ".join(keys))
+    manifest = ChecksumManifest(Path(output_dir, DOWNLOADS_DIR, MANIFEST_NAME))
+    files: list[str] = []
+    for key in keys:
+        files.extend(str(path) for path in download_resource(key, output_dir, manifest, mirror, verify, retry))
+    return files
+
+
+def format_listing() -> str:
+    width = max(len(key) for key in RESOURCES_MAP)
+    lines = ["Resources (python data/download_data.py --resource KEY; a key prefix downloads every match):"]
+    lines += [f"  {key:<{width}}  {resource.description}" for key, resource in RESOURCES_MAP.items()]
+    return "\n".join(lines) + "\n"
+
+
+def download_resource(key: str, output_dir: str, manifest: ChecksumManifest, mirror: str | None = None,
+                      verify: bool = True, retry: RetryPolicy = RetryPolicy()) -> list[Path]:
+    """Fetch one key's file(s), plus the NQ licence files next to NQ-derived data."""
+    resource = RESOURCES_MAP[key]
+    targets = local_paths(key, output_dir)
+    for url, target in zip(resource.urls(mirror), targets):
+        ensure_file(url, target, resource.compressed, manifest, verify, retry)
+    if resource.nq_license:
+        for remote_path in NQ_LICENSE_FILES:
+            license_target = resource_dir(key, output_dir) / Path(remote_path).name
+            ensure_file(join_url(mirror or DPR_BASE_URL, remote_path), license_target, False, manifest, verify, retry)
+    return targets
+
+
+def ensure_file(url: str, target: Path, compressed: bool, manifest: ChecksumManifest, verify: bool,
+                retry: RetryPolicy) -> None:
+    """Make ``target`` a complete, checksum-verified copy of ``url`` (gunzipped when ``compressed``)."""
+    if target.exists():
+        if is_intact(target, manifest, verify):
+            logger.info("Skipping %s: already downloaded", target)
+            return
+        logger.warning("Checksum mismatch for %s: the file is corrupted, downloading it again", target)
+        target.unlink()
+    target.parent.mkdir(parents=True, exist_ok=True)
+    part = target.with_name(target.name + (".gz" if compressed else "") + ".part")
+    logger.info("Downloading %s to %s", url, target)
+    fetch_with_retries(url, part, retry)
+    digest = gunzip_to(part, target) if compressed else publish(part, target)
+    manifest.record(target, digest)
+
+
+def is_intact(target: Path, manifest: ChecksumManifest, verify: bool) -> bool:
+    """Whether an existing file matches its recorded sha256; a file with no record is trusted and recorded."""
+    recorded = manifest.get(target)
+    if not verify:
+        return True
+    digest = sha256_of_file(target)
+    if recorded is None:
+        logger.info("No recorded checksum for existing %s: recording it", target)
+        manifest.record(target, digest)
+        return True
+    return digest == recorded
+
+
+def fetch_with_retries(url: str, part: Path, retry: RetryPolicy) -> None:
+    """Fetch ``url`` into ``part``, resuming after each dropped connection, with bounded exponential backoff."""
+    for attempt in range(1, retry.max_attempts + 1):
+        try:
+            fetch_to_part(url, part, retry.timeout_s)
+            return
+        except urllib.error.HTTPError as err:
+            if not is_transient_http_error(err.code):
+                raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from err
+            failure: Exception = err
+        except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, resets, incomplete bodies
+            failure = err
+        if attempt == retry.max_attempts:
+            raise DownloadError(f"{url}: giving up after {attempt} attempts ({failure})") from failure
+        delay = retry.base_delay_s * 2 ** (attempt - 1)
+        logger.warning("Attempt %d/%d for %s failed (%s); resuming in %.1f s",
+                       attempt, retry.max_attempts, url, failure, delay)
+        time.sleep(delay)
+
+
+def is_transient_http_error(code: int) -> bool:
+    return code in (408, 429) or code >= 500
+
+
+def fetch_to_part(url: str, part: Path, timeout_s: float) -> None:
+    """Append the rest of ``url`` to ``part`` (a Range request when it holds bytes); raise if the body is cut."""
+    offset = part.stat().st_size if part.exists() else 0
+    headers = {"Range": f"bytes={offset}-"} if offset else {}
+    try:
+        response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
+    except urllib.error.HTTPError as err:
+        if err.code != 416:
+            raise
+        if content_range_total(err.headers.get("Content-Range")) == offset:
+            return  # the part already holds the whole file
+        logger.warning("Partial file %s does not fit the remote file: restarting it", part)
+        part.unlink()
+        fetch_to_part(url, part, timeout_s)
+        return
+    with response:
+        # A server that ignores Range answers 200 with the whole body (as do file:// URLs, whose status is None).
+        if response.status != 206:
+            offset = 0
+        length = response.headers.get("Content-Length")
+        expected = offset + int(length) if length is not None else None
+        with open(part, "ab" if offset else "wb") as sink:
+            copy_with_progress(response, sink, expected, offset, part.name)
+        received = part.stat().st_size
+    if expected is not None and received != expected:
+        raise IncompleteDownloadError(f"connection closed after {received} of {expected} bytes")
+
+
+def content_range_total(content_range: str | None) -> int | None:
+    """The total size in a ``Content-Range: bytes */TOTAL`` (or ``bytes A-B/TOTAL``) header."""
+    if not content_range or "/" not in content_range:
+        return None
+    total = content_range.rsplit("/", 1)[1].strip()
+    return int(total) if total.isdigit() else None
+
+
+def copy_with_progress(source: BinaryIO, sink: BinaryIO, total: int | None, initial: int, label: str) -> None:
+    # disable=None: the bar shows on a terminal only, so logs and tests stay clean.
+    with tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
+              disable=None) as progress:
+        while chunk := source.read(CHUNK_SIZE):
+            sink.write(chunk)
+            progress.update(len(chunk))
+
+
+def publish(part: Path, target: Path) -> str:
+    """Move a complete download to its final name; return its sha256."""
+    digest = sha256_of_file(part)
+    os.replace(part, target)
+    return digest
+
+
+def gunzip_to(part: Path, target: Path) -> str:
+    """Stream-decompress a complete ``.gz`` download into ``target``; return the sha256 of the decompressed file."""
+    logger.info("Decompressing %s", part)
+    temp = target.with_name(target.name + ".tmp")
+    digest = hashlib.sha256()
+    try:
+        with gzip.open(part, "rb") as source, open(temp, "wb") as sink:
+            while chunk := source.read(CHUNK_SIZE):
+                digest.update(chunk)
+                sink.write(chunk)
+    except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # EOFError: a truncated stream
+        temp.unlink(missing_ok=True)
+        part.unlink()
+        raise DownloadError(f"{part} is not a valid gzip file ({err}); it was removed, rerun to fetch it again") \
+            from err
+    os.replace(temp, target)
+    part.unlink()
+    return digest.hexdigest()
+
+
+def sha256_of_file(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while chunk := source.read(CHUNK_SIZE):
+            digest.update(chunk)
+    return digest.hexdigest()

@@ -1,0 +1,214 @@
+"""The downloader against a real loopback HTTP server that serves fixture files in DPR's remote layout."""
+import gzip
+import hashlib
+import io
+import logging
+import os
+import subprocess
+import sys
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from pathlib import Path
+
+import pytest
+
+from dpr.data.download import MANIFEST_NAME, DownloadError, RetryPolicy, UnknownResourceError, download
+from dpr.data.resources import RESOURCES_MAP
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+FAST_RETRY = RetryPolicy(max_attempts=3, base_delay_s=0.01, timeout_s=5.0)
+NQ_DEV_QAS = "who sang it\t['someone']\n"
+TRIVIA_QAS = {split: f"trivia {split} question\t['answer {split}']\n" * 50 for split in ("dev", "test", "train")}
+LARGE_BODY = bytes(range(256)) * 1200  # ~300 KB, several read chunks on the client side
+
+
+class RangeHandler(BaseHTTPRequestHandler):
+    """Serves ``server.root``; honours ``Range: bytes=N-``; cuts the first response of paths in ``server.drop``."""
+
+    timeout = 5  # a stuck client cannot hold a handler thread for long
+
+    def do_GET(self) -> None:
+        relative_path = self.path.lstrip("/")
+        range_header = self.headers.get("Range")
+        self.server.requests.append((relative_path, range_header))
+        file = self.server.root / relative_path
+        if not file.is_file():
+            self.send_error(404)
+            return
+        body = file.read_bytes()
+        start = int(range_header.removeprefix("bytes=").rstrip("-")) if range_header else 0
+        if start >= len(body) > 0 and range_header:
+            self.send_response(416)
+            self.send_header("Content-Range", f"bytes */{len(body)}")
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+            return
+        self.send_response(206 if range_header else 200)
+        if range_header:
+            self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
+        self.send_header("Content-Length", str(len(body) - start))
+        self.end_headers()
+        if relative_path in self.server.drop:
+            self.server.drop.discard(relative_path)
+            self.wfile.write(body[start:start + (len(body) - start) // 2])
+            return  # HTTP/1.0: the connection closes here, half-way through the announced body
+        self.wfile.write(body[start:])
+
+    def log_message(self, *args) -> None:
+        pass
+
+
+def write_remote_tree(root: Path) -> None:
+    files = {
+        "data/retriever/nq-dev.qa.csv": NQ_DEV_QAS.encode(),
+        "nq_license/LICENSE": b"CC BY-SA 3.0\n",
+        "nq_license/README": b"Natural Questions licence note\n",
+        "checkpoint/reader/nq-single/hf_bert_base.cp": LARGE_BODY,
+    }
+    files.update({f"data/retriever/trivia-{split}.qa.csv.gz": gzip.compress(text.encode())
+                  for split, text in TRIVIA_QAS.items()})
+    for relative_path, content in files.items():
+        (root / relative_path).parent.mkdir(parents=True, exist_ok=True)
+        (root / relative_path).write_bytes(content)
+
+
+@pytest.fixture
+def server(tmp_path):
+    remote = tmp_path / "remote"
+    write_remote_tree(remote)
+    httpd = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+    httpd.root, httpd.requests, httpd.drop = remote, [], set()
+    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+    thread.start()
+    yield httpd
+    httpd.shutdown()
+    httpd.server_close()
+    thread.join(timeout=5)
+
+
+def fetch(server, key, output_dir, **kwargs):
+    return download(key, str(output_dir), mirror=server.url, retry=FAST_RETRY, **kwargs)
+
+
+def manifest_entries(output_dir: Path) -> dict[str, str]:
+    lines = (output_dir / "downloads" / MANIFEST_NAME).read_text().splitlines()
+    return {name: digest for digest, name in (line.split("  ") for line in lines)}
+
+
+def test_exact_key_downloads_file_licence_and_checksums(server, tmp_path):
+    out = tmp_path / "out"
+    files = fetch(server, "data.retriever.qas.nq-dev", out)
+    folder = out / "downloads" / "data" / "retriever" / "qas"
+    assert files == [str(folder / "nq-dev.csv")]
+    assert (folder / "nq-dev.csv").read_text() == NQ_DEV_QAS
+    assert (folder / "LICENSE").read_bytes() == b"CC BY-SA 3.0\n"
+    assert (folder / "README").exists()
+    manifest = manifest_entries(out)
+    assert set(manifest) == {"data/retriever/qas/nq-dev.csv", "data/retriever/qas/LICENSE", "data/retriever/qas/README"}
+    assert manifest["data/retriever/qas/nq-dev.csv"] == hashlib.sha256(NQ_DEV_QAS.encode()).hexdigest()
+
+
+def test_prefix_downloads_every_match_and_gunzips_them(server, tmp_path):
+    out = tmp_path / "out"
+    files = fetch(server, "data.retriever.qas.trivia", out)
+    folder = out / "downloads" / "data" / "retriever" / "qas"
+    assert sorted(files) == [str(folder / f"trivia-{split}.csv") for split in ("dev", "test", "train")]
+    for split, text in TRIVIA_QAS.items():
+        assert (folder / f"trivia-{split}.csv").read_text() == text
+    assert sorted(path.name for path in folder.iterdir()) == ["trivia-dev.csv", "trivia-test.csv", "trivia-train.csv"]
+
+
+def test_dropped_connection_is_resumed_with_range_request(server, tmp_path):
+    remote_path = "checkpoint/reader/nq-single/hf_bert_base.cp"
+    server.drop.add(remote_path)
+    [local] = fetch(server, "checkpoint.reader.nq-single.hf-bert-base", tmp_path / "out")
+    assert Path(local).read_bytes() == LARGE_BODY
+    assert server.requests == [(remote_path, None), (remote_path, f"bytes={len(LARGE_BODY) // 2}-")]
+
+
+def test_exhausted_retries_leave_only_the_partial_file(server, tmp_path):
+    remote_path = "checkpoint/reader/nq-single/hf_bert_base.cp"
+    server.drop.add(remote_path)
+    out = tmp_path / "out"
+    with pytest.raises(DownloadError, match="giving up after 1 attempts"):
+        download("checkpoint.reader.nq-single.hf-bert-base", str(out), mirror=server.url,
+                 retry=RetryPolicy(max_attempts=1, base_delay_s=0.01, timeout_s=5.0))
+    folder = out / "downloads" / "checkpoint" / "reader" / "nq-single"
+    assert [path.name for path in folder.iterdir()] == ["hf-bert-base.cp.part"]
+    [local] = fetch(server, "checkpoint.reader.nq-single.hf-bert-base", out)  # a rerun resumes the .part
+    assert Path(local).read_bytes() == LARGE_BODY
+    assert server.requests[-1][1] == f"bytes={len(LARGE_BODY) // 2}-"
+
+
+def test_complete_partial_file_is_published_after_a_416(server, tmp_path):
+    folder = tmp_path / "out" / "downloads" / "checkpoint" / "reader" / "nq-single"
+    folder.mkdir(parents=True)
+    (folder / "hf-bert-base.cp.part").write_bytes(LARGE_BODY)  # a run that stopped just before publishing
+    [local] = fetch(server, "checkpoint.reader.nq-single.hf-bert-base", tmp_path / "out")
+    assert Path(local).read_bytes() == LARGE_BODY
+    assert [range_header for _, range_header in server.requests] == [f"bytes={len(LARGE_BODY)}-"]
+
+
+def test_second_run_downloads_nothing(server, tmp_path):
+    out = tmp_path / "out"
+    keys = ("data.retriever.qas.trivia", "data.retriever.qas.nq-dev")
+    first = [fetch(server, key, out) for key in keys]
+    requests_after_first_run = len(server.requests)
+    assert [fetch(server, key, out) for key in keys] == first
+    assert len(server.requests) == requests_after_first_run
+
+
+def test_corrupted_file_is_reported_and_downloaded_again(server, tmp_path, caplog):
+    out = tmp_path / "out"
+    [local] = fetch(server, "data.retriever.qas.trivia-dev", out)
+    Path(local).write_text("truncated")
+    with caplog.at_level(logging.WARNING, logger="dpr.data.download"):
+        fetch(server, "data.retriever.qas.trivia-dev", out)
+    assert "Checksum mismatch" in caplog.text
+    assert Path(local).read_text() == TRIVIA_QAS["dev"]
+    assert len(server.requests) == 2
+
+
+def test_no_verify_trusts_existing_files(server, tmp_path):
+    out = tmp_path / "out"
+    [local] = fetch(server, "data.retriever.qas.trivia-dev", out)
+    Path(local).write_text("edited")
+    fetch(server, "data.retriever.qas.trivia-dev", out, verify=False)
+    assert Path(local).read_text() == "edited"
+
+
+def test_missing_remote_file_fails_without_retrying(server, tmp_path):
+    with pytest.raises(DownloadError, match="HTTP 404"):
+        fetch(server, "data.retriever.qas.squad1-test", tmp_path / "out")
+    assert len(server.requests) == 1
+
+
+def test_unknown_key_is_an_error(tmp_path):
+    with pytest.raises(UnknownResourceError, match="nothing.here"):
+        download("nothing.here", str(tmp_path))
+
+
+def test_file_url_mirror(tmp_path):
+    remote = tmp_path / "remote"
+    write_remote_tree(remote)
+    [local] = download("data.retriever.qas.trivia-test", str(tmp_path / "out"), mirror=remote.as_uri(),
+                       retry=FAST_RETRY)
+    assert Path(local).read_text() == TRIVIA_QAS["test"]
+
+
+def test_listing_names_every_key():
+    out = io.StringIO()
+    assert download(None, out=out) == []
+    listed_keys = [line.split()[0] for line in out.getvalue().splitlines()[1:]]
+    assert listed_keys == list(RESOURCES_MAP)
+
+
+def test_entry_script_lists_and_downloads_from_env_mirror(server, tmp_path):
+    script = [sys.executable, str(REPO_ROOT / "data" / "download_data.py")]
+    listing = subprocess.run(script, capture_output=True, text=True, timeout=60, cwd=tmp_path, check=True)
+    assert "data.retriever.nq-adv-hn-train" in listing.stdout
+    env = dict(os.environ, DPR_DOWNLOAD_MIRROR=server.url)
+    subprocess.run(script + ["--resource", "data.retriever.qas.nq-dev", "--output_dir", str(tmp_path / "out")],
+                   capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env, check=True)
+    assert (tmp_path / "out/downloads/data/retriever/qas/nq-dev.csv").read_text() == NQ_DEV_QAS
