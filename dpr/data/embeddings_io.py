@@ -1,0 +1,172 @@
+"""Passage-embedding shard files: DPR/GC pickles for compatibility, and a pickle-free `.npz` format.
+
+- `dpr`: a pickled `list[(id, np.float32[D])]` at `{out_file}_{shard_id}` (extra tuple fields are ignored on read).
+- `gc`: the same pickle at `{out_file}_{shard_id}.pkl` (also the name of DPR's released shards).
+- `npz`: `{out_file}_{shard_id}.npz` holding an `ids` string array and a `vectors` float32 [n, D] array.
+  Unpickling runs code chosen by whoever wrote the file, so files this project writes need not be pickles.
+
+Writes are atomic (a temporary file in the same folder, then `os.replace`), so a shard file that exists is complete
+and a rerun can skip it. Readers stream one file at a time.
+"""
+import glob
+import logging
+import os
+import pickle
+import re
+import tempfile
+import zipfile
+from pathlib import Path
+from typing import BinaryIO, Callable, Iterator, Sequence, Union
+
+import numpy as np
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+EmbeddingBlock = tuple[list[str], np.ndarray]
+
+SHARD_SUFFIXES = {"dpr": "", "gc": ".pkl", "npz": ".npz"}
+_INDEX_FILE_ENDINGS = ("index.dpr", "index_meta.dpr")
+_TEMP_SUFFIX = ".tmp"
+_PICKLE_STOP_OPCODE = b"."
+_GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+def shard_path(out_file: PathLike, shard_id: int, fmt: str = "npz") -> Path:
+    """The file name of shard `shard_id` in format `dpr`, `gc` or `npz`."""
+    if fmt not in SHARD_SUFFIXES:
+        raise ValueError(f"unknown embedding format {fmt!r}; expected one of {tuple(SHARD_SUFFIXES)}")
+    return Path(f"{out_file}_{shard_id}{SHARD_SUFFIXES[fmt]}")
+
+
+def _is_npz(path: PathLike) -> bool:
+    return str(path).endswith(".npz")
+
+
+def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
+    try:
+        with os.fdopen(descriptor, "wb") as temp_file:
+            write(temp_file)
+            temp_file.flush()
+            os.fsync(temp_file.fileno())
+        os.replace(temp_name, path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+
+
+def write_embeddings(path: PathLike, ids: Sequence[object], vectors: np.ndarray) -> Path:
+    """Atomically write one shard: `.npz` when the name ends so, otherwise DPR's pickled list of tuples."""
+    path = Path(path)
+    vectors = np.asarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2 or vectors.shape[0] != len(ids):
+        raise ValueError(f"need a [len(ids)={len(ids)}, D] array of vectors, got shape {vectors.shape}")
+    if _is_npz(path):
+        id_array = np.array([str(doc_id) for doc_id in ids], dtype=str)
+        _atomic_write(path, lambda file: np.savez(file, ids=id_array, vectors=vectors))
+    else:
+        records = [(doc_id, vector) for doc_id, vector in zip(ids, vectors)]
+        _atomic_write(path, lambda file: pickle.dump(records, file, protocol=4))
+    logger.info("wrote %d embeddings of dimension %d to %s", len(ids), vectors.shape[1], path)
+    return path
+
+
+def is_shard_complete(path: PathLike) -> bool:
+    """Whether a finished shard is at `path`: a whole zip for `.npz`, a pickle ending in its STOP opcode otherwise.
+
+    Files written here are atomic, so existence suffices for them; the content check also catches a truncated
+    file left by another writer.
+    """
+    path = Path(path)
+    if not path.is_file() or path.stat().st_size == 0:
+        return False
+    if _is_npz(path):
+        return zipfile.is_zipfile(path)
+    with open(path, "rb") as file:
+        file.seek(-1, os.SEEK_END)
+        return file.read(1) == _PICKLE_STOP_OPCODE
+
+
+def _with_prefix(doc_id: object, id_prefix: str) -> str:
+    """DPR's iterate_encoded_files: prefix the ids that lack the source's prefix."""
+    doc_id = str(doc_id)
+    return doc_id if doc_id.startswith(id_prefix) else id_prefix + doc_id
+
+
+def read_embeddings(path: PathLike, id_prefix: str = "") -> EmbeddingBlock:
+    """One shard file as (ids, float32 [n, D] vectors). Pickles are unpickled: read only files you trust."""
+    if _is_npz(path):
+        with np.load(path, allow_pickle=False) as shard:
+            ids, vectors = shard["ids"].tolist(), shard["vectors"].astype(np.float32, copy=False)
+    else:
+        with open(path, "rb") as file:
+            records = pickle.load(file)
+        ids = [record[0] for record in records]
+        vectors = (
+            np.stack([record[1] for record in records]).astype(np.float32, copy=False)
+            if records
+            else np.empty((0, 0), dtype=np.float32)  # an empty pickle does not tell the dimension
+        )
+    return [_with_prefix(doc_id, id_prefix) for doc_id in ids], vectors
+
+
+def _is_embedding_file(path: Path) -> bool:
+    """Leaves out what a `*` glob beside the shards would also match: FAISS index files and temporary files."""
+    name = path.name
+    return path.is_file() and not (
+        name.endswith(_INDEX_FILE_ENDINGS) or name.endswith(_TEMP_SUFFIX) or name.startswith(".")
+    )
+
+
+def _natural_key(path: Path) -> list:
+    """Sort `emb_2` before `emb_10`."""
+    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
+
+
+def expand_embedding_paths(patterns: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
+    """Shard files named by paths or globs, in order; each glob's matches are filtered and naturally sorted."""
+    patterns = [patterns] if isinstance(patterns, (str, Path)) else list(patterns)
+    paths: list[Path] = []
+    for pattern in patterns:
+        if _GLOB_CHARS.search(str(pattern)):
+            matches = sorted(
+                (Path(match) for match in glob.glob(str(pattern)) if _is_embedding_file(Path(match))),
+                key=_natural_key,
+            )
+            if not matches:
+                raise FileNotFoundError(f"no embedding files match {pattern}")
+            paths.extend(matches)
+        elif Path(pattern).is_file():
+            paths.append(Path(pattern))
+        else:
+            raise FileNotFoundError(f"embedding file {pattern} does not exist")
+    return paths
+
+
+def _read_each(paths: Sequence[Path], id_prefix: str) -> Iterator[EmbeddingBlock]:
+    for path in paths:
+        logger.info("reading embeddings from %s", path)
+        yield read_embeddings(path, id_prefix)
+
+
+def iter_embedding_blocks(
+    patterns: Union[PathLike, Sequence[PathLike]], id_prefix: str = ""
+) -> Iterator[EmbeddingBlock]:
+    """Stream (ids, vectors) per shard file, holding one file in memory at a time."""
+    return _read_each(expand_embedding_paths(patterns), id_prefix)
+
+
+class EmbeddingFiles:
+    """A re-iterable view of shard files: each iteration streams them again (two-pass indexing needs this)."""
+
+    def __init__(self, patterns: Union[PathLike, Sequence[PathLike]], id_prefix: str = "") -> None:
+        self.paths = expand_embedding_paths(patterns)
+        self.id_prefix = id_prefix
+
+    def __iter__(self) -> Iterator[EmbeddingBlock]:
+        return _read_each(self.paths, self.id_prefix)
+
+    def __len__(self) -> int:
+        return len(self.paths)
