@@ -1,0 +1,82 @@
+"""A BM25 passage index on the ``bm25s`` package, with the dense indexers' search shape.
+
+Defaults follow the DPR paper's BM25 baseline (Pyserini/Lucene: k1=0.9, b=0.4, Lucene's 33 English stopwords);
+tokens are lowercased runs of word characters (no stemming). Index a passage as ``title + " " + text``
+(:func:`passage_text`).
+"""
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+import bm25s
+import numpy as np
+import regex
+from bm25s.stopwords import STOPWORDS_EN
+
+logger = logging.getLogger(__name__)
+
+IDS_FILE = "passage_ids.json"
+SETTINGS_FILE = "bm25_settings.json"
+_TOKEN = regex.compile(r"\w+")
+
+
+def passage_text(title: str | None, text: str) -> str:
+    return f"{title} {text}" if title else text
+
+
+class BM25Index:
+    """Lexical index: ``build`` from passages, ``search`` a batch of queries, ``save``/``load`` a folder."""
+
+    def __init__(self, ids: list[str], model: bm25s.BM25, remove_stopwords: bool, show_progress: bool = False):
+        self.ids = ids
+        self.model = model
+        self.remove_stopwords = remove_stopwords
+        self.show_progress = show_progress
+        self._stopwords = frozenset(STOPWORDS_EN) if remove_stopwords else frozenset()
+
+    @classmethod
+    def build(cls, ids: list[str], texts: list[str], k1: float = 0.9, b: float = 0.4, remove_stopwords: bool = True,
+              show_progress: bool = False) -> BM25Index:
+        if len(ids) != len(texts):
+            raise ValueError(f"{len(ids)} ids for {len(texts)} texts")
+        index = cls(list(ids), bm25s.BM25(k1=k1, b=b), remove_stopwords, show_progress)
+        index.model.index(index.tokenize(texts), show_progress=show_progress)
+        logger.info("BM25 index of %d passages (k1=%s, b=%s)", len(ids), k1, b)
+        return index
+
+    def tokenize(self, texts: list[str]) -> list[list[str]]:
+        return [[token for token in _TOKEN.findall(text.lower()) if token not in self._stopwords] for text in texts]
+
+    def search(self, queries: list[str], k: int) -> list[tuple[list[str], np.ndarray]]:
+        """Top-``k`` passages per query, best first: ``(ids, float32 scores)`` (k is capped at the corpus size)."""
+        k = min(k, len(self.ids))
+        if not queries or k == 0:
+            return [([], np.zeros(0, dtype=np.float32)) for _ in queries]
+        positions, scores = self.model.retrieve(self.tokenize(queries), k=k, show_progress=self.show_progress,
+                                                n_threads=1)
+        return [([self.ids[p] for p in row], row_scores.astype(np.float32))
+                for row, row_scores in zip(positions, scores)]
+
+    def scores(self, query: str) -> np.ndarray:
+        """The BM25 score of every passage (in ``ids`` order) for one query."""
+        token_ids = self.model.get_tokens_ids(self.tokenize([query])[0])
+        if not token_ids:
+            return np.zeros(len(self.ids), dtype=np.float32)
+        return self.model.get_scores_from_ids(token_ids).astype(np.float32)
+
+    def save(self, directory: str | Path) -> None:
+        directory = Path(directory)
+        self.model.save(str(directory), show_progress=self.show_progress)
+        (directory / IDS_FILE).write_text(json.dumps(self.ids), encoding="utf-8")
+        (directory / SETTINGS_FILE).write_text(json.dumps({"remove_stopwords": self.remove_stopwords}),
+                                               encoding="utf-8")
+
+    @classmethod
+    def load(cls, directory: str | Path, show_progress: bool = False) -> BM25Index:
+        directory = Path(directory)
+        model = bm25s.BM25.load(str(directory), show_progress=show_progress)
+        ids = json.loads((directory / IDS_FILE).read_text(encoding="utf-8"))
+        settings = json.loads((directory / SETTINGS_FILE).read_text(encoding="utf-8"))
+        return cls(ids, model, settings["remove_stopwords"], show_progress)
