@@ -16,6 +16,8 @@ import regex
 from bm25s.stopwords import STOPWORDS_EN
 
 logger = logging.getLogger(__name__)
+# bm25s pins its logger at DEBUG; let it follow the application's level instead.
+logging.getLogger("bm25s").setLevel(logging.NOTSET)
 
 IDS_FILE = "passage_ids.json"
 SETTINGS_FILE = "bm25_settings.json"
