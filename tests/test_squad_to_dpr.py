@@ -19,7 +19,8 @@ ARTICLES = {
         ("Super Bowl 50 was played at Levi's Stadium in Santa Clara. The Denver Broncos beat the Carolina Panthers.",
          [("Where was Super Bowl 50 played?", ["Levi's Stadium", "Levi's Stadium"]),
           ("Who won Super Bowl 50?", ["Denver Broncos", "the Denver Broncos"])]),
-        ("The halftime show was headlined by Coldplay,\twith Beyoncé and Bruno Mars as guests.\nIt was watched widely.",
+        ("The halftime show was headlined by Coldplay,\twith Beyoncé and Bruno Mars as guests.\n"
+         "It was watched widely.",
          [("Who headlined the Super Bowl 50 halftime show?", ["Coldplay"])]),
     ],
     "Warsaw": [
