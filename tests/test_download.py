@@ -197,6 +197,12 @@ def test_file_url_mirror(tmp_path):
     assert Path(local).read_text() == TRIVIA_QAS["test"]
 
 
+def test_file_url_mirror_missing_file_fails_without_retrying(tmp_path):
+    with pytest.raises(DownloadError, match="No such file"):
+        download("data.retriever.qas.trivia-test", str(tmp_path / "out"), mirror=(tmp_path / "empty").as_uri(),
+                 retry=RetryPolicy(max_attempts=3, base_delay_s=10.0))
+
+
 def test_listing_names_every_key():
     out = io.StringIO()
     assert download(None, out=out) == []

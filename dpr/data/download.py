@@ -169,6 +169,10 @@ def fetch_with_retries(url: str, part: Path, retry: RetryPolicy) -> None:
             if not is_transient_http_error(err.code):
                 raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from err
             failure: Exception = err
+        except urllib.error.URLError as err:
+            if isinstance(err.reason, FileNotFoundError):  # a file:// mirror that lacks the file
+                raise DownloadError(f"{url}: {err.reason}") from err
+            failure = err
         except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, resets, incomplete bodies
             failure = err
         if attempt == retry.max_attempts:
