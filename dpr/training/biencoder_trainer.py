@@ -8,7 +8,7 @@ from dataclasses import dataclass
 from typing import List, Optional, Sequence
 
 import torch
-from omegaconf import DictConfig, OmegaConf, open_dict
+from omegaconf import DictConfig, OmegaConf
 from tqdm import tqdm
 
 from dpr.data.batching import evaluation_batches, local_slice, training_batches
@@ -68,25 +68,6 @@ def load_datasets(names, cfg: DictConfig, kind: str) -> List[List[BiEncoderSampl
     return datasets
 
 
-def apply_encoder_params(cfg: DictConfig, params: dict) -> None:
-    """A checkpoint's encoder settings override the configuration, as in DPR; a saved model path that does not
-    exist on this machine is replaced by the configured one, with a warning."""
-    saved = dict(params.get("encoder") or {})
-    with open_dict(cfg):
-        for key, value in saved.items():
-            if key == "pretrained_model_cfg" and value != cfg.encoder.get(key):
-                from dpr.models.hf_encoder import MINILM_ALIASES
-
-                if not (os.path.exists(str(value)) or str(value).lower() in MINILM_ALIASES or "/" not in str(value)):
-                    logger.warning("checkpoint's encoder %s is not here; using %s", value, cfg.encoder.get(key))
-                    continue
-            if key in cfg.encoder and cfg.encoder.get(key) != value:
-                logger.info("Overriding encoder.%s from the checkpoint: %s -> %s", key, cfg.encoder.get(key), value)
-            cfg.encoder[key] = value
-        if "do_lower_case" in params:
-            cfg.do_lower_case = params["do_lower_case"]
-
-
 @dataclass
 class StepResult:
     loss: float
@@ -104,7 +85,7 @@ class BiEncoderTrainer:
 
         self.checkpoint = self._find_checkpoint()
         if self.checkpoint is not None:
-            apply_encoder_params(cfg, self.checkpoint.encoder_params)
+            checkpoints.apply_encoder_params(cfg, self.checkpoint.encoder_params)
 
         tokenizer = load_tokenizer(cfg.encoder.pretrained_model_cfg, cfg.do_lower_case)
         self.tensorizer = Tensorizer(tokenizer, cfg.encoder.sequence_length, cfg.encoder.get("pad_to_max", False))
