@@ -1,0 +1,574 @@
+"""FAISS indexes over passage embeddings: flat inner product, HNSW, HNSW with 8-bit SQ, and any factory string.
+
+Every indexer is built from (ids, vectors) blocks, added `buffer_size` vectors at a time, so passages can stream
+from shard files. HNSW turns maximum inner product search into L2 search (DPR): each passage vector v gets an
+extra coordinate sqrt(phi - |v|^2), with phi the largest squared norm over all the data, and each query gets 0;
+the L2 order then equals the inner-product order. Indexers that need to see all the data first (phi, SQ ranges,
+a training sample) make a first pass over the blocks, so they take a re-iterable (a list, `EmbeddingFiles`).
+
+Serialised form: `index.dpr` (faiss.write_index) and `index_meta.dpr` (JSON holding the ids) inside a directory,
+or `{path}.index.dpr` / `{path}.index_meta.dpr` for a prefix path. DPR's pickled id lists are still read.
+"""
+import json
+import logging
+import os
+import pickle
+import tempfile
+from abc import ABC, abstractmethod
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, ClassVar, Iterable, Iterator, Optional, Sequence, Union
+
+import faiss
+import numpy as np
+from tqdm import tqdm
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+IndexBlock = tuple[Sequence[object], np.ndarray]
+SearchResult = tuple[list[object], np.ndarray]
+
+DEFAULT_BUFFER_SIZE = 50000
+INDEX_FILE_NAME = "index.dpr"
+META_FILE_NAME = "index_meta.dpr"
+META_FORMAT = "dpr-index-meta"
+# Python's cost of one id string in index_id_to_db_id (object, characters, list slot), roughly.
+_BYTES_PER_ID = 80
+_FAISS_ID_BYTES = 8
+_SEARCH_BATCH = 4096
+# Norms recomputed on a buffer slice may differ from the first pass's in the last float32 bit.
+_PHI_TOLERANCE = 1e-5
+
+
+class InsufficientMemoryError(RuntimeError):
+    """Building the index would need more memory than the machine has available."""
+
+
+def available_memory_bytes() -> tuple[int, str]:
+    """Memory available to this process now, and where the figure comes from.
+
+    MemAvailable from /proc/meminfo (or os.sysconf free pages elsewhere), lowered to a cgroup v2 limit if any.
+    """
+    available, source = _meminfo_available()
+    cgroup_left = _cgroup_memory_left()
+    if cgroup_left is not None and cgroup_left < available:
+        return cgroup_left, "the cgroup memory limit (memory.max - memory.current)"
+    return available, source
+
+
+def _meminfo_available() -> tuple[int, str]:
+    try:
+        with open("/proc/meminfo") as meminfo:
+            for line in meminfo:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024, "MemAvailable in /proc/meminfo"
+    except OSError:
+        pass
+    return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "os.sysconf free physical pages"
+
+
+def _cgroup_memory_left() -> Optional[int]:
+    try:
+        limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()
+        current = int(Path("/sys/fs/cgroup/memory.current").read_text())
+    except (OSError, ValueError):
+        return None
+    return None if limit == "max" else max(int(limit) - current, 0)
+
+
+def ensure_memory(required_bytes: int, what: str, available: Optional[tuple[int, str]] = None) -> None:
+    """Raise InsufficientMemoryError naming the estimate and the machine's figure when `what` will not fit."""
+    available_bytes, source = available or available_memory_bytes()
+    required_gib, available_gib = required_bytes / 2**30, available_bytes / 2**30
+    logger.info("%s needs about %.2f GiB; %.2f GiB available (%s)", what, required_gib, available_gib, source)
+    if required_bytes > available_bytes:
+        raise InsufficientMemoryError(
+            f"{what} needs about {required_gib:.2f} GiB of memory, but this machine has "
+            f"{available_gib:.2f} GiB available ({source}). Use a compressed index (hnsw_sq or a "
+            f"factory string such as IVF65536,PQ64), or a machine with more memory."
+        )
+
+
+@dataclass
+class BlockStats:
+    """What a first pass over the data learns: size, norms, per-dimension ranges and a uniform random sample."""
+
+    count: int
+    dim: int
+    max_sq_norm: float
+    min_sq_norm: float
+    dim_min: np.ndarray
+    dim_max: np.ndarray
+    sample: np.ndarray
+
+
+def _squared_norms(vectors: np.ndarray) -> np.ndarray:
+    return np.einsum("ij,ij->i", vectors, vectors)
+
+
+def _as_vectors(vectors: np.ndarray) -> np.ndarray:
+    vectors = np.ascontiguousarray(vectors, dtype=np.float32)
+    if vectors.ndim != 2:
+        raise ValueError(f"expected a 2-D array of vectors, got shape {vectors.shape}")
+    return vectors
+
+
+def _non_empty_blocks(blocks: Iterable[IndexBlock]) -> Iterator[tuple[Sequence[object], np.ndarray]]:
+    for ids, vectors in blocks:
+        if len(ids):
+            vectors = _as_vectors(vectors)
+            if len(ids) != len(vectors):
+                raise ValueError(f"a block has {len(ids)} ids but {len(vectors)} vectors")
+            yield ids, vectors
+
+
+def _smallest_keys(keys: np.ndarray, vectors: np.ndarray, size: int) -> tuple[np.ndarray, np.ndarray]:
+    if len(keys) <= size:
+        return keys, vectors
+    keep = np.argpartition(keys, size)[:size]
+    return keys[keep], vectors[keep]
+
+
+class _UniformSample:
+    """A uniform sample without repeats of a stream: the `size` vectors with the smallest random keys."""
+
+    def __init__(self, size: int, dim: int, seed: int) -> None:
+        self.size = size
+        self.rng = np.random.default_rng(seed)
+        self.keys = np.empty(0)
+        self.vectors = np.empty((0, dim), np.float32)
+
+    def add(self, vectors: np.ndarray) -> None:
+        # Thin the block first, so a large block is never copied whole.
+        keys, candidates = _smallest_keys(self.rng.random(len(vectors)), vectors, self.size)
+        self.keys, self.vectors = _smallest_keys(
+            np.concatenate([self.keys, keys]), np.concatenate([self.vectors, candidates]), self.size
+        )
+
+
+def scan_blocks(blocks: Iterable[IndexBlock], sample_size: int = 0, seed: int = 0) -> BlockStats:
+    """One pass over the blocks for their count, dimension, squared-norm range, per-dimension range and a sample."""
+    stats: Optional[BlockStats] = None
+    sample: Optional[_UniformSample] = None
+    for _ids, vectors in tqdm(_non_empty_blocks(blocks), desc="first pass over embeddings", unit="block"):
+        norms = _squared_norms(vectors)
+        if stats is None:
+            sample = _UniformSample(sample_size, vectors.shape[1], seed)
+            stats = BlockStats(
+                0, vectors.shape[1], 0.0, float("inf"), vectors.min(axis=0), vectors.max(axis=0), sample.vectors
+            )
+        elif vectors.shape[1] != stats.dim:
+            raise ValueError(f"vectors of dimension {vectors.shape[1]} after vectors of dimension {stats.dim}")
+        stats.count += len(vectors)
+        stats.max_sq_norm = max(stats.max_sq_norm, float(norms.max()))
+        stats.min_sq_norm = min(stats.min_sq_norm, float(norms.min()))
+        stats.dim_min = np.minimum(stats.dim_min, vectors.min(axis=0))
+        stats.dim_max = np.maximum(stats.dim_max, vectors.max(axis=0))
+        if sample_size:
+            sample.add(vectors)
+    if stats is None:
+        raise ValueError("no vectors to index")
+    stats.sample = sample.vectors
+    logger.info(
+        "first pass: %d vectors of dimension %d, max squared norm %.4f", stats.count, stats.dim, stats.max_sq_norm
+    )
+    return stats
+
+
+def index_file_paths(path: PathLike) -> tuple[Path, Path]:
+    """(index file, meta file): inside `path` when it is a directory (or ends with a separator), else beside it."""
+    if os.path.isdir(path) or str(path).endswith(os.sep):
+        return Path(path) / INDEX_FILE_NAME, Path(path) / META_FILE_NAME
+    return Path(f"{path}.{INDEX_FILE_NAME}"), Path(f"{path}.{META_FILE_NAME}")
+
+
+def index_exists(path: PathLike) -> bool:
+    """Whether both the index and the meta file of a serialised index are at `path`."""
+    return all(file.is_file() for file in index_file_paths(path))
+
+
+def _replace_atomically(final_path: Path, write_to: Callable[[str], None]) -> None:
+    descriptor, temp_name = tempfile.mkstemp(dir=final_path.parent, prefix=f".{final_path.name}.", suffix=".tmp")
+    os.close(descriptor)
+    try:
+        write_to(temp_name)
+        os.replace(temp_name, final_path)
+    except BaseException:
+        os.unlink(temp_name)
+        raise
+
+
+def _read_meta(meta_file: Path) -> tuple[list[object], dict]:
+    """The id list and the other meta fields; a pickled list is DPR's format (unpickled: trusted files only)."""
+    with open(meta_file, "rb") as file:
+        head = file.read(1)
+        file.seek(0)
+        if head == b"{":
+            meta = json.load(file)
+            if meta.get("format") != META_FORMAT:
+                raise ValueError(f"{meta_file} is not an index meta file of this project")
+            return meta.pop("ids"), meta
+        logger.warning("reading %s as a DPR pickle: unpickling runs code, so only load files you trust", meta_file)
+        ids = pickle.load(file)
+    if not isinstance(ids, list):
+        raise ValueError(f"{meta_file}: expected a pickled list of ids, got {type(ids).__name__}")
+    return ids, {}
+
+
+class DenseIndexer(ABC):
+    """An index plus `index_id_to_db_id`, the external id of each FAISS position."""
+
+    kind: ClassVar[str]
+    # Dimensions the index adds to the passage vectors (1 for the L2 conversion).
+    extra_dims: ClassVar[int] = 0
+
+    def __init__(self, buffer_size: int = DEFAULT_BUFFER_SIZE, check_memory: bool = True) -> None:
+        """`check_memory`: after a first pass (which counts the vectors), refuse to build an index that won't fit."""
+        self.buffer_size = buffer_size
+        self.check_memory = check_memory
+        self.index: Optional[faiss.Index] = None
+        self.index_id_to_db_id: list[object] = []
+
+    @abstractmethod
+    def estimate_memory(self, n: int, dim: int) -> int:
+        """Bytes an index of `n` vectors of dimension `dim` needs while it is built and searched."""
+
+    @abstractmethod
+    def _create_index(self, dim: int) -> faiss.Index:
+        """An empty FAISS index for passage vectors of dimension `dim`."""
+
+    def _needs_first_pass(self) -> bool:
+        return False
+
+    def _build_from_stats(self, stats: BlockStats) -> None:
+        """Create (and train) the index once the first pass has seen all the data."""
+        self.index = self._create_index(stats.dim)
+
+    def _to_index_space(self, vectors: np.ndarray) -> np.ndarray:
+        return vectors
+
+    def _queries_to_index_space(self, queries: np.ndarray) -> np.ndarray:
+        return queries
+
+    def _restore(self, meta: dict) -> None:
+        """Re-apply what the meta file records beyond the ids."""
+
+    def _meta_fields(self) -> dict:
+        return {}
+
+    @property
+    def vector_dim(self) -> Optional[int]:
+        return None if self.index is None else self.index.d - self.extra_dims
+
+    def index_data(self, blocks: Iterable[IndexBlock]) -> None:
+        """Add (ids, vectors) blocks in `buffer_size` chunks; two-pass indexers need a re-iterable `blocks`."""
+        expected = self._first_pass(blocks) if self._needs_first_pass() else None
+        added_before = len(self.index_id_to_db_id)
+        with tqdm(total=expected, desc=f"indexing ({self.kind})", unit="vectors") as progress:
+            for ids, vectors in _non_empty_blocks(blocks):
+                for start in range(0, len(ids), self.buffer_size):
+                    chunk_ids = ids[start : start + self.buffer_size]
+                    self._add_chunk(chunk_ids, vectors[start : start + self.buffer_size])
+                    progress.update(len(chunk_ids))
+        total = len(self.index_id_to_db_id)
+        logger.info("indexed %d vectors; the index holds %d", total - added_before, total)
+
+    def _first_pass(self, blocks: Iterable[IndexBlock]) -> int:
+        """Scan all the data, check the memory, build the index; returns the number of vectors to add."""
+        if iter(blocks) is blocks:
+            raise TypeError(
+                f"{type(self).__name__} makes a first pass over all the data (phi, training) before adding, "
+                "so pass a re-iterable such as a list of blocks or dpr.data.embeddings_io.EmbeddingFiles"
+            )
+        stats = self._scan(blocks)
+        if self.check_memory:
+            what = f"a {self.kind} index of {stats.count} vectors of dimension {stats.dim}"
+            ensure_memory(self.estimate_memory(stats.count, stats.dim), what)
+        self._build_from_stats(stats)
+        return stats.count
+
+    def _scan(self, blocks: Iterable[IndexBlock]) -> BlockStats:
+        return scan_blocks(blocks)
+
+    def _add_chunk(self, ids: Sequence[object], vectors: np.ndarray) -> None:
+        if self.index is None:
+            self.index = self._create_index(vectors.shape[1])
+        if vectors.shape[1] != self.vector_dim:
+            raise ValueError(f"vectors of dimension {vectors.shape[1]} for an index of dimension {self.vector_dim}")
+        self.index.add(self._to_index_space(vectors))
+        self.index_id_to_db_id.extend(ids)
+
+    def search_knn(self, query_vectors: np.ndarray, top_docs: int) -> list[SearchResult]:
+        """Per query, the ids of the `top_docs` best passages (best first) and their scores.
+
+        Positions FAISS leaves empty (-1, when an approximate index finds fewer than `top_docs`) are dropped.
+        """
+        if self.index is None or self.index.ntotal == 0:
+            raise ValueError("the index is empty: call index_data or deserialize first")
+        queries = _as_vectors(query_vectors)
+        if queries.shape[1] != self.vector_dim:
+            raise ValueError(f"queries of dimension {queries.shape[1]} for an index of dimension {self.vector_dim}")
+        queries = self._queries_to_index_space(queries)
+        results: list[SearchResult] = []
+        batches = range(0, len(queries), _SEARCH_BATCH)
+        for start in tqdm(batches, desc="searching", unit="batch", disable=len(batches) <= 1):
+            scores, positions = self.index.search(queries[start : start + _SEARCH_BATCH], top_docs)
+            for row_scores, row_positions in zip(scores, positions):
+                found = row_positions >= 0
+                results.append(([self.index_id_to_db_id[i] for i in row_positions[found]], row_scores[found]))
+        return results
+
+    def serialize(self, path: PathLike) -> None:
+        """Write the index and its id map (JSON) inside directory `path`, or beside prefix `path`."""
+        if self.index is None:
+            raise ValueError("nothing to serialize: the index is empty")
+        index_file, meta_file = index_file_paths(path)
+        index_file.parent.mkdir(parents=True, exist_ok=True)
+        logger.info("serializing a %s index of %d vectors to %s", self.kind, self.index.ntotal, index_file)
+        _replace_atomically(index_file, lambda temp_name: faiss.write_index(self.index, temp_name))
+        meta = {
+            "format": META_FORMAT,
+            "version": 1,
+            "indexer": self.kind,
+            **self._meta_fields(),
+            "ids": self.index_id_to_db_id,
+        }
+
+        def write_meta(temp_name: str) -> None:
+            with open(temp_name, "w", encoding="utf-8") as file:
+                json.dump(meta, file)
+
+        _replace_atomically(meta_file, write_meta)
+
+    def deserialize(self, path: PathLike) -> None:
+        """Load what `serialize` wrote (or DPR's files with a pickled id list) from directory or prefix `path`."""
+        index_file, meta_file = index_file_paths(path)
+        for file in (index_file, meta_file):
+            if not file.is_file():
+                raise FileNotFoundError(f"no index at {path}: {file} is missing")
+        logger.info("loading index from %s", index_file)
+        index = faiss.read_index(str(index_file))
+        ids, meta = _read_meta(meta_file)
+        if meta.get("indexer", self.kind) != self.kind:
+            raise ValueError(f"{meta_file} holds a {meta['indexer']} index, not {self.kind}")
+        if len(ids) != index.ntotal:
+            raise ValueError(f"{meta_file} has {len(ids)} ids for an index of {index.ntotal} vectors")
+        self.index, self.index_id_to_db_id = index, ids
+        self._restore(meta)
+        logger.info("loaded a %s index of %d vectors", self.kind, index.ntotal)
+
+
+class DenseFlatIndexer(DenseIndexer):
+    """Exact inner-product search (IndexFlatIP); scores are dot products, descending."""
+
+    kind = "flat"
+
+    def estimate_memory(self, n: int, dim: int) -> int:
+        return n * (dim * 4 + _BYTES_PER_ID)
+
+    def _create_index(self, dim: int) -> faiss.Index:
+        return faiss.IndexFlatIP(dim)
+
+
+class DenseHNSWFlatIndexer(DenseIndexer):
+    """HNSW over L2-converted vectors (IndexHNSWFlat of dimension D+1); scores are L2 distances, ascending."""
+
+    kind = "hnsw"
+    extra_dims = 1
+
+    def __init__(
+        self,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        store_n: int = 512,
+        ef_search: int = 128,
+        ef_construction: int = 200,
+        check_memory: bool = True,
+    ) -> None:
+        super().__init__(buffer_size, check_memory)
+        self.store_n = store_n
+        self.ef_search = ef_search
+        self.ef_construction = ef_construction
+        self.phi: Optional[float] = None
+
+    def _bytes_per_vector(self, dim: int) -> int:
+        # Level 0 keeps 2*M links and upper levels add about one more; links are int32; plus offsets and levels.
+        links = (2 * self.store_n + 1) * 4 + 12
+        return (dim + 1) * 4 + links + _BYTES_PER_ID
+
+    def estimate_memory(self, n: int, dim: int) -> int:
+        return n * self._bytes_per_vector(dim) + 2 * self.buffer_size * (dim + 1) * 4
+
+    def _create_index(self, dim: int) -> faiss.Index:
+        index = faiss.IndexHNSWFlat(dim + 1, self.store_n)
+        self._set_hnsw_params(index)
+        return index
+
+    def _set_hnsw_params(self, index: faiss.Index) -> None:
+        index.hnsw.efSearch = self.ef_search
+        index.hnsw.efConstruction = self.ef_construction
+
+    def _needs_first_pass(self) -> bool:
+        return self.index is None
+
+    def _build_from_stats(self, stats: BlockStats) -> None:
+        self.phi = stats.max_sq_norm
+        logger.info("phi (max squared norm over all %d vectors) = %.4f", stats.count, self.phi)
+        super()._build_from_stats(stats)
+
+    def _to_index_space(self, vectors: np.ndarray) -> np.ndarray:
+        if self.phi is None:
+            raise ValueError("phi is unknown (an index loaded from DPR's files): adding vectors is not possible")
+        norms = _squared_norms(vectors)
+        if norms.max() > self.phi * (1 + _PHI_TOLERANCE):
+            raise ValueError(
+                f"a vector's squared norm {norms.max():.4f} exceeds phi={self.phi:.4f} fixed when the index was "
+                "built; index all the data in one index_data call"
+            )
+        extra = np.sqrt(np.maximum(self.phi - norms, 0.0)).reshape(-1, 1)
+        return np.hstack([vectors, extra]).astype(np.float32, copy=False)
+
+    def _queries_to_index_space(self, queries: np.ndarray) -> np.ndarray:
+        return np.hstack([queries, np.zeros((len(queries), 1), dtype=np.float32)])
+
+    def _meta_fields(self) -> dict:
+        return {"phi": self.phi}
+
+    def _restore(self, meta: dict) -> None:
+        self.phi = meta.get("phi")  # None for DPR's files, which blocks further adds as DPR does
+        self._set_hnsw_params(faiss.downcast_index(self.index))
+
+
+class DenseHNSWSQIndexer(DenseHNSWFlatIndexer):
+    """HNSW with 8-bit scalar-quantized storage (IndexHNSWSQ, QT_8bit) over the L2-converted vectors."""
+
+    kind = "hnsw_sq"
+
+    def __init__(
+        self,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        store_n: int = 128,
+        ef_search: int = 128,
+        ef_construction: int = 200,
+        check_memory: bool = True,
+    ) -> None:
+        super().__init__(buffer_size, store_n, ef_search, ef_construction, check_memory)
+
+    def _bytes_per_vector(self, dim: int) -> int:
+        links = (2 * self.store_n + 1) * 4 + 12
+        return (dim + 1) + links + _BYTES_PER_ID
+
+    def _create_index(self, dim: int) -> faiss.Index:
+        index = faiss.IndexHNSWSQ(dim + 1, faiss.ScalarQuantizer.QT_8bit, self.store_n)
+        self._set_hnsw_params(index)
+        return index
+
+    def _build_from_stats(self, stats: BlockStats) -> None:
+        super()._build_from_stats(stats)
+        self.index.train(self._range_training_vectors(stats))
+
+    def _range_training_vectors(self, stats: BlockStats) -> np.ndarray:
+        """Two vectors spanning every dimension's [min, max] over all the converted data.
+
+        QT_8bit training only records each dimension's min and max, so training on these equals DPR's training
+        on all the vectors, without holding them. The extra coordinate sqrt(phi - |v|^2) spans
+        [0, sqrt(phi - min |v|^2)].
+        """
+        low = np.append(stats.dim_min, 0.0)
+        high = np.append(stats.dim_max, np.sqrt(self.phi - stats.min_sq_norm))
+        return np.stack([low, high]).astype(np.float32)
+
+
+class DenseFactoryIndexer(DenseIndexer):
+    """Any `faiss.index_factory` string with the inner-product metric, e.g. `IVF256,PQ16` or `HNSW32,Flat`.
+
+    An index that needs training is trained on a uniform random sample of up to `train_sample_size` vectors.
+    `search_params` (e.g. `nprobe=32`) are applied with faiss.ParameterSpace after building and loading.
+    """
+
+    kind = "factory"
+
+    def __init__(
+        self,
+        factory_string: str,
+        buffer_size: int = DEFAULT_BUFFER_SIZE,
+        train_sample_size: int = 100_000,
+        search_params: str = "",
+        seed: int = 0,
+        check_memory: bool = True,
+    ) -> None:
+        super().__init__(buffer_size, check_memory)
+        self.factory_string = factory_string
+        self.train_sample_size = train_sample_size
+        self.search_params = search_params
+        self.seed = seed
+
+    def _create_index(self, dim: int) -> faiss.Index:
+        return faiss.index_factory(dim, self.factory_string, faiss.METRIC_INNER_PRODUCT)
+
+    def _bytes_per_vector(self, dim: int) -> int:
+        generic_index = self._create_index(dim)
+        index = faiss.downcast_index(generic_index)  # a view: generic_index must outlive it
+        if isinstance(index, faiss.IndexHNSW):
+            links = (2 * index.hnsw.nb_neighbors(1) + 1) * 4 + 12
+            return faiss.downcast_index(index.storage).sa_code_size() + links
+        try:
+            code_size = index.sa_code_size()
+        except RuntimeError:  # index types without standalone codes: assume full vectors
+            code_size = dim * 4
+        ivf_ids = _FAISS_ID_BYTES if faiss.try_extract_index_ivf(index) is not None else 0
+        return code_size + ivf_ids
+
+    def estimate_memory(self, n: int, dim: int) -> int:
+        training = min(n, self.train_sample_size) * dim * 4
+        return n * (self._bytes_per_vector(dim) + _BYTES_PER_ID) + training
+
+    def _needs_first_pass(self) -> bool:
+        return self.index is None
+
+    def _scan(self, blocks: Iterable[IndexBlock]) -> BlockStats:
+        return scan_blocks(blocks, self.train_sample_size, self.seed)
+
+    def _build_from_stats(self, stats: BlockStats) -> None:
+        super()._build_from_stats(stats)
+        if not self.index.is_trained:
+            logger.info("training %s on %d sampled vectors", self.factory_string, len(stats.sample))
+            self.index.train(np.ascontiguousarray(stats.sample))
+        self._apply_search_params()
+
+    def _apply_search_params(self) -> None:
+        if self.search_params:
+            faiss.ParameterSpace().set_index_parameters(self.index, self.search_params)
+
+    def _meta_fields(self) -> dict:
+        return {"factory_string": self.factory_string}
+
+    def _restore(self, meta: dict) -> None:
+        self._apply_search_params()
+
+
+INDEXER_TYPES: dict[str, type[DenseIndexer]] = {
+    "flat": DenseFlatIndexer,
+    "hnsw": DenseHNSWFlatIndexer,
+    "hnsw_sq": DenseHNSWSQIndexer,
+    "factory": DenseFactoryIndexer,
+}
+
+
+def create_indexer(kind: str, **kwargs) -> DenseIndexer:
+    """An indexer by DPR's config name (`flat`, `hnsw`, `hnsw_sq`) or `factory` (needs `factory_string`)."""
+    if kind not in INDEXER_TYPES:
+        raise ValueError(f"unknown indexer {kind!r}; expected one of {tuple(INDEXER_TYPES)}")
+    return INDEXER_TYPES[kind](**kwargs)
+
+
+def estimate_index_memory(kind: str, n: int, dim: int, **kwargs) -> int:
+    """Bytes an index of `kind` over `n` vectors of dimension `dim` needs (kwargs as for `create_indexer`)."""
+    return create_indexer(kind, **kwargs).estimate_memory(n, dim)
+
+
+def check_index_memory(kind: str, n: int, dim: int, available: Optional[tuple[int, str]] = None, **kwargs) -> int:
+    """The estimate for an index of `kind`; raises InsufficientMemoryError when it exceeds available memory."""
+    required = estimate_index_memory(kind, n, dim, **kwargs)
+    ensure_memory(required, f"a {kind} index of {n} vectors of dimension {dim}", available)
+    return required
