@@ -90,7 +90,8 @@ def test_iter_passage_shard_concatenates_to_whole_file(tmp_path):
     shards = [list(iter_passage_shard(path, shard_id, 3)) for shard_id in range(3)]
     assert [len(shard) for shard in shards] == [4, 4, 2]
     assert [p for shard in shards for p in shard] == list(iter_passages(path))
-    assert list(iter_passage_shard(path, 1, 3, id_prefix="wiki:", total=10))[0] == Passage("wiki:5", "text 5", "title 5")
+    second_shard = list(iter_passage_shard(path, 1, 3, id_prefix="wiki:", total=10))
+    assert second_shard[0] == Passage("wiki:5", "text 5", "title 5")
 
 
 def test_load_passages(tmp_path):

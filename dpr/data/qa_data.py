@@ -84,10 +84,8 @@ def read_qa_jsonl(path: PathLike) -> list[QASample]:
             answers = record.get("answer", record.get("answers"))
             if answers is None:
                 raise QADataError(f"{where}: no 'answer' key")
-            sample_id = record.get("id")
-            samples.append(
-                QASample(record["question"], _parse_answers(answers, where), None if sample_id is None else str(sample_id))
-            )
+            sample_id = None if record.get("id") is None else str(record["id"])
+            samples.append(QASample(record["question"], _parse_answers(answers, where), sample_id))
     return samples
 
 

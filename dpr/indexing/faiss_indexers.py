@@ -41,6 +41,11 @@ _SEARCH_BATCH = 4096
 _PHI_TOLERANCE = 1e-5
 
 
+def _hnsw_link_bytes(m: int) -> int:
+    """Per vector: 2*M int32 links on level 0, about one more for the upper levels, plus offset and level."""
+    return (2 * m + 1) * 4 + 12
+
+
 class InsufficientMemoryError(RuntimeError):
     """Building the index would need more memory than the machine has available."""
 
@@ -391,13 +396,12 @@ class DenseHNSWFlatIndexer(DenseIndexer):
         self.ef_construction = ef_construction
         self.phi: Optional[float] = None
 
-    def _bytes_per_vector(self, dim: int) -> int:
-        # Level 0 keeps 2*M links and upper levels add about one more; links are int32; plus offsets and levels.
-        links = (2 * self.store_n + 1) * 4 + 12
-        return (dim + 1) * 4 + links + _BYTES_PER_ID
+    def _code_bytes(self, dim: int) -> int:
+        return (dim + 1) * 4
 
     def estimate_memory(self, n: int, dim: int) -> int:
-        return n * self._bytes_per_vector(dim) + 2 * self.buffer_size * (dim + 1) * 4
+        per_vector = self._code_bytes(dim) + _hnsw_link_bytes(self.store_n) + _BYTES_PER_ID
+        return n * per_vector + 2 * self.buffer_size * (dim + 1) * 4  # plus a buffer and its converted copy
 
     def _create_index(self, dim: int) -> faiss.Index:
         index = faiss.IndexHNSWFlat(dim + 1, self.store_n)
@@ -454,9 +458,8 @@ class DenseHNSWSQIndexer(DenseHNSWFlatIndexer):
     ) -> None:
         super().__init__(buffer_size, store_n, ef_search, ef_construction, check_memory)
 
-    def _bytes_per_vector(self, dim: int) -> int:
-        links = (2 * self.store_n + 1) * 4 + 12
-        return (dim + 1) + links + _BYTES_PER_ID
+    def _code_bytes(self, dim: int) -> int:
+        return dim + 1
 
     def _create_index(self, dim: int) -> faiss.Index:
         index = faiss.IndexHNSWSQ(dim + 1, faiss.ScalarQuantizer.QT_8bit, self.store_n)
@@ -510,8 +513,8 @@ class DenseFactoryIndexer(DenseIndexer):
         generic_index = self._create_index(dim)
         index = faiss.downcast_index(generic_index)  # a view: generic_index must outlive it
         if isinstance(index, faiss.IndexHNSW):
-            links = (2 * index.hnsw.nb_neighbors(1) + 1) * 4 + 12
-            return faiss.downcast_index(index.storage).sa_code_size() + links
+            storage = faiss.downcast_index(index.storage)
+            return storage.sa_code_size() + _hnsw_link_bytes(index.hnsw.nb_neighbors(1))
         try:
             code_size = index.sa_code_size()
         except RuntimeError:  # index types without standalone codes: assume full vectors
