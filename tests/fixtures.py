@@ -1,0 +1,44 @@
+"""Small DPR retriever training files written by the tests."""
+import json
+from pathlib import Path
+from typing import List
+
+TOPICS = [
+    ("paris", "france", "paris is the capital of france and its largest city"),
+    ("berlin", "germany", "berlin is the capital of germany on the river spree"),
+    ("rome", "italy", "rome is the capital of italy founded on seven hills"),
+    ("madrid", "spain", "madrid is the capital of spain in the centre of the country"),
+    ("lisbon", "portugal", "lisbon is the capital of portugal on the atlantic coast"),
+    ("vienna", "austria", "vienna is the capital of austria on the danube"),
+    ("oslo", "norway", "oslo is the capital of norway at the head of a fjord"),
+    ("dublin", "ireland", "dublin is the capital of ireland on the liffey"),
+    ("athens", "greece", "athens is the capital of greece and an ancient city"),
+    ("warsaw", "poland", "warsaw is the capital of poland on the vistula"),
+    ("prague", "czechia", "prague is the capital of czechia on the vltava"),
+    ("bern", "switzerland", "bern is the capital of switzerland on the aare"),
+]
+
+
+def retriever_samples(n: int) -> List[dict]:
+    samples = []
+    for i in range(n):
+        city, country, text = TOPICS[i % len(TOPICS)]
+        other = TOPICS[(i + 1) % len(TOPICS)]
+        third = TOPICS[(i + 5) % len(TOPICS)]
+        samples.append({
+            "dataset": "fixture",
+            "question": f"what is the capital of {country} {i}?",
+            "answers": [city],
+            "positive_ctxs": [{"title": city, "text": text, "score": 1.0, "title_score": 0, "passage_id": str(i)}],
+            "negative_ctxs": [{"title": third[0], "text": third[2], "score": 0, "title_score": 0, "passage_id": "n"}],
+            "hard_negative_ctxs": [
+                {"title": other[0], "text": other[2], "score": 0, "title_score": 0, "passage_id": "h1"},
+                {"title": third[0], "text": third[2] + " again", "score": 0, "title_score": 0, "passage_id": "h2"},
+            ],
+        })
+    return samples
+
+
+def write_retriever_json(path: Path, n: int) -> str:
+    path.write_text(json.dumps(retriever_samples(n)))
+    return str(path)
