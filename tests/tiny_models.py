@@ -21,7 +21,7 @@ def tiny_bert_dir(folder: Path, dropout: float = 0.1, seed: int = 0, hidden: int
     import torch
 
     folder.mkdir(parents=True, exist_ok=True)
-    tokenizer = BertTokenizerFast(vocab_file=str(write_vocab(folder)), do_lower_case=True)
+    tokenizer = BertTokenizerFast(vocab=str(write_vocab(folder)), do_lower_case=True)
     config = BertConfig(
         vocab_size=len(tokenizer.get_vocab()),
         hidden_size=hidden,
