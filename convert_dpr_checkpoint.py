@@ -1,0 +1,58 @@
+"""Convert between DPR-format checkpoints and transformers' DPRQuestionEncoder / DPRContextEncoder / DPRReader
+directories (see docs/interop.md).
+
+    python convert_dpr_checkpoint.py export-biencoder CHECKPOINT OUT_DIR [--pretrained_model_cfg DIR]
+    python convert_dpr_checkpoint.py export-reader CHECKPOINT OUT_DIR [--pretrained_model_cfg DIR]
+    python convert_dpr_checkpoint.py import-biencoder --question_dir Q --ctx_dir C OUT_CHECKPOINT
+    python convert_dpr_checkpoint.py import-reader --reader_dir R OUT_CHECKPOINT
+"""
+import argparse
+from typing import List, Optional
+
+from dpr.models import hf_dpr
+from dpr.utils.logging import setup_logging
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    base_help = (
+        "BERT the checkpoint was trained from (hub name, local directory or 'minilm'); "
+        "default: the one its encoder_params name"
+    )
+    for name, what, target in (
+        ("export-biencoder", "bi-encoder", "DPRQuestionEncoder + DPRContextEncoder directories"),
+        ("export-reader", "reader", "a DPRReader directory"),
+    ):
+        command = commands.add_parser(name, help=f"a {what} checkpoint -> {target}")
+        command.add_argument("checkpoint")
+        command.add_argument("out_dir")
+        command.add_argument("--pretrained_model_cfg", help=base_help)
+    command = commands.add_parser("import-biencoder", help="DPRQuestionEncoder + DPRContextEncoder -> a checkpoint")
+    command.add_argument("--question_dir", required=True)
+    command.add_argument("--ctx_dir", required=True)
+    command.add_argument("out_checkpoint")
+    command.add_argument("--sequence_length", type=int, default=hf_dpr.DEFAULT_BIENCODER_SEQUENCE_LENGTH)
+    command = commands.add_parser("import-reader", help="a DPRReader directory -> a reader checkpoint")
+    command.add_argument("--reader_dir", required=True)
+    command.add_argument("out_checkpoint")
+    command.add_argument("--sequence_length", type=int, default=hf_dpr.DEFAULT_READER_SEQUENCE_LENGTH)
+    return parser
+
+
+def main(argv: Optional[List[str]] = None) -> None:
+    setup_logging()
+    args = build_parser().parse_args(argv)
+    if args.command == "export-biencoder":
+        report = hf_dpr.export_biencoder(args.checkpoint, args.out_dir, args.pretrained_model_cfg)
+    elif args.command == "export-reader":
+        report = hf_dpr.export_reader(args.checkpoint, args.out_dir, args.pretrained_model_cfg)
+    elif args.command == "import-biencoder":
+        report = hf_dpr.import_biencoder(args.question_dir, args.ctx_dir, args.out_checkpoint, args.sequence_length)
+    else:
+        report = hf_dpr.import_reader(args.reader_dir, args.out_checkpoint, args.sequence_length)
+    print("\n".join(report.lines()))
+
+
+if __name__ == "__main__":
+    main()
