@@ -43,15 +43,21 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Optional[List[str]] = None) -> None:
     setup_logging()
     args = build_parser().parse_args(argv)
-    if args.command == "export-biencoder":
-        report = hf_dpr.export_biencoder(args.checkpoint, args.out_dir, args.pretrained_model_cfg)
-    elif args.command == "export-reader":
-        report = hf_dpr.export_reader(args.checkpoint, args.out_dir, args.pretrained_model_cfg)
-    elif args.command == "import-biencoder":
-        report = hf_dpr.import_biencoder(args.question_dir, args.ctx_dir, args.out_checkpoint, args.sequence_length)
-    else:
-        report = hf_dpr.import_reader(args.reader_dir, args.out_checkpoint, args.sequence_length)
+    try:
+        report = run(args)
+    except (ValueError, FileNotFoundError) as e:  # a wrong input, not a bug: say what, without a traceback
+        raise SystemExit(f"error: {e}") from e
     print("\n".join(report.lines()))
+
+
+def run(args: argparse.Namespace) -> hf_dpr.ConversionReport:
+    if args.command == "export-biencoder":
+        return hf_dpr.export_biencoder(args.checkpoint, args.out_dir, args.pretrained_model_cfg)
+    if args.command == "export-reader":
+        return hf_dpr.export_reader(args.checkpoint, args.out_dir, args.pretrained_model_cfg)
+    if args.command == "import-biencoder":
+        return hf_dpr.import_biencoder(args.question_dir, args.ctx_dir, args.out_checkpoint, args.sequence_length)
+    return hf_dpr.import_reader(args.reader_dir, args.out_checkpoint, args.sequence_length)
 
 
 if __name__ == "__main__":
