@@ -80,6 +80,8 @@ class BiEncoderTrainer:
         self.cfg = cfg
         self.dist = init_distributed(cfg.get("local_rank"), cfg.get("no_cuda", False))
         self.device = self.dist.device
+        if not self.dist.is_main:
+            logging.getLogger("dpr").setLevel(logging.WARNING)  # one process speaks for all
         set_seed(cfg.seed)
         self._check_config()
 

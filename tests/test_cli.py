@@ -1,0 +1,98 @@
+"""The real command lines, run as a user runs them: GC-DPR flags, hydra overrides, torchrun."""
+import os
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from tests.fixtures import write_retriever_json
+from tests.tiny_models import tiny_bert_dir
+from tests.training_helpers import STEP_LINE
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = str(REPO / "train_dense_encoder.py")
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("cli")
+    return {
+        "model": tiny_bert_dir(folder / "bert", dropout=0.1),
+        "train": write_retriever_json(folder / "train.json", 16),
+        "dev": write_retriever_json(folder / "dev.json", 4),
+    }
+
+
+def run(args, cwd, launcher=(sys.executable,), expect_ok=True):
+    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    proc = subprocess.run([*launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+    output = proc.stdout + proc.stderr
+    if expect_ok:
+        assert proc.returncode == 0, output[-3000:]
+    return proc.returncode, output
+
+
+def steps(output):
+    return [(int(m.group(1)), float(m.group(2)), float(m.group(4))) for m in STEP_LINE.finditer(output)]
+
+
+def test_gc_dpr_command_line(data, tmp_path):
+    out = tmp_path / "gc"
+    _, output = run([
+        SCRIPT, "--encoder_model_type", "hf_bert", "--pretrained_model_cfg", data["model"], "--train_file", data["train"],
+        "--dev_file", data["dev"], "--output_dir", str(out), "--batch_size", "8", "--sequence_length", "48",
+        "--do_lower_case", "--learning_rate", "2e-05", "--warmup_steps", "1", "--max_grad_norm", "2.0",
+        "--num_train_epochs", "1", "--seed", "12345", "--grad_cache", "--q_chunk_size", "2", "--ctx_chunk_size", "3",
+        "--log_batch_step", "1",
+    ], tmp_path)
+    assert [s[0] for s in steps(output)] == [1, 2]
+    assert "Gradient cache: on, chunks q=2 ctx=3" in output and "NLL Validation" in output
+    state = torch.load(out / "dpr_biencoder.0", weights_only=True)
+    assert state["encoder_params"]["encoder"]["sequence_length"] == 48 and state["encoder_params"]["do_lower_case"]
+
+
+def test_hydra_command_line(data, tmp_path):
+    out = tmp_path / "hydra"
+    _, output = run([
+        SCRIPT, f"train_datasets=[{data['train']}]", f"dev_datasets=[{data['dev']}]", f"output_dir={out}",
+        f"encoder.pretrained_model_cfg={data['model']}", "encoder.sequence_length=48", "train.batch_size=8",
+        "train.num_train_epochs=1", "train.log_batch_step=1",
+    ], tmp_path)
+    assert [s[0] for s in steps(output)] == [1, 2] and (out / "dpr_biencoder.0").exists()
+
+
+def test_bad_flag_and_bad_file_fail_clearly(data, tmp_path):
+    code, output = run([SCRIPT, "--batchsize", "4"], tmp_path, expect_ok=False)
+    assert code == 2 and "unknown option '--batchsize'" in output and "--batch_size" in output
+    bad = tmp_path / "bad.json"
+    bad.write_text('[{"question": "q"')
+    code, output = run([SCRIPT, f"train_datasets=[{bad}]", f"output_dir={tmp_path / 'o'}",
+                        f"encoder.pretrained_model_cfg={data['model']}"], tmp_path, expect_ok=False)
+    assert code != 0 and re.search(r"bad.json: not valid JSON at line 1", output)
+
+
+def test_two_processes_equal_one_process_with_the_global_batch(data, tmp_path):
+    """torchrun with 2 gloo processes of batch 4 against 1 process of batch 8, dropout on: same losses, gradient
+    norms and weights."""
+    common = [f"train_datasets=[{data['train']}]", f"dev_datasets=[{data['dev']}]", f"encoder.pretrained_model_cfg={data['model']}",
+              "encoder.sequence_length=48", "train.num_train_epochs=1", "train.log_batch_step=1", "train.warmup_steps=0",
+              "train.learning_rate=2e-5", "train.grad_cache=true", "train.q_chunk_size=3", "train.ctx_chunk_size=5",
+              ]
+    # batch sizes are per process, as in DPR under DDP
+    _, single = run([SCRIPT, *common, "train.batch_size=8", "train.dev_batch_size=4", f"output_dir={tmp_path / 'one'}"], tmp_path)
+    torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
+    _, double = run([SCRIPT, *common, "train.batch_size=4", "train.dev_batch_size=2", f"output_dir={tmp_path / 'two'}"], tmp_path, launcher=torchrun)
+    assert "rank 1 of 2" in double and double.count("Total cleaned data size") == 2  # rank 0 speaks for all
+    one, two = steps(single), steps(double)
+    assert [s[0] for s in one] == [s[0] for s in two] == [1, 2]
+    for a, b in zip(one, two):
+        assert b[1] == pytest.approx(a[1], rel=1e-5) and b[2] == pytest.approx(a[2], rel=1e-4)
+    nll = [re.search(r"NLL Validation: loss = ([0-9]+\.[0-9]+)", o).group(1) for o in (single, double)]
+    assert float(nll[0]) == pytest.approx(float(nll[1]), rel=1e-5)
+    m1 = torch.load(tmp_path / "one" / "dpr_biencoder.0", weights_only=True)["model_dict"]
+    m2 = torch.load(tmp_path / "two" / "dpr_biencoder.0", weights_only=True)["model_dict"]
+    for key, tensor in m1.items():
+        torch.testing.assert_close(m2[key], tensor, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
