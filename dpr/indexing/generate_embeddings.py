@@ -1,0 +1,173 @@
+"""Passage embeddings for one shard of a passage collection (`generate_dense_embeddings.py`).
+
+- Only the shard's rows are read, streamed from the TSV (ceil split: every passage lands in exactly one shard).
+- DataLoader worker processes read and tokenize: worker w takes chunks w, w+W, ... of `tokenize_chunk` passages.
+  Inside a chunk the passages are sorted by token length and batched with dynamic padding, so a batch carries
+  little padding; every batch remembers the rows it holds and vectors are put back in file order.
+  Padding is masked out of attention, so the vectors equal those of fixed padding.
+- The forward runs without gradients, under fp16/bf16 autocast when asked, and vectors are saved as float32.
+- The shard is written atomically to `{out_file}_{shard_id}` (DPR pickle), `..._{shard_id}.pkl` (GC-DPR) or
+  `..._{shard_id}.npz` (no pickle); a rerun finds a complete shard and skips it.
+"""
+import itertools
+import logging
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Iterator, NamedTuple, Optional, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from dpr.data.ctx_sources import CtxSource, resolve_ctx_source
+from dpr.data.embeddings_io import is_shard_complete, shard_path, write_embeddings
+from dpr.data.passages import Passage, count_passages, iter_passage_shard, shard_range
+from dpr.data.tensorizer import Tensorizer
+from dpr.models.hf_encoder import encode, encoder_out_size
+from dpr.models.loading import load_inference_encoder
+from dpr.training.precision import Precision, make_precision
+
+logger = logging.getLogger(__name__)
+
+
+class PassageBatch(NamedTuple):
+    rows: torch.Tensor  # positions of the batch's passages inside the shard
+    ids: list[str]
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def inference_device(no_cuda: bool = False, local_rank: Optional[int] = -1) -> torch.device:
+    """The GPU of this process (`cuda:local_rank` when a launcher set one) or the CPU."""
+    if no_cuda or not torch.cuda.is_available():
+        return torch.device("cpu")
+    env_rank = os.environ.get("LOCAL_RANK")
+    rank = int(env_rank) if env_rank is not None else (local_rank if local_rank is not None else -1)
+    return torch.device("cuda", rank) if rank >= 0 else torch.device("cuda")
+
+
+def _chunks(items: Iterator[Passage], size: int) -> Iterator[list[Passage]]:
+    while chunk := list(itertools.islice(items, size)):
+        yield chunk
+
+
+@dataclass
+class ShardPlan:
+    """Which rows of which file one shard covers."""
+
+    source: CtxSource
+    shard_id: int
+    num_shards: int
+    total: int  # passages in the whole file
+
+    @property
+    def size(self) -> int:
+        start, end = shard_range(self.total, self.shard_id, self.num_shards)
+        return end - start
+
+
+class TokenizedShard(IterableDataset):
+    """Batches of one shard's passages, tokenized in whichever (worker) process iterates it."""
+
+    def __init__(
+        self, plan: ShardPlan, tensorizer: Tensorizer, batch_size: int, chunk_size: int, sort_by_length: bool
+    ) -> None:
+        self.plan = plan
+        self.tensorizer = tensorizer
+        self.batch_size = batch_size
+        # whole batches per chunk, so only a worker's last chunk can end in a short batch
+        self.chunk_size = max(1, -(-chunk_size // batch_size)) * batch_size
+        self.sort_by_length = sort_by_length
+
+    def __iter__(self) -> Iterator[PassageBatch]:
+        worker = get_worker_info()
+        worker_id, workers = (worker.id, worker.num_workers) if worker is not None else (0, 1)
+        plan = self.plan
+        passages = iter_passage_shard(
+            plan.source.path, plan.shard_id, plan.num_shards, plan.source.id_prefix, plan.total
+        )
+        for chunk_index, chunk in enumerate(_chunks(passages, self.chunk_size)):
+            if chunk_index % workers == worker_id:
+                yield from self._batches(chunk_index * self.chunk_size, chunk)
+
+    def _batches(self, first_row: int, chunk: Sequence[Passage]) -> Iterator[PassageBatch]:
+        token_ids = self.tensorizer.token_ids([p.text for p in chunk], [p.title for p in chunk])
+        order = range(len(chunk))
+        if self.sort_by_length:
+            order = sorted(order, key=lambda i: len(token_ids[i]))
+        for start in range(0, len(chunk), self.batch_size):
+            members = order[start : start + self.batch_size]
+            input_ids, attention_mask = self.tensorizer.pad([token_ids[i] for i in members])
+            rows = torch.tensor([first_row + i for i in members], dtype=torch.long)
+            yield PassageBatch(rows, [chunk[i].id for i in members], input_ids, attention_mask)
+
+
+def embed_batches(
+    model: torch.nn.Module,
+    batches: Iterator[PassageBatch],
+    n: int,
+    device: torch.device,
+    precision: Precision,
+    description: str = "embedding",
+) -> tuple[list[str], np.ndarray]:
+    """(ids, float32 [n, D] vectors) in row order, whatever order the batches come in."""
+    vectors = np.empty((n, encoder_out_size(model)), dtype=np.float32)
+    ids: list[Optional[str]] = [None] * n
+    with tqdm(total=n, desc=description, unit="passages", smoothing=0.1) as progress, torch.inference_mode():
+        for batch in batches:
+            with precision.autocast():
+                _, pooled = encode(
+                    model,
+                    batch.input_ids.to(device, non_blocking=True),
+                    batch.attention_mask.to(device, non_blocking=True),
+                )
+            rows = batch.rows.numpy()
+            vectors[rows] = pooled.float().cpu().numpy()
+            for row, doc_id in zip(rows, batch.ids):
+                ids[row] = doc_id
+            progress.update(len(rows))
+    if any(doc_id is None for doc_id in ids):
+        raise RuntimeError("some passages of the shard were never embedded")
+    return ids, vectors
+
+
+def _check_config(cfg: DictConfig) -> None:
+    if not cfg.out_file:
+        raise ValueError("out_file is required: shards are written to {out_file}_{shard_id}")
+    if cfg.batch_size < 1:
+        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+
+
+def generate_dense_embeddings(cfg: DictConfig) -> Path:
+    """Embed shard `cfg.shard_id` of `cfg.num_shards` of `cfg.ctx_src`; returns the shard file's path."""
+    _check_config(cfg)
+    out_path = shard_path(cfg.out_file, cfg.shard_id, cfg.out_format)
+    if is_shard_complete(out_path):
+        logger.info("%s is complete already: skipping shard %d", out_path, cfg.shard_id)
+        return out_path
+    source = resolve_ctx_source(cfg.ctx_src, cfg)
+    plan = ShardPlan(source, cfg.shard_id, cfg.num_shards, count_passages(source.path))
+
+    device = inference_device(cfg.no_cuda, cfg.get("local_rank"))
+    precision = make_precision(device, cfg.fp16, cfg.bf16)
+    model, tokenizer = load_inference_encoder(cfg, cfg.encoder_type, cfg.model_file)
+    model.to(device)
+    tensorizer = Tensorizer(tokenizer, cfg.encoder.sequence_length, cfg.encoder.get("pad_to_max", False))
+    dataset = TokenizedShard(plan, tensorizer, cfg.batch_size, cfg.tokenize_chunk, cfg.sort_by_length)
+    loader = DataLoader(
+        dataset,
+        batch_size=None,  # the dataset yields whole batches
+        num_workers=cfg.num_workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    logger.info(
+        "embedding %d passages (shard %d of %d) of %s on %s, %s, batch size %d, %d tokenizer worker(s)",
+        plan.size, cfg.shard_id, cfg.num_shards, source.path, device, precision.name, cfg.batch_size,
+        cfg.num_workers,
+    )
+    ids, vectors = embed_batches(model, iter(loader), plan.size, device, precision, f"shard {cfg.shard_id}")
+    return write_embeddings(out_path, ids, vectors)

@@ -1,0 +1,108 @@
+"""A small passage collection, question file and bi-encoder checkpoint for the embedding and retrieval tests."""
+import csv
+from pathlib import Path
+from typing import List
+
+import torch
+
+from tests.fixtures import TOPICS
+from tests.tiny_models import tiny_bert_dir
+from tests.training_helpers import compose_config
+
+SEQUENCE_LENGTH = 64
+DISTRACTORS = [
+    ("river", "the river runs to the sea and the sea is blue"),
+    ("hill", "a hill is a small mountain in the country"),
+    ("winter", "in winter the days are short and the nights are long"),
+    ("bread", "bread is made of flour water and yeast"),
+    ("music", "music is played in the hall of the city"),
+    ("chess", "chess is a game of two players on a board"),
+    ("moon", "the moon goes round the earth in a month"),
+    ("rain", "rain falls from clouds when the air is cold"),
+    ("garden", "a garden has flowers trees and grass"),
+    ("train", "the train leaves the station at nine"),
+    ("book", "a book has pages and a cover"),
+]
+
+
+def passages() -> List[tuple]:
+    """(id, text, title): 12 capital passages and 11 distractors (23: an awkward count for any shard number)."""
+    rows = [(city, text) for city, _country, text in TOPICS] + DISTRACTORS
+    return [(str(i + 1), text, title) for i, (title, text) in enumerate(rows)]
+
+
+def write_passages_tsv(path: Path, rows=None) -> str:
+    with open(path, "w", newline="", encoding="utf-8") as file:
+        writer = csv.writer(file, delimiter="\t", lineterminator="\n")
+        writer.writerow(["id", "text", "title"])
+        writer.writerows(rows if rows is not None else passages())
+    return str(path)
+
+
+def write_questions_csv(path: Path) -> str:
+    lines = [f"what is the capital of {country}?\t['{city}']" for city, country, _text in TOPICS]
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    return str(path)
+
+
+def tiny_model(folder: Path, seed: int = 0) -> str:
+    return tiny_bert_dir(folder, dropout=0.0, seed=seed)
+
+
+def write_biencoder_checkpoint(path: Path, question_model_dir: str, ctx_model_dir: str) -> str:
+    """A DPR-format checkpoint whose question and ctx halves are two different tiny models."""
+    from transformers import BertModel
+
+    from dpr.training.checkpoints import CheckpointState, save_checkpoint
+
+    state = {}
+    for prefix, model_dir in (("question_model.", question_model_dir), ("ctx_model.", ctx_model_dir)):
+        weights = BertModel.from_pretrained(model_dir).state_dict()
+        state.update({prefix + key: value for key, value in weights.items()})
+    params = {"encoder": {"pretrained_model_cfg": ctx_model_dir, "sequence_length": SEQUENCE_LENGTH,
+                          "projection_dim": 0}, "do_lower_case": True}
+    save_checkpoint(str(path), CheckpointState(state, None, None, 0, 0, params))
+    return str(path)
+
+
+def gen_embs_config(model_dir: str, ctx_src: str, out_file: str, **values):
+    overrides = {
+        "encoder.pretrained_model_cfg": model_dir,
+        "encoder.sequence_length": SEQUENCE_LENGTH,
+        "ctx_src": ctx_src,
+        "out_file": out_file,
+        "batch_size": 4,
+        "tokenize_chunk": 8,
+        "num_workers": 0,
+    }
+    overrides.update({key.replace("__", "."): value for key, value in values.items()})
+    return compose_config([f"{key}={value}" for key, value in overrides.items()], "gen_embs")
+
+
+def retriever_config(model_dir: str, qa_file: str, ctx_file: str, embeddings: str, out_file: str, **values):
+    overrides = {
+        "encoder.pretrained_model_cfg": model_dir,
+        "encoder.sequence_length": SEQUENCE_LENGTH,
+        "qa_dataset": qa_file,
+        "ctx_datatsets": f"[{ctx_file}]",
+        "encoded_ctx_files": f"['{embeddings}']",
+        "out_file": out_file,
+        "n_docs": 20,
+        "validation_workers": 1,
+        "batch_size": 5,
+    }
+    overrides.update({key.replace("__", "."): value for key, value in values.items()})
+    return compose_config([f"{key}={value}" for key, value in overrides.items()], "dense_retriever")
+
+
+def encode_directly(model_dir: str, texts: List[str], titles: List[str]) -> torch.Tensor:
+    """[CLS] vectors of title/text pairs, fixed padding, one batch: the reference the pipeline must equal."""
+    from transformers import AutoTokenizer, BertModel
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    model = BertModel.from_pretrained(model_dir).eval()
+    encoded = tokenizer(titles, texts, truncation=True, max_length=SEQUENCE_LENGTH, padding="max_length",
+                        return_tensors="pt")
+    with torch.no_grad():
+        out = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
+    return out.last_hidden_state[:, 0, :]
