@@ -1,0 +1,197 @@
+"""Gradient cache benchmark: peak memory and step time of bi-encoder training steps, with and without the cache,
+against sentence-transformers' CachedMultipleNegativesRankingLoss on the same model, batch and mini-batch size.
+
+Every configuration runs in a fresh process (peak resident memory on CPU is then that configuration's own;
+on a GPU, torch.cuda.max_memory_allocated). One warm-up step, then `--steps` timed optimizer steps.
+
+    python bench/bench_grad_cache.py --data ../shared/data/squad_open/biencoder-train.json --sequence_length 128
+"""
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(REPO))
+
+
+def peak_memory_mb(device) -> float:
+    import torch
+
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2**20
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def run_dpr(spec: dict) -> dict:
+    """Steps of this repository's trainer (the code train_dense_encoder.py runs)."""
+    import torch
+    from hydra import compose, initialize_config_dir
+
+    from dpr.data.batching import local_slice, training_batches
+    from dpr.data.biencoder_batch import make_biencoder_batch
+    from dpr.training.biencoder_trainer import BiEncoderTrainer
+    from dpr.training.optim import build_scheduler
+
+    overrides = [
+        f"encoder.pretrained_model_cfg={spec['model']}", f"encoder.sequence_length={spec['sequence_length']}",
+        f"train_datasets=[{spec['data']}]", f"output_dir={spec['tmp']}", f"train.batch_size={spec['batch']}",
+        f"train.grad_cache={str(spec['cache']).lower()}", f"train.q_chunk_size={spec['q_chunk']}",
+        f"train.ctx_chunk_size={spec['ctx_chunk']}", "train.hard_negatives=1", f"bf16={str(spec['bf16']).lower()}",
+    ]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(config_name="biencoder_train_cfg", overrides=overrides)
+    trainer = BiEncoderTrainer(cfg)
+    trainer.model.train()
+    scheduler = build_scheduler(trainer.optimizer, 0, 1000)
+    batches = training_batches([len(trainer.train_sets[0])], spec["batch"], cfg.seed, 0)
+    times = []
+    for i in range(spec["steps"] + 1):
+        batch = make_biencoder_batch(trainer.train_sets[0], local_slice(batches[i], 0, 1), trainer.tensorizer,
+                                     1, 0, shuffle=True, seed=cfg.seed)
+        _sync(trainer.device)
+        start = time.perf_counter()
+        trainer.forward_backward(batch)
+        trainer.optimizer_step(scheduler)
+        _sync(trainer.device)
+        times.append(time.perf_counter() - start)
+    return {"step_s": sum(times[1:]) / spec["steps"], "peak_mb": peak_memory_mb(trainer.device)}
+
+
+def run_sentence_transformers(spec: dict) -> dict:
+    """Steps of CachedMultipleNegativesRankingLoss with (question, positive, hard negative) triples."""
+    import torch
+    from sentence_transformers import SentenceTransformer
+    from sentence_transformers.sentence_transformer.losses import CachedMultipleNegativesRankingLoss
+
+    from dpr.data.biencoder_data import load_biencoder_samples
+    from dpr.models.hf_encoder import resolve_pretrained_path
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    model = SentenceTransformer(resolve_pretrained_path(spec["model"]), device=str(device))
+    model.max_seq_length = spec["sequence_length"]
+    model.train()
+    loss_fn = CachedMultipleNegativesRankingLoss(model, mini_batch_size=spec["q_chunk"])
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
+    samples = load_biencoder_samples([spec["data"]])
+    times = []
+    for i in range(spec["steps"] + 1):
+        chunk = samples[i * spec["batch"] : (i + 1) * spec["batch"]]
+        columns = [
+            [s.question for s in chunk],
+            [f"{s.positive_passages[0].title} {s.positive_passages[0].text}" for s in chunk],
+            [f"{(s.hard_negative_passages or s.negative_passages)[0].title} {(s.hard_negative_passages or s.negative_passages)[0].text}" for s in chunk],
+        ]
+        _sync(device)
+        start = time.perf_counter()
+        features = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in model.preprocess(c).items()} for c in columns]
+        loss = loss_fn(features, torch.empty(0))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        _sync(device)
+        times.append(time.perf_counter() - start)
+    return {"step_s": sum(times[1:]) / spec["steps"], "peak_mb": peak_memory_mb(device)}
+
+
+def _sync(device) -> None:
+    import torch
+
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def worker(spec_json: str) -> None:
+    spec = json.loads(spec_json)
+    result = run_sentence_transformers(spec) if spec["kind"] == "st" else run_dpr(spec)
+    print("RESULT " + json.dumps(result), flush=True)
+
+
+def measure(spec: dict) -> dict:
+    proc = subprocess.run(
+        [sys.executable, __file__, "--worker", json.dumps(spec)], capture_output=True, text=True, cwd=str(REPO)
+    )
+    for line in proc.stdout.splitlines():
+        if line.startswith("RESULT "):
+            return json.loads(line[len("RESULT "):])
+    raise RuntimeError(f"benchmark worker failed:\n{proc.stderr[-3000:]}")
+
+
+def subset_file(data: str, n: int, folder: str) -> str:
+    """The first n records, so every process parses the same small file (its memory is not the model's)."""
+    from dpr.data.biencoder_data import iter_json_records
+
+    records = []
+    for _, record in iter_json_records(data):
+        records.append(record)
+        if len(records) == n:
+            break
+    path = os.path.join(folder, "subset.json")
+    with open(path, "w") as f:
+        json.dump(records, f)
+    return path
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--worker", help=argparse.SUPPRESS)
+    parser.add_argument("--data", default=str(REPO.parent / "shared/data/squad_open/biencoder-train.json"))
+    parser.add_argument("--model", default="minilm")
+    parser.add_argument("--sequence_length", type=int, default=128)
+    parser.add_argument("--batch", type=int, default=128, help="global batch of the cache/no-cache comparison")
+    parser.add_argument("--scaling_batches", default="16,32,64,128,256")
+    parser.add_argument("--steps", type=int, default=2)
+    parser.add_argument("--bf16", action="store_true")
+    args = parser.parse_args()
+    if args.worker:
+        worker(args.worker)
+        return
+    scaling = [int(b) for b in args.scaling_batches.split(",")]
+    with tempfile.TemporaryDirectory() as tmp:
+        data = subset_file(args.data, (args.steps + 1) * max(scaling + [args.batch]), tmp)
+        base = dict(model=args.model, sequence_length=args.sequence_length, data=data, tmp=tmp, steps=args.steps,
+                    bf16=args.bf16, kind="dpr", q_chunk=16, ctx_chunk=8)
+        rows = [
+            ("no cache", dict(base, batch=args.batch, cache=False)),
+            ("cache 16/8", dict(base, batch=args.batch, cache=True)),
+            ("cache 16/16", dict(base, batch=args.batch, cache=True, ctx_chunk=16)),
+            ("sentence-transformers CachedMNRL, mini-batch 16", dict(base, batch=args.batch, kind="st")),
+        ] + [(f"cache 16/8, batch {b}", dict(base, batch=b, cache=True)) for b in scaling]
+        results = []
+        for name, spec in rows:
+            result = measure(spec)
+            results.append((name, spec["batch"], result))
+            print(f"{name:50s} batch {spec['batch']:4d}: {result['step_s']:8.2f} s/step, peak {result['peak_mb']:9.1f} MB",
+                  flush=True)
+    print_markdown(results, args)
+
+
+def print_markdown(results, args) -> None:
+    import torch
+
+    by_name = {name: r for name, _, r in results}
+    device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
+    print(f"\nMachine: {device}; torch {torch.__version__}; model {args.model}; sequence length {args.sequence_length}; "
+          f"{'bf16' if args.bf16 else 'fp32'}; date {time.strftime('%Y-%m-%d')}\n")
+    print("| configuration | questions | passages | s/step | peak memory (MB) |")
+    print("|---|---|---|---|---|")
+    for name, batch, r in results:
+        passages = 2 * batch
+        print(f"| {name} | {batch} | {passages} | {r['step_s']:.2f} | {r['peak_mb']:.0f} |")
+    cached, plain, st = by_name["cache 16/8"], by_name["no cache"], by_name["sentence-transformers CachedMNRL, mini-batch 16"]
+    print(f"\ncached / uncached step time: {cached['step_s'] / plain['step_s']:.2f}x (target <= 1.45x)")
+    print(f"cache 16/16 / sentence-transformers CachedMNRL step time: {by_name['cache 16/16']['step_s'] / st['step_s']:.2f}x")
+    small = [r for n, b, r in results if n.startswith("cache 16/8, batch") and b == 16]
+    large = [r for n, b, r in results if n.startswith("cache 16/8, batch") and b == 128]
+    if small and large:
+        print(f"peak memory batch 128 / batch 16 with the cache: {large[0]['peak_mb'] / small[0]['peak_mb']:.2f}x (target <= 1.3x)")
+
+
+if __name__ == "__main__":
+    main()
