@@ -114,3 +114,19 @@ def test_empty_dataset_after_filtering_fails_before_the_model_is_built(data, tmp
     with pytest.raises(ConfigError, match="no usable sample"):
         run_trainer(cfg, caplog)
     assert "skipped 2 records without a question or without positive_ctxs" in caplog.text
+
+
+def test_dataset_names_resolve_to_downloaded_resources(data, tmp_path, caplog):
+    target = tmp_path / "downloads" / "data" / "retriever"
+    target.mkdir(parents=True)
+    write_retriever_json(target / "nq-train.json", 8)
+    write_retriever_json(target / "nq-dev.json", 4)
+    cfg = compose_config(tiny_overrides(data["model"], "nq_train", "nq_dev", str(tmp_path / "out"), data_dir=str(tmp_path)))
+    trainer, _, steps = run_trainer(cfg, caplog)
+    assert len(trainer.train_sets[0]) == 8 and len(trainer.dev_set) == 4 and len(steps) == 2
+
+
+def test_a_dataset_not_downloaded_says_how_to_get_it(data, tmp_path, caplog):
+    cfg = compose_config(tiny_overrides(data["model"], "nq_train", data["dev"], str(tmp_path / "out"), data_dir=str(tmp_path)))
+    with pytest.raises(FileNotFoundError, match="download_data.py --resource data.retriever.nq-train"):
+        run_trainer(cfg, caplog)
