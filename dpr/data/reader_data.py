@@ -1,0 +1,566 @@
+"""Reader data: DPR's `ReaderSample` / `ReaderPassage`, retriever results turned into reader samples, the
+sample files, and the reader's batches.
+
+Preprocessing (§6 of the spec): each retrieved passage becomes `[CLS] question [SEP] title [SEP] passage`, with the
+answers found as exact token subsequences of the passage (inclusive `(start, end)` indices in the full sequence).
+Training samples keep the passages the retriever marked `has_answer` that contain a span (only those of the gold
+page when gold-passage info is given) and the first non-answer passages as negatives; evaluation samples keep the
+first passages in retrieval order.
+
+Files: `{prefix}.{k}.pkl` holds a pickled `list[ReaderSample]` as DPR writes it (the classes live at this module
+path, with DPR's field names, so DPR's released reader files load). Pickles are read with an unpickler that
+only admits these classes and numpy arrays, so a file from elsewhere cannot run code. `{prefix}.{k}.npz` holds
+the same samples without pickle: the token ids in one int32 array and everything else as UTF-8 JSON.
+"""
+import glob
+import io
+import json
+import logging
+import math
+import multiprocessing
+import os
+import pickle
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from dpr.data.tensorizer import Tensorizer
+from dpr.models.hf_encoder import load_tokenizer
+
+logger = logging.getLogger(__name__)
+
+Span = Tuple[int, int]
+SAMPLE_FORMATS = ("pkl", "npz")
+NPZ_FORMAT_NAME = "dpr-reader-samples"
+
+
+@dataclass(eq=False)
+class ReaderPassage:
+    """One retrieved passage as the reader sees it. The field names are DPR's: pickles store them."""
+
+    id: Optional[str] = None
+    passage_text: Optional[str] = None
+    title: Optional[str] = None
+    score: Optional[float] = None
+    has_answer: Optional[bool] = None
+    passage_token_ids: Optional[np.ndarray] = None
+    # index of the first passage token in sequence_ids (the length of `[CLS] question [SEP] title [SEP]`)
+    passage_offset: Optional[int] = None
+    # answer occurrences as inclusive (start, end) indices into sequence_ids
+    answers_spans: Optional[List[Span]] = None
+    sequence_ids: Optional[np.ndarray] = None
+
+
+@dataclass(eq=False)
+class ReaderSample:
+    """A question with its passages: positives and negatives for training, `passages` for evaluation."""
+
+    question: str
+    answers: List[str]
+    positive_passages: List[ReaderPassage] = field(default_factory=list)
+    negative_passages: List[ReaderPassage] = field(default_factory=list)
+    passages: List[ReaderPassage] = field(default_factory=list)
+
+    def all_passages(self) -> List[ReaderPassage]:
+        return self.positive_passages + self.negative_passages + self.passages
+
+
+@dataclass(frozen=True)
+class ReaderPreprocessingCfg:
+    """DPR's preprocessing defaults. Training negatives are the first
+    min(max(10 x positives, negatives_floor), negatives_cap) non-answer passages (DPR names these two
+    max_negatives=50 and min_negatives=150)."""
+
+    use_tailing_sep: bool = False
+    skip_no_positives: bool = True
+    include_gold_passage: bool = False
+    gold_page_only_positives: bool = True
+    max_positives: int = 20
+    negatives_floor: int = 50
+    negatives_cap: int = 150
+    max_retriever_passages: int = 200
+    eval_passages: int = 100
+
+
+@dataclass
+class PreprocessingStats:
+    questions: int = 0
+    skipped_no_positive: int = 0
+    positives_from_gold: int = 0
+    positives_without_span: int = 0
+
+    def add(self, other: "PreprocessingStats") -> None:
+        self.questions += other.questions
+        self.skipped_no_positive += other.skipped_no_positive
+        self.positives_from_gold += other.positives_from_gold
+        self.positives_without_span += other.positives_without_span
+
+
+# ---------------------------------------------------------------------------------------------- gold passages
+@dataclass
+class GoldPassages:
+    """From a gold-info file (`{"data": [{question, question_tokens, title, context, example_id}]}`): the gold
+    passage of each question (keyed by the question and by its tokenized form; title lowercased), and the
+    original question of each tokenized form, which retriever results of NQ carry instead."""
+
+    by_question: Dict[str, ReaderPassage]
+    canonical_questions: Dict[str, str]
+
+    def canonical(self, question: str) -> str:
+        return self.canonical_questions.get(question, question)
+
+
+def load_gold_passages(path: str) -> GoldPassages:
+    with open(path, encoding="utf-8") as f:
+        records = json.load(f)["data"]
+    by_question: Dict[str, ReaderPassage] = {}
+    canonical: Dict[str, str] = {}
+    for record in records:
+        question = record.get("question") or record.get("query_text")
+        passage = ReaderPassage(id=record.get("example_id"), passage_text=record["context"],
+                                title=(record.get("title") or "").lower())
+        by_question[question] = passage
+        tokens = record.get("question_tokens")
+        if tokens:
+            by_question[tokens] = passage
+            canonical[tokens] = question
+    logger.info("Gold passages of %d questions from %s", len(records), path)
+    return GoldPassages(by_question, canonical)
+
+
+# ---------------------------------------------------------------------------------------------- preprocessing
+def find_answer_spans(passage_ids: Sequence[int], answers_ids: Sequence[Sequence[int]]) -> List[Span]:
+    """Every occurrence of every answer in the passage, as inclusive (start, end) token indices; duplicates
+    (the same answer listed twice) are kept once."""
+    passage_ids = list(passage_ids)
+    spans: Dict[Span, None] = {}
+    for answer in answers_ids:
+        answer = list(answer)
+        width = len(answer)
+        if width == 0:
+            continue
+        for start in range(len(passage_ids) - width + 1):
+            if passage_ids[start : start + width] == answer:
+                spans[(start, start + width - 1)] = None
+    return list(spans)
+
+
+def _make_passages(question: str, ctxs: Sequence[dict], tensorizer: Tensorizer,
+                   use_tailing_sep: bool) -> List[ReaderPassage]:
+    """ReaderPassages with `[CLS] question [SEP] title [SEP] passage` sequences (titles and texts kept)."""
+    if not ctxs:
+        return []
+    titles = [ctx.get("title") or "" for ctx in ctxs]
+    texts = [ctx.get("text") or "" for ctx in ctxs]
+    heads = tensorizer.token_ids(titles, titles=[question] * len(ctxs))
+    bodies = tensorizer.token_ids(texts, add_special_tokens=False)
+    tail = [tensorizer.tokenizer.sep_token_id] if use_tailing_sep else []
+    passages = []
+    for ctx, title, text, head, body in zip(ctxs, titles, texts, heads, bodies):
+        if len(head) <= 1:
+            raise ValueError(f"question and title of passage {ctx.get('id')} tokenize to {len(head)} tokens")
+        passages.append(ReaderPassage(
+            id=ctx.get("id"), passage_text=text, title=title, score=_score(ctx.get("score")),
+            has_answer=bool(ctx.get("has_answer")), passage_token_ids=np.asarray(body, dtype=np.int64),
+            passage_offset=len(head), sequence_ids=np.asarray(head + body + tail, dtype=np.int64),
+        ))
+    return passages
+
+
+def _score(value) -> Optional[float]:
+    """Retriever scores are strings in the results JSON (str of a float32)."""
+    return None if value is None else float(value)
+
+
+def _add_answer_spans(passages: Sequence[ReaderPassage], answers_ids: Sequence[Sequence[int]]) -> int:
+    """Set each passage's answer spans (shifted into the full sequence); a passage where no answer occurs as
+    tokens loses its has_answer mark. Returns how many lost it."""
+    lost = 0
+    for passage in passages:
+        spans = find_answer_spans(passage.passage_token_ids, answers_ids)
+        passage.answers_spans = [(s + passage.passage_offset, e + passage.passage_offset) for s, e in spans]
+        if not spans:
+            passage.has_answer = False
+            lost += 1
+    return lost
+
+
+def _strip_texts(passages: Sequence[ReaderPassage]) -> None:
+    """What DPR keeps in its files: ids, scores, spans and sequence ids, not the texts."""
+    for passage in passages:
+        passage.passage_text = passage.title = passage.passage_token_ids = None
+
+
+def _select_positives(positives: List[ReaderPassage], gold: Optional[ReaderPassage],
+                      cfg: ReaderPreprocessingCfg) -> Tuple[List[ReaderPassage], bool]:
+    """(positives to train on, whether they came from the gold page). Gold-page positives are not capped;
+    otherwise the first max_positives passages with a span."""
+    with_spans = [p for p in positives if p.answers_spans]
+    if gold is not None and cfg.gold_page_only_positives:
+        on_gold_page = [p for p in with_spans if (p.title or "").lower() == gold.title]
+        if on_gold_page:
+            return on_gold_page, True
+    return with_spans[: cfg.max_positives], False
+
+
+def preprocess_sample(sample: dict, tensorizer: Tensorizer, is_train: bool, cfg: ReaderPreprocessingCfg,
+                      gold_passages: Optional[GoldPassages] = None) -> Tuple[Optional[ReaderSample], PreprocessingStats]:
+    """One retriever-results record as a ReaderSample (None: a training question without a usable positive,
+    skipped when cfg.skip_no_positives)."""
+    stats = PreprocessingStats(questions=1)
+    question = sample["question"]
+    if gold_passages is not None:
+        question = gold_passages.canonical(question)
+    answers = list(sample.get("answers") or [])
+    ctxs = list(sample.get("ctxs") or [])[: cfg.max_retriever_passages]
+    if not is_train:
+        passages = _make_passages(question, ctxs[: cfg.eval_passages], tensorizer, cfg.use_tailing_sep)
+        _strip_texts(passages)
+        return ReaderSample(question, answers, passages=passages), stats
+
+    answers_ids = tensorizer.token_ids(answers, add_special_tokens=False) if answers else []
+    positives = _make_passages(question, [c for c in ctxs if c.get("has_answer")], tensorizer, cfg.use_tailing_sep)
+    stats.positives_without_span = _add_answer_spans(positives, answers_ids)
+    gold = gold_passages.by_question.get(question) if gold_passages is not None else None
+    selected, from_gold = _select_positives(positives, gold, cfg)
+    stats.positives_from_gold = int(from_gold)
+    if cfg.include_gold_passage and gold is not None:
+        selected += _gold_positive(question, gold, answers_ids, tensorizer, cfg)
+
+    n_negatives = min(max(10 * len(selected), cfg.negatives_floor), cfg.negatives_cap)
+    negative_ctxs = [c for c in ctxs if not c.get("has_answer")][:n_negatives]
+    negatives = _make_passages(question, negative_ctxs, tensorizer, cfg.use_tailing_sep)
+    if not selected and cfg.skip_no_positives:
+        stats.skipped_no_positive = 1
+        return None, stats
+    _strip_texts(selected + negatives)
+    return ReaderSample(question, answers, positive_passages=selected, negative_passages=negatives), stats
+
+
+def _gold_positive(question: str, gold: ReaderPassage, answers_ids, tensorizer: Tensorizer,
+                   cfg: ReaderPreprocessingCfg) -> List[ReaderPassage]:
+    """The gold context itself as a positive, when an answer occurs in it."""
+    ctx = {"id": gold.id, "title": gold.title, "text": gold.passage_text, "has_answer": True}
+    passage = _make_passages(question, [ctx], tensorizer, cfg.use_tailing_sep)[0]
+    _add_answer_spans([passage], answers_ids)
+    return [passage] if passage.answers_spans else []
+
+
+def preprocess_samples(samples: Sequence[dict], tensorizer: Tensorizer, is_train: bool, cfg: ReaderPreprocessingCfg,
+                       gold_passages: Optional[GoldPassages] = None) -> Tuple[List[ReaderSample], PreprocessingStats]:
+    out, stats = [], PreprocessingStats()
+    for sample in samples:
+        reader_sample, sample_stats = preprocess_sample(sample, tensorizer, is_train, cfg, gold_passages)
+        stats.add(sample_stats)
+        if reader_sample is not None:
+            out.append(reader_sample)
+    return out, stats
+
+
+@dataclass
+class _ChunkTask:
+    chunk_id: int
+    samples: List[dict]
+    out_file: str
+    formats: Tuple[str, ...]
+    tensorizer: Tensorizer
+    is_train: bool
+    cfg: ReaderPreprocessingCfg
+    gold_passages: Optional[GoldPassages]
+
+
+def _process_chunk(task: _ChunkTask) -> Tuple[List[str], PreprocessingStats]:
+    samples, stats = preprocess_samples(task.samples, task.tensorizer, task.is_train, task.cfg, task.gold_passages)
+    paths = [write_samples(f"{task.out_file}.{task.chunk_id}.{fmt}", samples) for fmt in task.formats]
+    return paths, stats
+
+
+def convert_retriever_results(
+    is_train: bool,
+    retriever_results: str,
+    out_file: str,
+    tensorizer: Tensorizer,
+    gold_passages_src: Optional[str] = None,
+    num_workers: int = 16,
+    formats: Sequence[str] = SAMPLE_FORMATS,
+    cfg: ReaderPreprocessingCfg = ReaderPreprocessingCfg(),
+) -> List[str]:
+    """Preprocess a retriever-results JSON into `{out_file}.{k}.{format}` files, k < num_workers, with
+    ceil(N / num_workers) questions each, in up to num_workers processes. Returns the files written."""
+    unknown = set(formats) - set(SAMPLE_FORMATS)
+    if unknown or not formats:
+        raise ValueError(f"sample file formats must be among {SAMPLE_FORMATS}, got {list(formats)}")
+    with open(retriever_results, encoding="utf-8") as f:
+        samples = json.load(f)
+    gold = load_gold_passages(gold_passages_src) if gold_passages_src else None
+    chunk_size = max(1, math.ceil(len(samples) / max(1, num_workers)))
+    tasks = [
+        _ChunkTask(k, samples[start : start + chunk_size], out_file, tuple(formats), tensorizer, is_train, cfg, gold)
+        for k, start in enumerate(range(0, len(samples), chunk_size))
+    ]
+    logger.info("Preprocessing %d %s questions of %s in %d chunks", len(samples),
+                "training" if is_train else "evaluation", retriever_results, len(tasks))
+    processes = min(len(tasks), num_workers, os.cpu_count() or 1)
+    if processes > 1:
+        # spawn: the tokenizer's threads and torch's do not survive a fork safely
+        with multiprocessing.get_context("spawn").Pool(processes) as pool:
+            results = pool.map(_process_chunk, tasks)
+    else:
+        results = [_process_chunk(task) for task in tasks]
+    stats = PreprocessingStats()
+    paths: List[str] = []
+    for chunk_paths, chunk_stats in results:
+        paths += chunk_paths
+        stats.add(chunk_stats)
+    _log_stats(stats, is_train)
+    return paths
+
+
+def preprocess_file(retriever_results: str, out_file: str, is_train: bool, pretrained_model_cfg: str,
+                    do_lower_case: bool, sequence_length: int, gold_passages_src: Optional[str] = None,
+                    num_workers: int = 16, formats: Sequence[str] = SAMPLE_FORMATS) -> List[str]:
+    """convert_retriever_results with the tokenizer of a pretrained model (preprocess_reader_data.py)."""
+    tensorizer = Tensorizer(load_tokenizer(pretrained_model_cfg, do_lower_case), sequence_length)
+    return convert_retriever_results(is_train, retriever_results, out_file, tensorizer, gold_passages_src,
+                                     num_workers, formats)
+
+
+def _log_stats(stats: PreprocessingStats, is_train: bool) -> None:
+    if not is_train:
+        logger.info("Preprocessed %d evaluation questions", stats.questions)
+        return
+    logger.info(
+        "Preprocessed %d training questions: %d skipped with no usable positive passage (no positive passages "
+        "samples), %d with positives from the gold page (positive passages from gold samples)",
+        stats.questions, stats.skipped_no_positive, stats.positives_from_gold,
+    )
+    if stats.positives_without_span:
+        logger.warning("%d passages marked has_answer contain no answer as tokens; they are not used as positives",
+                       stats.positives_without_span)
+
+
+# ---------------------------------------------------------------------------------------------- sample files
+def write_samples(path: str, samples: Sequence[ReaderSample]) -> str:
+    """Write samples as .pkl (DPR's pickle) or .npz (no pickle), atomically."""
+    fmt = _sample_format(path)
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}"
+    try:
+        with open(tmp, "wb") as f:
+            if fmt == "pkl":
+                pickle.dump(list(samples), f, protocol=pickle.HIGHEST_PROTOCOL)
+            else:
+                _write_npz(f, samples)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    logger.info("Wrote %d reader samples to %s", len(samples), path)
+    return path
+
+
+def read_samples(path: str) -> List[ReaderSample]:
+    """Samples from a .npz file or a .pkl file (ours or DPR's), without running code from the file."""
+    with open(path, "rb") as f:
+        if _sample_format(path) == "npz":
+            return _read_npz(f)
+        samples = _SampleUnpickler(f).load()
+    for sample in samples:
+        for passage in sample.all_passages():
+            passage.sequence_ids = np.asarray(passage.sequence_ids, dtype=np.int64)
+            passage.answers_spans = [tuple(s) for s in passage.answers_spans or []]
+    return samples
+
+
+def load_samples(paths: Sequence[str]) -> List[ReaderSample]:
+    samples: List[ReaderSample] = []
+    for path in paths:
+        samples += read_samples(path)
+    logger.info("Loaded %d reader samples from %d files", len(samples), len(paths))
+    return samples
+
+
+def _sample_format(path: str) -> str:
+    fmt = path.rsplit(".", 1)[-1]
+    if fmt not in SAMPLE_FORMATS:
+        raise ValueError(f"{path}: reader sample files end in .pkl or .npz")
+    return fmt
+
+
+def sample_files(paths: Sequence[str]) -> List[str]:
+    """The sample files among `paths`, one per chunk: where a chunk has both, the .npz (no unpickling)."""
+    by_chunk: Dict[str, str] = {}
+    for path in sorted(paths, key=_chunk_order):
+        stem, _, ext = path.rpartition(".")
+        if ext in SAMPLE_FORMATS and (stem not in by_chunk or ext == "npz"):
+            by_chunk[stem] = path
+    return list(by_chunk.values())
+
+
+def cached_sample_files(prefix: str) -> List[str]:
+    """The files a preprocessing run with this out_file prefix wrote, if any."""
+    pattern = glob.escape(prefix) + ".*"
+    return sample_files([p for p in glob.glob(pattern) if p[len(prefix) + 1 :].split(".")[0].isdigit()])
+
+
+def _chunk_order(path: str):
+    """Chunk files in numeric order ({prefix}.10 after {prefix}.9)."""
+    stem = path.rpartition(".")[0]
+    prefix, _, k = stem.rpartition(".")
+    return (prefix, int(k)) if k.isdigit() else (stem, -1)
+
+
+_PASSAGE_GROUPS = ("positive_passages", "negative_passages", "passages")
+
+
+def _write_npz(f, samples: Sequence[ReaderSample]) -> None:
+    records, sequences = [], []
+    for sample in samples:
+        record = {"question": sample.question, "answers": list(sample.answers)}
+        for group in _PASSAGE_GROUPS:
+            record[group] = []
+            for p in getattr(sample, group):
+                record[group].append({"id": p.id, "score": p.score, "has_answer": p.has_answer,
+                                      "passage_offset": p.passage_offset,
+                                      "answers_spans": [list(s) for s in p.answers_spans or []]})
+                sequences.append(np.asarray(p.sequence_ids, dtype=np.int32))
+        records.append(record)
+    meta = json.dumps({"format": NPZ_FORMAT_NAME, "version": 1, "samples": records}, ensure_ascii=False)
+    np.savez_compressed(
+        f,
+        meta=np.frombuffer(meta.encode("utf-8"), dtype=np.uint8),
+        lengths=np.asarray([len(s) for s in sequences], dtype=np.int64),
+        tokens=np.concatenate(sequences) if sequences else np.zeros(0, dtype=np.int32),
+    )
+
+
+def _read_npz(f) -> List[ReaderSample]:
+    with np.load(io.BytesIO(f.read()), allow_pickle=False) as data:
+        meta = json.loads(data["meta"].tobytes().decode("utf-8"))
+        lengths, tokens = data["lengths"], data["tokens"].astype(np.int64)
+    if meta.get("format") != NPZ_FORMAT_NAME:
+        raise ValueError(f"not a reader samples file (format {meta.get('format')!r})")
+    ends = np.cumsum(lengths)
+    row = 0
+    samples = []
+    for record in meta["samples"]:
+        groups = {}
+        for group in _PASSAGE_GROUPS:
+            groups[group] = []
+            for p in record[group]:
+                groups[group].append(ReaderPassage(
+                    id=p["id"], score=p["score"], has_answer=p["has_answer"], passage_offset=p["passage_offset"],
+                    answers_spans=[tuple(s) for s in p["answers_spans"]],
+                    sequence_ids=tokens[ends[row] - lengths[row] : ends[row]],
+                ))
+                row += 1
+        samples.append(ReaderSample(record["question"], record["answers"], **groups))
+    return samples
+
+
+class _SampleUnpickler(pickle.Unpickler):
+    """Admits only what reader sample pickles hold: the two sample classes and numpy arrays and scalars
+    (numpy 1.x files name numpy.core, numpy 2.x numpy._core; protocol 5 rebuilds arrays with _frombuffer)."""
+
+    ALLOWED = {
+        ("dpr.data.reader_data", "ReaderSample"), ("dpr.data.reader_data", "ReaderPassage"),
+        ("numpy", "ndarray"), ("numpy", "dtype"),
+        ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
+        ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
+        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
+        ("copyreg", "_reconstructor"), ("builtins", "object"),
+    }
+
+    def find_class(self, module: str, name: str):
+        if (module, name) not in self.ALLOWED:
+            raise pickle.UnpicklingError(f"reader sample files may not hold {module}.{name}")
+        return super().find_class(module, name)
+
+
+# ---------------------------------------------------------------------------------------------- batches
+@dataclass
+class ReaderBatch:
+    """input_ids [N, M, T]; for training also start/end positions and the answers mask [N, M, A], filled in
+    passage row 0 (the positive) only. `questions` are the sample indices the N rows belong to."""
+
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+    questions: List[int]
+    start_positions: Optional[torch.Tensor] = None
+    end_positions: Optional[torch.Tensor] = None
+    answers_mask: Optional[torch.Tensor] = None
+
+    def to(self, device: torch.device) -> "ReaderBatch":
+        moved = {k: v.to(device) if isinstance(v, torch.Tensor) else v for k, v in vars(self).items()}
+        return ReaderBatch(**moved)
+
+
+def spans_within(passage: ReaderPassage, max_length: int) -> List[Span]:
+    return [(s, e) for s, e in passage.answers_spans or [] if s < max_length and e < max_length]
+
+
+def choose_positive(sample: ReaderSample, rng: np.random.Generator, max_length: int) -> Optional[ReaderPassage]:
+    """A random positive; if its answers all lie past max_length, the first positive with an answer inside;
+    None when there is none (the question is left out of the batch; DPR crashed on no positives, DPR #25)."""
+    positives = sample.positive_passages
+    if not positives:
+        return None
+    pick = positives[int(rng.integers(len(positives)))]
+    if spans_within(pick, max_length):
+        return pick
+    return next((p for p in positives if spans_within(p, max_length)), None)
+
+
+def _stack_rows(rows: List[List[np.ndarray]], tensorizer: Tensorizer, passages_per_question: int):
+    """[N, M, T] ids and mask from N lists of up to M sequences; missing passages are all-PAD rows."""
+    flat = []
+    for question_rows in rows:
+        flat += [seq[: tensorizer.max_length].tolist() for seq in question_rows]
+        flat += [[] for _ in range(passages_per_question - len(question_rows))]
+    ids, mask = tensorizer.pad(flat)
+    shape = (len(rows), passages_per_question, ids.shape[-1])
+    return ids.view(shape), mask.view(shape)
+
+
+def make_train_batch(samples: Sequence[ReaderSample], indices: Sequence[int], tensorizer: Tensorizer,
+                     passages_per_question: int, max_n_answers: int,
+                     rngs: Sequence[np.random.Generator]) -> Optional[ReaderBatch]:
+    """Per question: a positive (row 0) with up to max_n_answers spans, then passages_per_question - 1
+    negatives in random order. Questions without a usable positive are dropped; None if none is left."""
+    max_length = tensorizer.max_length
+    rows, starts, ends, kept = [], [], [], []
+    for index, rng in zip(indices, rngs):
+        sample = samples[index]
+        positive = choose_positive(sample, rng, max_length)
+        if positive is None:
+            continue
+        spans = spans_within(positive, max_length)[:max_n_answers]
+        negatives = sample.negative_passages
+        order = rng.permutation(len(negatives))[: passages_per_question - 1]
+        rows.append([positive.sequence_ids] + [negatives[i].sequence_ids for i in order])
+        starts.append([s for s, _ in spans])
+        ends.append([e for _, e in spans])
+        kept.append(int(index))
+    if not rows:
+        return None
+    ids, mask = _stack_rows(rows, tensorizer, passages_per_question)
+    shape = (len(rows), passages_per_question, max_n_answers)
+    start_positions = torch.zeros(shape, dtype=torch.long)
+    end_positions = torch.zeros(shape, dtype=torch.long)
+    answers_mask = torch.zeros(shape, dtype=torch.long)
+    for n, (s, e) in enumerate(zip(starts, ends)):
+        start_positions[n, 0, : len(s)] = torch.tensor(s, dtype=torch.long)
+        end_positions[n, 0, : len(e)] = torch.tensor(e, dtype=torch.long)
+        answers_mask[n, 0, : len(s)] = 1
+    return ReaderBatch(ids, mask, kept, start_positions, end_positions, answers_mask)
+
+
+def make_eval_batch(samples: Sequence[ReaderSample], indices: Sequence[int], tensorizer: Tensorizer,
+                    passages_per_question: int) -> ReaderBatch:
+    """The first passages_per_question passages of each question, in retrieval order."""
+    rows = [[p.sequence_ids for p in samples[i].passages[:passages_per_question]] for i in indices]
+    ids, mask = _stack_rows(rows, tensorizer, passages_per_question)
+    return ReaderBatch(ids, mask, [int(i) for i in indices])

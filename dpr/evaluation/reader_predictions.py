@@ -1,0 +1,163 @@
+"""Answers from the reader's logits (DPR's span selection), the prediction file, and exact match.
+
+Per question, passages are visited in descending relevance; in each, every span of at most max_answer_length
+tokens is scored start + end, and the best spans that neither contain nor lie inside an already accepted one
+are kept (partial overlaps are allowed), each widened to whole words over `##` subwords. For a threshold n of
+eval_top_docs the answer is the best span of the most relevant passage among the first n retrieved. An
+extension (off by default, DPR #28) instead picks, among those passages, the span with the highest
+relevance logit + log p(start) + log p(end).
+"""
+import json
+import logging
+from dataclasses import dataclass
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+from transformers import PreTrainedTokenizerBase
+
+from dpr.data.reader_data import ReaderPassage
+from dpr.evaluation.exact_match import max_exact_match
+
+logger = logging.getLogger(__name__)
+
+TOP_SPANS_PER_PASSAGE = 10
+
+
+@dataclass
+class SpanPrediction:
+    start: int  # inclusive token indices into passage_token_ids, widened to whole words
+    end: int
+    span_score: float
+    relevance_score: float
+    passage_index: int  # in retrieval order
+    passage_token_ids: np.ndarray
+    combined_score: float  # relevance logit + log p(start | passage) + log p(end | passage)
+
+
+def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, max_answer_length: int,
+               top_spans: int = TOP_SPANS_PER_PASSAGE) -> List[Tuple[int, int, float]]:
+    """Up to top_spans (start, end, score) spans, best first, with end - start < max_answer_length and none
+    containing or contained in a better one. Equal scores keep (start, end) order."""
+    length = len(start_logits)
+    starts = np.repeat(np.arange(length), max_answer_length)
+    ends = starts + np.tile(np.arange(max_answer_length), length)
+    inside = ends < length
+    starts, ends = starts[inside], ends[inside]
+    scores = start_logits[starts] + end_logits[ends]
+    accepted: List[Tuple[int, int, float]] = []
+    for k in np.argsort(-scores, kind="stable"):
+        s, e = int(starts[k]), int(ends[k])
+        if any((s <= s2 and e2 <= e) or (s2 <= s and e <= e2) for s2, e2, _ in accepted):
+            continue
+        accepted.append((s, e, float(scores[k])))
+        if len(accepted) == top_spans:
+            break
+    return accepted
+
+
+def extend_to_words(tokens: Sequence[str], start: int, end: int) -> Tuple[int, int]:
+    """Widen [start, end] so it neither starts nor is followed by a `##` subword token."""
+    while start > 0 and tokens[start].startswith("##"):
+        start -= 1
+    while end + 1 < len(tokens) and tokens[end + 1].startswith("##"):
+        end += 1
+    return start, end
+
+
+def _log_softmax(x: np.ndarray) -> np.ndarray:
+    shifted = x - x.max()
+    return shifted - np.log(np.exp(shifted).sum())
+
+
+def question_nbest(passages: Sequence[ReaderPassage], start_logits: np.ndarray, end_logits: np.ndarray,
+                   relevance_logits: np.ndarray, tokenizer: PreTrainedTokenizerBase,
+                   max_answer_length: int) -> List[SpanPrediction]:
+    """Candidate answers of one question, passages in descending relevance. Logits are [M, T] and [M] for the
+    question's passage rows; rows past len(passages) are padding and skipped."""
+    width = start_logits.shape[-1]
+    nbest: List[SpanPrediction] = []
+    for index in np.argsort(-relevance_logits, kind="stable"):
+        index = int(index)
+        if index >= len(passages):
+            continue
+        passage = passages[index]
+        offset, seq_len = passage.passage_offset, min(len(passage.sequence_ids), width)
+        if seq_len <= offset:
+            continue
+        ctx_ids = np.asarray(passage.sequence_ids[offset:seq_len])
+        starts, ends = start_logits[index, offset:seq_len], end_logits[index, offset:seq_len]
+        log_p_start, log_p_end = _log_softmax(starts), _log_softmax(ends)
+        tokens = tokenizer.convert_ids_to_tokens(ctx_ids.tolist())
+        relevance = float(relevance_logits[index])
+        for s, e, score in best_spans(starts, ends, max_answer_length):
+            combined = relevance + float(log_p_start[s] + log_p_end[e])
+            s, e = extend_to_words(tokens, s, e)
+            nbest.append(SpanPrediction(s, e, score, relevance, index, ctx_ids, combined))
+    return nbest
+
+
+def answer_text(span: SpanPrediction, tokenizer: PreTrainedTokenizerBase) -> str:
+    """The span decoded (only chosen answers are: decoding every candidate would dominate inference)."""
+    return tokenizer.decode(span.passage_token_ids[span.start : span.end + 1].tolist(), skip_special_tokens=True)
+
+
+def select_predictions(nbest: Sequence[SpanPrediction], top_docs: Sequence[int],
+                       combine_scores: bool = False) -> Dict[int, Optional[SpanPrediction]]:
+    """For each n: the first candidate from the n first retrieved passages (the best span of the most relevant
+    of them), or with combine_scores the one with the highest combined score; None when there is none."""
+    out: Dict[int, Optional[SpanPrediction]] = {}
+    for n in top_docs:
+        candidates = [p for p in nbest if p.passage_index < n]
+        if not candidates:
+            out[n] = None
+        elif combine_scores:
+            out[n] = max(candidates, key=lambda p: p.combined_score)
+        else:
+            out[n] = candidates[0]
+    return out
+
+
+def prediction_record(question: str, gold_answers: Sequence[str], predictions: Dict[int, Optional[SpanPrediction]],
+                      tokenizer: PreTrainedTokenizerBase) -> dict:
+    """One question of DPR's prediction file; a question without a candidate gets an empty prediction."""
+    entries = []
+    for n, span in predictions.items():
+        if span is None:
+            prediction = {"text": "", "score": None, "relevance_score": None, "passage_idx": None, "passage": ""}
+        else:
+            prediction = {
+                "text": answer_text(span, tokenizer),
+                "score": span.span_score,
+                "relevance_score": span.relevance_score,
+                "passage_idx": span.passage_index,
+                "passage": tokenizer.decode(span.passage_token_ids.tolist(), skip_special_tokens=True),
+            }
+        entries.append({"top_k": int(n), "prediction": prediction})
+    return {"question": question, "gold_answers": list(gold_answers), "predictions": entries}
+
+
+def exact_match_by_top_k(records: Sequence[dict]) -> Dict[int, float]:
+    """EM (in %) per top_k over prediction records: mean over questions of max over gold answers, with
+    SQuAD's answer normalization."""
+    hits: Dict[int, List[bool]] = {}
+    for record in records:
+        for entry in record["predictions"]:
+            hits.setdefault(entry["top_k"], []).append(
+                max_exact_match(entry["prediction"]["text"], record["gold_answers"]))
+    return {n: 100.0 * sum(h) / len(h) for n, h in hits.items()}
+
+
+def log_exact_match(ems: Dict[int, float]) -> None:
+    for n, em in ems.items():
+        logger.info("n=%d\tEM %.2f", n, em)
+
+
+def write_predictions(path: str, records: Sequence[dict]) -> None:
+    with open(path, "w", encoding="utf-8") as f:
+        f.write(json.dumps(list(records), indent=4) + "\n")
+    logger.info("Saved reader predictions of %d questions to %s", len(records), path)
+
+
+def read_predictions(path: str) -> List[dict]:
+    with open(path, encoding="utf-8") as f:
+        return json.load(f)

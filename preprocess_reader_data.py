@@ -1,0 +1,19 @@
+"""Preprocess a retriever-results JSON into reader samples, with GC-DPR's flags, e.g.
+
+    python preprocess_reader_data.py --retriever_results retriever-train.json --out_file data/reader-train \
+        --is_train_set --pretrained_model_cfg minilm --do_lower_case --sequence_length 350 --num_workers 2
+"""
+from dpr.data.reader_data import preprocess_file
+from dpr.options.reader_flags import parse_preprocessing_args
+from dpr.utils.logging import setup_logging
+
+
+def main() -> None:
+    setup_logging()
+    args = parse_preprocessing_args()
+    preprocess_file(args.retriever_results, args.out_file, args.is_train_set, args.pretrained_model_cfg,
+                    args.do_lower_case, args.sequence_length, args.gold_passages, args.num_workers, args.formats)
+
+
+if __name__ == "__main__":
+    main()
