@@ -13,7 +13,7 @@ PyTorch's fused SDPA kernel).
 """
 import threading
 from contextlib import contextmanager
-from typing import Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,45 +24,72 @@ ATTENTION_IMPLEMENTATION = "dpr_example_dropout"
 _active = threading.local()
 
 
-def _generators() -> Optional[list]:
-    return getattr(_active, "generators", None)
+def _row_seeds() -> Optional[List[int]]:
+    return getattr(_active, "seeds", None)
 
 
 @contextmanager
 def example_seeds(seeds: Optional[Sequence[int]], device: torch.device, max_length: int):
     """Draw dropout masks per row from `seeds` (one per batch row) inside this block; None leaves dropout as is.
 
-    Masks are drawn at the canonical sequence length `max_length` and cut to the padded width of the batch, so
-    an example gets the same mask however much padding its batch or chunk has."""
+    Each dropout call inside the block draws row i's mask from a generator seeded with (seeds[i], call number),
+    at the canonical sequence length `max_length`, cut to the width of the batch: an example gets the same masks
+    however much padding its batch or chunk has, and replaying the block replays the masks."""
     if seeds is None:
         yield
         return
-    previous = _generators(), getattr(_active, "max_length", None)
-    _active.generators = [torch.Generator(device=device).manual_seed(int(s)) for s in seeds]
-    _active.max_length = max_length
+    previous = _row_seeds(), getattr(_active, "max_length", None), getattr(_active, "calls", 0)
+    _active.seeds, _active.max_length, _active.calls = [int(s) for s in seeds], max_length, 0
     try:
         yield
     finally:
-        _active.generators, _active.max_length = previous
+        _active.seeds, _active.max_length, _active.calls = previous
+
+
+def _call_seed(row_seed: int, call: int) -> int:
+    # splitmix64-style mixing: distinct, well-spread seeds for every (row, dropout call)
+    z = (row_seed + (call + 1) * 0x9E3779B97F4A7C15) & _MASK64
+    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
+    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
+    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+
+
+_MASK64 = (1 << 64) - 1
+
+
+def _row_uniform(row_shape: Tuple[int, ...], sequence_dims: List[int], seed: int, device: torch.device) -> torch.Tensor:
+    """Uniform numbers for one row, equal to the canonical-length draw cut to `row_shape`.
+
+    The numbers are drawn with the first sequence dimension outermost. On CPU the generator's stream is a
+    prefix-consistent sequence, so that dimension is drawn at its actual length (a short question does not pay
+    for max_length positions); on CUDA the whole canonical block is drawn and cut."""
+    max_length = _active.max_length
+    lead = sequence_dims[0] if sequence_dims else None
+    order = ([lead] if lead is not None else []) + [d for d in range(len(row_shape)) if d != lead]
+    shape = []
+    for d in order:
+        if row_shape[d] > max_length and d in sequence_dims:
+            raise RuntimeError(f"sequence of {row_shape[d]} tokens is longer than max_length={max_length}")
+        canonical = d in sequence_dims and (d != lead or device.type != "cpu")
+        shape.append(max_length if canonical else row_shape[d])
+    generator = torch.Generator(device=device).manual_seed(seed)
+    uniform = torch.rand(shape, generator=generator, device=device)
+    uniform = uniform[tuple(slice(0, row_shape[d]) for d in order)]
+    return uniform.permute([order.index(d) for d in range(len(row_shape))])
 
 
 def example_dropout(x: torch.Tensor, p: float, training: bool, sequence_dims: Tuple[int, ...] = (1,)) -> torch.Tensor:
     """F.dropout with per-row masks when `example_seeds` is active; `sequence_dims` are the dimensions of x that
-    run over token positions (their masks are drawn at the canonical length, then cut)."""
-    generators = _generators()
-    if not training or p == 0.0 or generators is None:
+    run over token positions."""
+    seeds = _row_seeds()
+    if not training or p == 0.0 or seeds is None:
         return F.dropout(x, p, training)
-    if len(generators) != x.shape[0]:
-        raise RuntimeError(f"example_seeds has {len(generators)} seeds for a batch of {x.shape[0]} rows")
-    max_length = _active.max_length
-    canonical = list(x.shape)
-    for dim in sequence_dims:
-        if dim < x.dim():
-            if x.shape[dim] > max_length:
-                raise RuntimeError(f"sequence of {x.shape[dim]} tokens is longer than max_length={max_length}")
-            canonical[dim] = max_length
-    cut = tuple(slice(0, n) for n in x.shape[1:])
-    uniform = torch.stack([torch.rand(canonical[1:], generator=g, device=x.device)[cut] for g in generators])
+    if len(seeds) != x.shape[0]:
+        raise RuntimeError(f"example_seeds has {len(seeds)} seeds for a batch of {x.shape[0]} rows")
+    call = _active.calls
+    _active.calls += 1
+    row_dims = [d - 1 for d in sequence_dims if 0 < d < x.dim()]
+    uniform = torch.stack([_row_uniform(tuple(x.shape[1:]), row_dims, _call_seed(s, call), x.device) for s in seeds])
     keep = (uniform >= p).to(x.dtype)
     return x * keep * (1.0 / (1.0 - p))
 
@@ -79,7 +106,7 @@ def example_dropout_attention(module, query, key, value, attention_mask, dropout
     on the attention probabilities when dropout is on and `example_seeds` is active."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if dropout == 0.0 or _generators() is None:
+    if dropout == 0.0 or _row_seeds() is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
