@@ -112,6 +112,7 @@ class BiEncoderTrainer:
         )
         self.best_value: Optional[float] = None
         self.best_checkpoint: Optional[str] = None
+        self.av_rank_started = False
 
     # ---------------------------------------------------------------- set-up
     def _check_config(self) -> None:
@@ -297,6 +298,7 @@ class BiEncoderTrainer:
                 if (i + 1) % eval_every == 0 and i + 1 < len(batches):
                     self.validate_and_save(epoch, i + 1, scheduler, update)
                     self.model.train()
+                    timer = time.perf_counter()  # throughput counts training only
             progress.close()
             logger.info("Av Loss per epoch=%f", epoch_loss / max(1, epoch_batches))
             logger.info("epoch total correct predictions=%d", epoch_correct)
@@ -337,8 +339,8 @@ class BiEncoderTrainer:
         value = None
         if self.dev_set:
             if epoch >= cfg.val_av_rank_start_epoch:
-                if epoch == cfg.val_av_rank_start_epoch and getattr(self, "_av_rank_started", False) is False:
-                    self.best_value, self._av_rank_started = None, True  # NLL and ranks do not compare
+                if not self.av_rank_started:
+                    self.best_value, self.av_rank_started = None, True  # NLL and ranks do not compare
                 value = self.validate_average_rank()
             else:
                 value = self.validate_nll()
