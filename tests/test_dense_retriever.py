@@ -12,7 +12,13 @@ from dpr.data.embeddings_io import shard_path, write_embeddings
 from dpr.data.passages import load_passages
 from dpr.evaluation.qa_validation import top_k_hits_from_results
 from dpr.indexing import faiss_indexers
-from dpr.indexing.dense_retriever import fuse_scores, hybrid_results, results_path, run_dense_retriever
+from dpr.indexing.dense_retriever import (
+    create_configured_indexer,
+    fuse_scores,
+    hybrid_results,
+    results_path,
+    run_dense_retriever,
+)
 from dpr.indexing.faiss_indexers import InsufficientMemoryError, index_exists
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.options.legacy_flags import config_top_level_keys, translate_argv
@@ -76,6 +82,11 @@ def test_results_json_is_dpr_format(data, tmp_path):
         assert (ctx["text"], ctx["title"]) == passages[ctx["id"]]
     scores = [float(ctx["score"]) for ctx in records[0]["ctxs"]]
     assert scores == sorted(scores, reverse=True) and len(scores) == 5  # inner products, best first
+    # the answers are plain words, so matching them as regexes marks the same passages
+    run(data, tmp_path / "regex.json", n_docs=5, match="regex")
+    regex_records = json.loads((tmp_path / "regex.json").read_text(encoding="utf-8"))
+    assert [[c["has_answer"] for c in r["ctxs"]] for r in regex_records] == [
+        [c["has_answer"] for c in r["ctxs"]] for r in records]
 
 
 @pytest.mark.parametrize("indexer,location", [("flat", "dir/"), ("hnsw", "prefix"), ("hnsw_sq", "dir/"),
@@ -106,6 +117,12 @@ def test_flat_and_hnsw_agree_on_the_top_passage(data, tmp_path):
     run(data, tmp_path / "hnsw.json", indexer="hnsw", **common)
     flat, hnsw = (json.loads((tmp_path / name).read_text()) for name in ("flat.json", "hnsw.json"))
     assert [[c["id"] for c in r["ctxs"]] for r in flat] == [[c["id"] for c in r["ctxs"]] for r in hnsw]
+
+
+def test_hnsw_settings_reach_the_indexer():
+    cfg = compose_config(["indexer=hnsw_sq", "hnsw_store_n=16", "hnsw_ef_search=300"], "dense_retriever")
+    indexer = create_configured_indexer(cfg)
+    assert (indexer.kind, indexer.store_n, indexer.ef_search, indexer.ef_construction) == ("hnsw_sq", 16, 300, 200)
 
 
 def test_gc_query_split_encodes_once_then_searches_without_the_model(data, tmp_path):

@@ -153,9 +153,15 @@ def indexer_kind(cfg: DictConfig) -> str:
     return "hnsw" if cfg.hnsw_index else cfg.indexer
 
 
+HNSW_SETTINGS = {"hnsw_store_n": "store_n", "hnsw_ef_search": "ef_search", "hnsw_ef_construction": "ef_construction"}
+
+
 def create_configured_indexer(cfg: DictConfig) -> DenseIndexer:
     kind = indexer_kind(cfg)
-    if kind != "factory":
+    if kind in ("hnsw", "hnsw_sq"):
+        settings = {arg: cfg[key] for key, arg in HNSW_SETTINGS.items() if cfg.get(key) is not None}
+        return create_indexer(kind, buffer_size=cfg.index_buffer, **settings)
+    if kind == "flat":
         return create_indexer(kind, buffer_size=cfg.index_buffer)
     if not cfg.index_factory:
         raise ValueError("indexer=factory needs index_factory, a FAISS index_factory string such as IVF4096,PQ64")

@@ -2,8 +2,8 @@
 
 - Only the shard's rows are read, streamed from the TSV (ceil split: every passage lands in exactly one shard).
 - DataLoader worker processes read and tokenize: worker w takes chunks w, w+W, ... of `tokenize_chunk` passages.
-  Inside a chunk the passages are sorted by token length and batched with dynamic padding, so a batch carries
-  little padding; every batch remembers the rows it holds and vectors are put back in file order.
+  Inside a chunk the passages are sorted by token length (longest first) and batched with dynamic padding, so a
+  batch carries little padding; every batch remembers the rows it holds and vectors are put back in file order.
   Padding is masked out of attention, so the vectors equal those of fixed padding.
 - The forward runs without gradients, under fp16/bf16 autocast when asked, and vectors are saved as float32.
 - The shard is written atomically to `{out_file}_{shard_id}` (DPR pickle), `..._{shard_id}.pkl` (GC-DPR) or
@@ -96,8 +96,8 @@ class TokenizedShard(IterableDataset):
     def _batches(self, first_row: int, chunk: Sequence[Passage]) -> Iterator[PassageBatch]:
         token_ids = self.tensorizer.token_ids([p.text for p in chunk], [p.title for p in chunk])
         order = range(len(chunk))
-        if self.sort_by_length:
-            order = sorted(order, key=lambda i: len(token_ids[i]))
+        if self.sort_by_length:  # longest first: a batch too large for the GPU fails at once, not at the end
+            order = sorted(order, key=lambda i: -len(token_ids[i]))
         for start in range(0, len(chunk), self.batch_size):
             members = order[start : start + self.batch_size]
             input_ids, attention_mask = self.tensorizer.pad([token_ids[i] for i in members])
