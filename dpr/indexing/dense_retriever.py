@@ -230,7 +230,9 @@ def build_or_load_index(cfg: DictConfig, sources: Sequence[CtxSource]) -> DenseI
     return indexer
 
 
-def dense_search(cfg: DictConfig, sources: Sequence[CtxSource], queries: np.ndarray, depth: int):
+def dense_search(
+    cfg: DictConfig, sources: Sequence[CtxSource], queries: np.ndarray, depth: int
+) -> tuple[list[RetrievedDocs], bool]:
     """(results, higher_is_better): `depth` passages per question from the dense index."""
     indexer = build_or_load_index(cfg, sources)
     started = time.perf_counter()
