@@ -13,12 +13,13 @@ import logging
 import os
 import pickle
 import re
-import tempfile
 import zipfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Sequence, Union
 
 import numpy as np
+
+from dpr.utils.files import TEMP_SUFFIX, atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -27,7 +28,6 @@ EmbeddingBlock = tuple[list[str], np.ndarray]
 
 SHARD_SUFFIXES = {"dpr": "", "gc": ".pkl", "npz": ".npz"}
 _INDEX_FILE_ENDINGS = ("index.dpr", "index_meta.dpr")
-_TEMP_SUFFIX = ".tmp"
 _PICKLE_STOP_OPCODE = b"."
 _GLOB_CHARS = re.compile(r"[*?\[]")
 
@@ -44,17 +44,8 @@ def _is_npz(path: PathLike) -> bool:
 
 
 def _atomic_write(path: Path, write: Callable[[BinaryIO], None]) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=_TEMP_SUFFIX)
-    try:
-        with os.fdopen(descriptor, "wb") as temp_file:
-            write(temp_file)
-            temp_file.flush()
-            os.fsync(temp_file.fileno())
-        os.replace(temp_name, path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
+    with atomic_output(path) as temp_name, open(temp_name, "wb") as temp_file:
+        write(temp_file)
 
 
 def write_embeddings(path: PathLike, ids: Sequence[object], vectors: np.ndarray) -> Path:
@@ -116,7 +107,7 @@ def _is_embedding_file(path: Path) -> bool:
     """Leaves out what a `*` glob beside the shards would also match: FAISS index files and temporary files."""
     name = path.name
     return path.is_file() and not (
-        name.endswith(_INDEX_FILE_ENDINGS) or name.endswith(_TEMP_SUFFIX) or name.startswith(".")
+        name.endswith(_INDEX_FILE_ENDINGS) or name.endswith(TEMP_SUFFIX) or name.startswith(".")
     )
 
 

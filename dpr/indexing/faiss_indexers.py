@@ -13,15 +13,16 @@ import json
 import logging
 import os
 import pickle
-import tempfile
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, ClassVar, Iterable, Iterator, Optional, Sequence, Union
+from typing import ClassVar, Iterable, Iterator, Optional, Sequence, Union
 
 import faiss
 import numpy as np
 from tqdm import tqdm
+
+from dpr.utils.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -193,17 +194,6 @@ def index_exists(path: PathLike) -> bool:
     return all(file.is_file() for file in index_file_paths(path))
 
 
-def _replace_atomically(final_path: Path, write_to: Callable[[str], None]) -> None:
-    descriptor, temp_name = tempfile.mkstemp(dir=final_path.parent, prefix=f".{final_path.name}.", suffix=".tmp")
-    os.close(descriptor)
-    try:
-        write_to(temp_name)
-        os.replace(temp_name, final_path)
-    except BaseException:
-        os.unlink(temp_name)
-        raise
-
-
 def _read_meta(meta_file: Path) -> tuple[list[object], dict]:
     """The id list and the other meta fields; a pickled list is DPR's format (unpickled: trusted files only)."""
     with open(meta_file, "rb") as file:
@@ -331,7 +321,8 @@ class DenseIndexer(ABC):
         index_file, meta_file = index_file_paths(path)
         index_file.parent.mkdir(parents=True, exist_ok=True)
         logger.info("serializing a %s index of %d vectors to %s", self.kind, self.index.ntotal, index_file)
-        _replace_atomically(index_file, lambda temp_name: faiss.write_index(self.index, temp_name))
+        with atomic_output(index_file) as temp_name:
+            faiss.write_index(self.index, temp_name)
         meta = {
             "format": META_FORMAT,
             "version": 1,
@@ -339,12 +330,8 @@ class DenseIndexer(ABC):
             **self._meta_fields(),
             "ids": self.index_id_to_db_id,
         }
-
-        def write_meta(temp_name: str) -> None:
-            with open(temp_name, "w", encoding="utf-8") as file:
-                json.dump(meta, file)
-
-        _replace_atomically(meta_file, write_meta)
+        with atomic_output(meta_file) as temp_name, open(temp_name, "w", encoding="utf-8") as file:
+            json.dump(meta, file)
 
     def deserialize(self, path: PathLike) -> None:
         """Load what `serialize` wrote (or DPR's files with a pickled id list) from directory or prefix `path`."""

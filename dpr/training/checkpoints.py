@@ -6,7 +6,6 @@ holding plain Python values only, so `torch.load(path, weights_only=True)` reads
 import glob
 import logging
 import os
-import tempfile
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
@@ -15,6 +14,7 @@ from omegaconf import DictConfig, open_dict
 from torch import nn
 
 from dpr.models.hf_encoder import MINILM_ALIASES
+from dpr.utils.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -40,17 +40,8 @@ def checkpoint_path(output_dir: str, name: str, epoch: int, offset: int = 0) -> 
 
 def save_checkpoint(path: str, state: CheckpointState) -> str:
     """Write to a temporary file in the same folder, then rename: a crash mid-save leaves older files intact."""
-    folder = os.path.dirname(os.path.abspath(path))
-    os.makedirs(folder, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=folder, prefix=".tmp-" + os.path.basename(path))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            torch.save(asdict(state), f)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_output(path) as temp_name, open(temp_name, "wb") as f:
+        torch.save(asdict(state), f)
     logger.info("Saved checkpoint at %s", path)
     return path
 
