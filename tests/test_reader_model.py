@@ -31,8 +31,10 @@ def test_heads_state_dict_and_shapes():
         assert torch.all(head.bias == 0)
         assert 0.01 < head.weight.std().item() < 0.03
     ids = torch.randint(5, 50, (2, 3, 7))
-    start, end, relevance = reader(ids, torch.ones_like(ids))
+    ids[1, 2] = 0  # an all-padding passage slot
+    start, end, relevance = reader(ids, (ids != 0).long())
     assert start.shape == end.shape == (2, 3, 7) and relevance.shape == (2, 3)
+    assert torch.isfinite(start).all() and torch.isfinite(relevance).all()
 
 
 def test_reader_state_round_trips_through_load_model_state():

@@ -53,7 +53,8 @@ def test_best_spans_are_never_nested_and_respect_the_length_limit():
             assert 0 <= e - s < 4 and score == pytest.approx(start[s] + end[e])
             for s2, e2, _ in spans[:i]:
                 assert not (s <= s2 and e2 <= e) and not (s2 <= s and e <= e2)
-        best = max(((i, j) for i in range(30) for j in range(i, min(i + 4, 30))), key=lambda ij: start[ij[0]] + end[ij[1]])
+        candidates = [(i, j) for i in range(30) for j in range(i, min(i + 4, 30))]
+        best = max(candidates, key=lambda ij: start[ij[0]] + end[ij[1]])
         assert spans[0][:2] == best
 
 

@@ -205,8 +205,10 @@ def _select_positives(positives: List[ReaderPassage], gold: Optional[ReaderPassa
     return with_spans[: cfg.max_positives], False
 
 
-def preprocess_sample(sample: dict, tensorizer: Tensorizer, is_train: bool, cfg: ReaderPreprocessingCfg,
-                      gold_passages: Optional[GoldPassages] = None) -> Tuple[Optional[ReaderSample], PreprocessingStats]:
+def preprocess_sample(
+    sample: dict, tensorizer: Tensorizer, is_train: bool, cfg: ReaderPreprocessingCfg,
+    gold_passages: Optional[GoldPassages] = None,
+) -> Tuple[Optional[ReaderSample], PreprocessingStats]:
     """One retriever-results record as a ReaderSample (None: a training question without a usable positive,
     skipped when cfg.skip_no_positives)."""
     stats = PreprocessingStats(questions=1)
@@ -229,12 +231,12 @@ def preprocess_sample(sample: dict, tensorizer: Tensorizer, is_train: bool, cfg:
     if cfg.include_gold_passage and gold is not None:
         selected += _gold_positive(question, gold, answers_ids, tensorizer, cfg)
 
-    n_negatives = min(max(10 * len(selected), cfg.negatives_floor), cfg.negatives_cap)
-    negative_ctxs = [c for c in ctxs if not c.get("has_answer")][:n_negatives]
-    negatives = _make_passages(question, negative_ctxs, tensorizer, cfg.use_tailing_sep)
     if not selected and cfg.skip_no_positives:
         stats.skipped_no_positive = 1
         return None, stats
+    n_negatives = min(max(10 * len(selected), cfg.negatives_floor), cfg.negatives_cap)
+    negative_ctxs = [c for c in ctxs if not c.get("has_answer")][:n_negatives]
+    negatives = _make_passages(question, negative_ctxs, tensorizer, cfg.use_tailing_sep)
     _strip_texts(selected + negatives)
     return ReaderSample(question, answers, positive_passages=selected, negative_passages=negatives), stats
 

@@ -76,8 +76,8 @@ def reader_loss(
     Switch loss: cross-entropy of the relevance logits with the positive (row 0) as target. Span loss, per
     answer a: CE(start, s_a) + CE(end, e_a); the positive row is taken (max over M: other rows are masked to 0);
     then -log sum_a exp(-loss_a) over the answers that are unmasked and inside the sequence (DPR drops these
-    as zero losses), 0 for a question without one. DPR sums exp(-loss_a) directly, which underflows to a zero loss when every answer's
-    loss is above ~87; logsumexp gives the same value without underflowing.
+    as zero losses), 0 for a question without one. DPR sums exp(-loss_a) directly, which underflows to a zero
+    loss when every answer's loss is above ~87; logsumexp gives the same value without underflowing.
     """
     n, m, t = start_logits.shape
     switch_loss = F.cross_entropy(relevance_logits.float(),

@@ -123,7 +123,7 @@ class ReaderTrainer:
             return found
         results = [path for path in matched if path.endswith(".json")]
         if len(results) != 1:
-            raise ConfigError(f"expected sample files (.pkl/.npz) or exactly one retriever-results .json, got {matched}")
+            raise ConfigError(f"expected sample files (.pkl/.npz) or exactly one retriever-results .json: {matched}")
         prefix = os.path.splitext(results[0])[0]
         cached = cached_sample_files(prefix)
         if cached:
