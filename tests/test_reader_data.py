@@ -140,6 +140,12 @@ def test_gold_pages_choose_the_positives_and_map_questions(tensorizer, tmp_path)
     assert sample.question == "What is the capital of France?"  # the canonical form
     assert [p.id for p in sample.positive_passages] == ["1", "2"]  # gold page only, not capped
     assert stats.positives_from_gold == 1
+    add_gold = ReaderPreprocessingCfg(include_gold_passage=True)
+    with_gold_context, _ = preprocess_sample(record, tensorizer, True, add_gold, load_gold_passages(str(gold)))
+    assert [p.id for p in with_gold_context.positive_passages] == ["1", "2"]  # its context holds no answer
+    gold.write_text(gold.read_text().replace('"..."', '"its capital is paris"'))
+    with_gold_context, _ = preprocess_sample(record, tensorizer, True, add_gold, load_gold_passages(str(gold)))
+    assert [p.id for p in with_gold_context.positive_passages] == ["1", "2", 7]
 
 
 def test_training_questions_without_a_usable_positive_are_skipped_and_counted(tensorizer, tmp_path, caplog):
