@@ -6,7 +6,12 @@ from dpr.data.biencoder_batch import make_biencoder_batch
 from dpr.models.biencoder import nll_loss
 from dpr.training.grad_cache import GradCache, full_batch_step
 from dpr.training.precision import make_precision
-from tests.test_grad_cache import assert_same_gradients, gradients, make_model, setup, towers  # noqa: F401
+from tests.biencoder_helpers import assert_same_gradients, gradients, make_model, tiny_setup, towers
+
+
+@pytest.fixture(scope="module")
+def setup(tmp_path_factory):
+    return tiny_setup(tmp_path_factory.mktemp("precision"))
 
 
 def test_fp16_on_cpu_is_refused_with_a_message():
@@ -21,7 +26,7 @@ def loss_fn(q, ctx, positive_indices):
 
 
 @pytest.mark.parametrize("grad_cache", [False, True])
-def test_a_grad_scaler_scales_the_gradients_exactly_once(setup, grad_cache):  # noqa: F811
+def test_a_grad_scaler_scales_the_gradients_exactly_once(setup, grad_cache):
     model_dir, samples, tensorizer = setup
     model = make_model(model_dir)
     batch = make_biencoder_batch(samples, range(6), tensorizer, 1, 1, shuffle=True, seed=5)
@@ -40,7 +45,7 @@ def test_a_grad_scaler_scales_the_gradients_exactly_once(setup, grad_cache):  # 
     assert_same_gradients({k: v * 1024.0 for k, v in reference.items()}, scaled)
 
 
-def test_bf16_training_on_cpu_with_and_without_cache(setup):  # noqa: F811
+def test_bf16_training_on_cpu_with_and_without_cache(setup):
     model_dir, samples, tensorizer = setup
     precision = make_precision(torch.device("cpu"), bf16=True)
     batch = make_biencoder_batch(samples, range(6), tensorizer, 1, 0, shuffle=True, seed=5)
