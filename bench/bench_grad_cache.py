@@ -51,17 +51,18 @@ def run_dpr(spec: dict) -> dict:
     trainer.model.train()
     scheduler = build_scheduler(trainer.optimizer, 0, 1000)
     batches = training_batches([len(trainer.train_sets[0])], spec["batch"], cfg.seed, 0)
-    times = []
+    times, cpu_times = [], []
     for i in range(spec["steps"] + 1):
         batch = make_biencoder_batch(trainer.train_sets[0], local_slice(batches[i], 0, 1), trainer.tensorizer,
                                      1, 0, shuffle=True, seed=cfg.seed)
         _sync(trainer.device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         trainer.forward_backward(batch)
         trainer.optimizer_step(scheduler)
         _sync(trainer.device)
         times.append(time.perf_counter() - start)
-    return {"step_s": sum(times[1:]) / spec["steps"], "peak_mb": peak_memory_mb(trainer.device)}
+        cpu_times.append(time.process_time() - cpu_start)
+    return _result(times, cpu_times, spec, trainer.device)
 
 
 def run_sentence_transformers(spec: dict) -> dict:
@@ -80,7 +81,7 @@ def run_sentence_transformers(spec: dict) -> dict:
     loss_fn = CachedMultipleNegativesRankingLoss(model, mini_batch_size=spec["q_chunk"])
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-5)
     samples = load_biencoder_samples([spec["data"]])
-    times = []
+    times, cpu_times = [], []
     for i in range(spec["steps"] + 1):
         chunk = samples[i * spec["batch"] : (i + 1) * spec["batch"]]
         columns = [
@@ -89,7 +90,7 @@ def run_sentence_transformers(spec: dict) -> dict:
             [f"{(s.hard_negative_passages or s.negative_passages)[0].title} {(s.hard_negative_passages or s.negative_passages)[0].text}" for s in chunk],
         ]
         _sync(device)
-        start = time.perf_counter()
+        start, cpu_start = time.perf_counter(), time.process_time()
         features = [{k: v.to(device) if torch.is_tensor(v) else v for k, v in model.preprocess(c).items()} for c in columns]
         loss = loss_fn(features, torch.empty(0))
         loss.backward()
@@ -97,7 +98,15 @@ def run_sentence_transformers(spec: dict) -> dict:
         optimizer.zero_grad()
         _sync(device)
         times.append(time.perf_counter() - start)
-    return {"step_s": sum(times[1:]) / spec["steps"], "peak_mb": peak_memory_mb(device)}
+        cpu_times.append(time.process_time() - cpu_start)
+    return _result(times, cpu_times, spec, device)
+
+
+def _result(times, cpu_times, spec, device) -> dict:
+    """Mean over the timed steps (the first is warm-up). CPU seconds are less sensitive than wall time to other
+    load on a shared machine."""
+    steps = spec["steps"]
+    return {"step_s": sum(times[1:]) / steps, "cpu_s": sum(cpu_times[1:]) / steps, "peak_mb": peak_memory_mb(device)}
 
 
 def _sync(device) -> None:
@@ -108,7 +117,11 @@ def _sync(device) -> None:
 
 
 def worker(spec_json: str) -> None:
+    import torch
+
     spec = json.loads(spec_json)
+    if spec.get("threads"):
+        torch.set_num_threads(spec["threads"])
     result = run_sentence_transformers(spec) if spec["kind"] == "st" else run_dpr(spec)
     print("RESULT " + json.dumps(result), flush=True)
 
@@ -148,6 +161,8 @@ def main() -> None:
     parser.add_argument("--scaling_batches", default="16,32,64,128,256")
     parser.add_argument("--steps", type=int, default=2)
     parser.add_argument("--bf16", action="store_true")
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch threads per run (0: torch's default); 1 is fairer on a machine shared with other load")
     args = parser.parse_args()
     if args.worker:
         worker(args.worker)
@@ -156,7 +171,7 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         data = subset_file(args.data, (args.steps + 1) * max(scaling + [args.batch]), tmp)
         base = dict(model=args.model, sequence_length=args.sequence_length, data=data, tmp=tmp, steps=args.steps,
-                    bf16=args.bf16, kind="dpr", q_chunk=16, ctx_chunk=8)
+                    bf16=args.bf16, kind="dpr", q_chunk=16, ctx_chunk=8, threads=args.threads)
         rows = [
             ("no cache", dict(base, batch=args.batch, cache=False)),
             ("cache 16/8", dict(base, batch=args.batch, cache=True)),
@@ -167,8 +182,8 @@ def main() -> None:
         for name, spec in rows:
             result = measure(spec)
             results.append((name, spec["batch"], result))
-            print(f"{name:50s} batch {spec['batch']:4d}: {result['step_s']:8.2f} s/step, peak {result['peak_mb']:9.1f} MB",
-                  flush=True)
+            print(f"{name:50s} batch {spec['batch']:4d}: {result['step_s']:8.2f} s/step, {result['cpu_s']:8.2f} CPU s/step, "
+                  f"peak {result['peak_mb']:9.1f} MB", flush=True)
     print_markdown(results, args)
 
 
@@ -178,15 +193,16 @@ def print_markdown(results, args) -> None:
     by_name = {name: r for name, _, r in results}
     device = torch.cuda.get_device_name(0) if torch.cuda.is_available() else f"CPU ({platform.processor() or platform.machine()}, {os.cpu_count()} cores)"
     print(f"\nMachine: {device}; torch {torch.__version__}; model {args.model}; sequence length {args.sequence_length}; "
-          f"{'bf16' if args.bf16 else 'fp32'}; date {time.strftime('%Y-%m-%d')}\n")
-    print("| configuration | questions | passages | s/step | peak memory (MB) |")
-    print("|---|---|---|---|---|")
+          f"{'bf16' if args.bf16 else 'fp32'}; torch threads {args.threads or torch.get_num_threads()}; "
+          f"date {time.strftime('%Y-%m-%d')}\n")
+    print("| configuration | questions | passages | s/step | CPU s/step | peak memory (MB) |")
+    print("|---|---|---|---|---|---|")
     for name, batch, r in results:
-        passages = 2 * batch
-        print(f"| {name} | {batch} | {passages} | {r['step_s']:.2f} | {r['peak_mb']:.0f} |")
+        print(f"| {name} | {batch} | {2 * batch} | {r['step_s']:.2f} | {r['cpu_s']:.2f} | {r['peak_mb']:.0f} |")
     cached, plain, st = by_name["cache 16/8"], by_name["no cache"], by_name["sentence-transformers CachedMNRL, mini-batch 16"]
-    print(f"\ncached / uncached step time: {cached['step_s'] / plain['step_s']:.2f}x (target <= 1.45x)")
-    print(f"cache 16/16 / sentence-transformers CachedMNRL step time: {by_name['cache 16/16']['step_s'] / st['step_s']:.2f}x")
+    for unit in ("step_s", "cpu_s"):
+        print(f"\n[{unit}] cached / uncached: {cached[unit] / plain[unit]:.2f}x (target <= 1.45x); "
+              f"cache 16/16 / sentence-transformers CachedMNRL: {by_name['cache 16/16'][unit] / st[unit]:.2f}x")
     small = [r for n, b, r in results if n.startswith("cache 16/8, batch") and b == 16]
     large = [r for n, b, r in results if n.startswith("cache 16/8, batch") and b == 128]
     if small and large:

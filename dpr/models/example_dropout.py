@@ -89,8 +89,9 @@ def example_dropout(x: torch.Tensor, p: float, training: bool, sequence_dims: Tu
     call = _active.calls
     _active.calls += 1
     row_dims = [d - 1 for d in sequence_dims if 0 < d < x.dim()]
-    uniform = torch.stack([_row_uniform(tuple(x.shape[1:]), row_dims, _call_seed(s, call), x.device) for s in seeds])
-    keep = (uniform >= p).to(x.dtype)
+    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)
+    for row, seed in enumerate(seeds):  # compare row by row: no float copy of the whole batch's random numbers
+        torch.ge(_row_uniform(tuple(x.shape[1:]), row_dims, _call_seed(seed, call), x.device), p, out=keep[row])
     return x * keep * (1.0 / (1.0 - p))
 
 
