@@ -1,6 +1,6 @@
 PYTHON ?= python
 
-.PHONY: install test bench-grad-cache
+.PHONY: install test bench-grad-cache demo squad-open
 
 # CPU machines: the pinned torch is the local CPU build; GPU machines: install your CUDA torch first.
 install:
@@ -11,3 +11,13 @@ test:
 
 bench-grad-cache:
 	$(PYTHON) bench/bench_grad_cache.py
+
+# The whole pipeline on data/sample (a few minutes on 2 CPU cores); RUN=dir names the run directory.
+demo:
+	PYTHON=$(PYTHON) bash scripts/demo.sh $(RUN)
+
+# BM25, untrained MiniLM, DPR-trained MiniLM and hybrid on SQuAD-open, with a reader;
+# ARGS="--max_train_questions 320" (see scripts/squad_open.py --help) trades time for accuracy.
+DATA ?= ../shared/data/squad_open
+squad-open:
+	$(PYTHON) scripts/squad_open.py --data $(DATA) $(ARGS)
