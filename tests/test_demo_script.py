@@ -1,0 +1,147 @@
+"""The quickstart scripts, checked cheaply (the runs themselves take minutes): scripts/demo.sh parses and every
+command it runs is valid for its entry script's configuration; scripts/squad_open.py, with the entry scripts
+stubbed out, builds valid commands and writes its report."""
+import importlib.util
+import json
+import re
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from hydra import compose, initialize_config_dir
+
+from dpr.options.reader_flags import parse_preprocessing_args
+
+REPO = Path(__file__).resolve().parents[1]
+DEMO = REPO / "scripts" / "demo.sh"
+SQUAD_OPEN = REPO / "scripts" / "squad_open.py"
+HYDRA_CONFIGS = {
+    "train_dense_encoder.py": "biencoder_train_cfg",
+    "generate_dense_embeddings.py": "gen_embs",
+    "dense_retriever.py": "dense_retriever",
+    "train_reader.py": "extractive_reader_train_cfg",
+}
+
+
+def check_command(argv, run_dir):
+    """The command's overrides (or flags) are accepted by its entry script's configuration, and the sample data
+    it names exists."""
+    assert argv[0] == "python"
+    script, args = argv[1], argv[2:]
+    assert (REPO / script).is_file(), script
+    for arg in args:
+        for path in re.findall(r"data/sample/[\w.\-]+", arg):
+            assert (REPO / path).is_file(), path
+    if script == "preprocess_reader_data.py":
+        parse_preprocessing_args(args)
+        return
+    # a multirun sweep (shard_id=0,1) composes as its first value
+    overrides = [re.sub(r"^([\w.]+)=([^\[,]+),.*$", r"\1=\2", arg) for arg in args if arg != "-m"]
+    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
+        cfg = compose(HYDRA_CONFIGS[script], overrides=overrides, return_hydra_config=True)
+    hydra_dir = cfg.hydra.sweep.dir if "-m" in args else cfg.hydra.run.dir
+    assert str(hydra_dir).startswith(str(run_dir)), "hydra's logs belong in the run directory"
+
+
+def demo_commands(run_dir):
+    """demo.sh's entry-script commands, each expanded by bash with the script's variables set."""
+    text = DEMO.read_text().replace("\\\n", " ")
+    variables = f"RUN={run_dir} SAMPLE=data/sample MODEL={run_dir}/biencoder/dpr_biencoder.0 BF16=false PYTHON=python"
+    commands = []
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith('run "$PYTHON" '):
+            words = line[len("run "):].split(" | ")[0]
+            expanded = subprocess.run(["bash", "-c", f'{variables}; printf "%s\\0" {words}'],
+                                      capture_output=True, text=True, check=True).stdout
+            commands.append(expanded.rstrip("\0").split("\0"))
+    return commands
+
+
+def test_demo_script_syntax_and_usage():
+    subprocess.run(["bash", "-n", str(DEMO)], check=True)
+    usage = subprocess.run(["bash", str(DEMO), "--help"], capture_output=True, text=True, check=True).stdout
+    assert "RUN_DIR" in usage and "make demo" in usage
+    wrong = subprocess.run(["bash", str(DEMO), "a", "b"], capture_output=True, text=True)
+    assert wrong.returncode == 2 and "usage" in wrong.stderr
+
+
+def test_demo_commands_are_valid():
+    commands = demo_commands("/tmp/demo-run")
+    scripts = [argv[1] for argv in commands]
+    assert scripts == ["train_dense_encoder.py", "generate_dense_embeddings.py", "dense_retriever.py",
+                       "dense_retriever.py", "preprocess_reader_data.py", "preprocess_reader_data.py",
+                       "train_reader.py"]
+    for argv in commands:
+        check_command(argv, "/tmp/demo-run")
+    train = commands[0]
+    assert "train.grad_cache=true" in train and "train.q_chunk_size=8" in train
+    assert "num_shards=2" in commands[1]
+
+
+@pytest.fixture
+def squad_open():
+    spec = importlib.util.spec_from_file_location("squad_open", SQUAD_OPEN)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_squad_open_help():
+    usage = subprocess.run([sys.executable, str(SQUAD_OPEN), "--help"], capture_output=True, text=True,
+                           check=True).stdout
+    for option in ("--data", "--epochs", "--max_train_questions", "--reader_train_questions", "--no_plot"):
+        assert option in usage
+
+
+def test_squad_open_missing_data_and_matplotlib(squad_open, tmp_path, monkeypatch):
+    with pytest.raises(SystemExit, match="squad_to_dpr.py"):
+        squad_open.main(["--data", str(tmp_path)])
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # import fails
+    with pytest.raises(SystemExit, match="pip install matplotlib"):
+        squad_open.main(["--data", str(REPO / "data" / "sample"), "--run_dir", str(tmp_path / "run")])
+    assert not (tmp_path / "run").exists(), "the check comes before any work"
+
+
+def test_squad_open_commands_and_report(squad_open, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    trained_dev = run_dir / "trained" / "dev.json"
+    trained_dev.parent.mkdir(parents=True)
+    ctxs = [{"id": str(i), "title": "t", "text": "x", "score": "1", "has_answer": i == 3} for i in range(10)]
+    trained_dev.write_text(json.dumps([{"question": f"q{n}", "answers": ["a"], "ctxs": ctxs} for n in range(4)]))
+    commands = []
+
+    def fake_run(command, cwd):  # the entry scripts are tested elsewhere; here only their command lines
+        commands.append(["python", *command[1:]])
+        return subprocess.CompletedProcess(command, 0)
+
+    monkeypatch.setattr(squad_open.subprocess, "run", fake_run)
+    monkeypatch.setattr(squad_open, "accuracy_by_k", lambda path: ([10.0 * (k > 1) + 50.0 for k in range(1, 101)], 7))
+    monkeypatch.setattr(squad_open, "reader_exact_match", lambda path, top_docs: (33.33, 3))
+    squad_open.main(["--data", str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot",
+                     "--max_train_questions", "32", "--reader_dev_questions", "2", "--bf16", "false"])
+
+    assert [argv[1] for argv in commands] == [
+        "generate_dense_embeddings.py", "dense_retriever.py", "train_dense_encoder.py",
+        "generate_dense_embeddings.py", "dense_retriever.py", "dense_retriever.py", "train_reader.py"]
+    for argv in commands:
+        check_command(argv, str(run_dir))
+    assert "train.grad_cache=true" in commands[2]
+    assert len(json.loads((run_dir / "data" / "biencoder-train.json").read_text())) == 32
+    reader_dev = json.loads((run_dir / "reader" / "dev.json").read_text())
+    assert len(reader_dev) == 2 and all(len(record["ctxs"]) == 5 for record in reader_dev)
+
+    report = (run_dir / "squad_open.md").read_text()
+    assert "| retriever | top-1 | top-5 | top-20 | top-50 | top-100 |" in report
+    for name in ("BM25", "MiniLM, untrained", "MiniLM, DPR-trained", "hybrid (BM25 + DPR-trained)"):
+        assert f"| {name} | 50.00 | 60.00 | 60.00 | 60.00 | 60.00 |" in report
+    assert "**33.33** on 3 dev questions" in report
+    assert "train bi-encoder (gradient cache)" in report and "python train_dense_encoder.py" in report
+
+
+def test_squad_open_plot(squad_open, tmp_path):
+    pytest.importorskip("matplotlib")
+    path = tmp_path / "topk.png"
+    squad_open.plot_curves({"BM25": [50.0 + k / 10 for k in range(100)]}, 7, path)
+    assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
