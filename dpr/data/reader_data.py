@@ -28,6 +28,7 @@ import torch
 
 from dpr.data.tensorizer import Tensorizer
 from dpr.models.hf_encoder import load_tokenizer
+from dpr.utils.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -347,19 +348,11 @@ def _log_stats(stats: PreprocessingStats, is_train: bool) -> None:
 def write_samples(path: str, samples: Sequence[ReaderSample]) -> str:
     """Write samples as .pkl (DPR's pickle) or .npz (no pickle), atomically."""
     fmt = _sample_format(path)
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    try:
-        with open(tmp, "wb") as f:
-            if fmt == "pkl":
-                pickle.dump(list(samples), f, protocol=pickle.HIGHEST_PROTOCOL)
-            else:
-                _write_npz(f, samples)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    with atomic_output(path) as temp_name, open(temp_name, "wb") as f:
+        if fmt == "pkl":
+            pickle.dump(list(samples), f, protocol=pickle.HIGHEST_PROTOCOL)
+        else:
+            _write_npz(f, samples)
     logger.info("Wrote %d reader samples to %s", len(samples), path)
     return path
 

@@ -17,6 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpr.data.reader_data import ReaderPassage
 from dpr.evaluation.exact_match import max_exact_match
+from dpr.utils.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -153,7 +154,7 @@ def log_exact_match(ems: Dict[int, float]) -> None:
 
 
 def write_predictions(path: str, records: Sequence[dict]) -> None:
-    with open(path, "w", encoding="utf-8") as f:
+    with atomic_output(path) as temp_name, open(temp_name, "w", encoding="utf-8") as f:
         f.write(json.dumps(list(records), indent=4) + "\n")
     logger.info("Saved reader predictions of %d questions to %s", len(records), path)
 
