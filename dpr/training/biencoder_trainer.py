@@ -21,15 +21,15 @@ from dpr.training import checkpoints
 from dpr.training.checkpoints import CheckpointState
 from dpr.training.distributed import (
     all_gather_rows,
-    all_reduce_gradients,
     all_reduce_sum,
     broadcast_parameters,
     init_distributed,
 )
 from dpr.training.flops import FlopsCounter
 from dpr.training.grad_cache import GradCache, Tower, full_batch_step
-from dpr.training.optim import build_optimizer, build_scheduler
+from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
 from dpr.training.precision import make_precision
+from dpr.training.trainer_base import Trainer
 from dpr.utils.seed import set_seed
 from dpr.utils.tensorboard import ScalarLog
 
@@ -75,7 +75,7 @@ class StepResult:
     questions: int
 
 
-class BiEncoderTrainer:
+class BiEncoderTrainer(Trainer):
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.dist = init_distributed(cfg.get("local_rank"), cfg.get("no_cuda", False))
@@ -102,7 +102,7 @@ class BiEncoderTrainer:
         broadcast_parameters(self.model)
         self.precision = make_precision(self.device, cfg.get("fp16", False), cfg.get("bf16", False))
         t = cfg.train
-        self.optimizer = build_optimizer(self.model, t.learning_rate, t.adam_eps, t.weight_decay, _betas(t.adam_betas))
+        self.optimizer = build_optimizer(self.model, t.learning_rate, t.adam_eps, t.weight_decay, parse_adam_betas(t.adam_betas))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.grad_factor = 1.0 / t.grad_compensation_ref_world if t.get("grad_compensation_ref_world") else 1.0
         self.grad_cache = GradCache(self._global_loss, self.precision.autocast, self.precision.grad_scaler)
@@ -123,18 +123,6 @@ class BiEncoderTrainer:
             raise ConfigError("train.batch_size and train.gradient_accumulation_steps must be >= 1")
         if t.grad_cache and (t.q_chunk_size < 1 or t.ctx_chunk_size < 1):
             raise ConfigError("train.q_chunk_size and train.ctx_chunk_size must be >= 1")
-
-    def _find_checkpoint(self) -> Optional[CheckpointState]:
-        path = self.cfg.model_file or checkpoints.find_latest_checkpoint(
-            self.cfg.output_dir, self.cfg.checkpoint_file_name
-        )
-        if not path:
-            return None
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"model_file {path} does not exist")
-        if not self.cfg.model_file:
-            logger.info("Resuming from the newest checkpoint in output_dir: %s", path)
-        return checkpoints.load_checkpoint(path)
 
     def _log_setup(self, batches_per_epoch: int, total_updates: int) -> None:
         t, world = self.cfg.train, self.dist.world_size
@@ -204,23 +192,6 @@ class BiEncoderTrainer:
     def _loss_scale_factor(self, dataset_index: int) -> float:
         factors = self.cfg.get("loss_scale_factors")
         return float(factors[dataset_index]) if factors else 1.0
-
-    def optimizer_step(self, scheduler) -> float:
-        """All-reduce, unscale, clip, step; returns the total gradient norm before clipping."""
-        all_reduce_gradients(self.params)
-        scaler = self.precision.grad_scaler
-        if scaler is not None:
-            scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.train.max_grad_norm or float("inf")
-        grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
-        if scaler is not None:
-            scaler.step(self.optimizer)
-            scaler.update()
-        else:
-            self.optimizer.step()
-        scheduler.step()
-        self.optimizer.zero_grad(set_to_none=True)
-        return grad_norm
 
     # ---------------------------------------------------------------- training loop
     def run(self) -> Optional[str]:
@@ -308,24 +279,6 @@ class BiEncoderTrainer:
         self.scalars.close()
         return self.best_checkpoint
 
-    def _restore_training_state(self):
-        """(start epoch, start batch, completed updates) from the checkpoint being resumed, restoring the
-        optimizer state unless told not to."""
-        cfg, ckpt = self.cfg, self.checkpoint
-        if ckpt is None or cfg.get("ignore_checkpoint_offset", False):
-            return 0, 0, 0
-        if ckpt.optimizer_dict and not cfg.get("ignore_checkpoint_optimizer", False):
-            self.optimizer.load_state_dict(ckpt.optimizer_dict)
-        completed = 0
-        if ckpt.scheduler_dict and not cfg.get("ignore_checkpoint_lr", False):
-            completed = int(ckpt.scheduler_dict.get("last_epoch", 0))
-        if ckpt.offset == 0:
-            epoch, batch = ckpt.epoch + 1, 0
-        else:
-            epoch, batch = ckpt.epoch, ckpt.offset
-        logger.info("Resuming at epoch %d, batch %d, after %d optimizer updates", epoch, batch, completed)
-        return epoch, batch, completed
-
     def _log_step(self, epoch, update, total, loss, scheduler, grad_norm, questions_per_s, elapsed) -> None:
         lr = scheduler.get_last_lr()[0]
         logger.info(
@@ -364,9 +317,6 @@ class BiEncoderTrainer:
         )
         path = checkpoints.checkpoint_path(self.cfg.output_dir, self.cfg.checkpoint_file_name, epoch, offset)
         return checkpoints.save_checkpoint(path, state)
-
-    def encoder_params(self) -> dict:
-        return {"do_lower_case": bool(self.cfg.do_lower_case), "encoder": OmegaConf.to_container(self.cfg.encoder, resolve=True)}
 
     def _dev_batches(self, hard_negatives: int, other_negatives: int):
         t, world = self.cfg.train, self.dist.world_size
@@ -425,14 +375,6 @@ class BiEncoderTrainer:
         av_rank = rank_sum / max(1.0, q_num)
         logger.info("Av.rank validation: average rank %s, total questions=%d", av_rank, int(q_num))
         return av_rank
-
-
-def _betas(value) -> tuple:
-    if isinstance(value, str):
-        import ast
-
-        value = ast.literal_eval(value)
-    return tuple(float(v) for v in value)
 
 
 def run_training(cfg: DictConfig) -> Optional[str]:

@@ -44,3 +44,12 @@ def build_scheduler(
         lambda step: linear_schedule_factor(step, warmup_steps, total_steps),
         last_epoch=completed_steps - 1,
     )
+
+
+def parse_adam_betas(value) -> Tuple[float, float]:
+    """(beta1, beta2) from a config list or GC-DPR's string '(0.9, 0.999)'."""
+    if isinstance(value, str):
+        import ast
+
+        value = ast.literal_eval(value)
+    return tuple(float(v) for v in value)

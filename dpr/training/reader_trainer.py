@@ -41,10 +41,11 @@ from dpr.evaluation.reader_predictions import (
 from dpr.models.hf_encoder import load_tokenizer
 from dpr.models.reader import Reader, build_reader, reader_loss
 from dpr.training import checkpoints
-from dpr.training.biencoder_trainer import BiEncoderTrainer, ConfigError, _betas
+from dpr.training.biencoder_trainer import ConfigError
+from dpr.training.trainer_base import Trainer
 from dpr.training.checkpoints import CheckpointState
 from dpr.training.distributed import barrier, broadcast_parameters, init_distributed
-from dpr.training.optim import build_optimizer, build_scheduler
+from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
 from dpr.training.precision import make_precision
 from dpr.utils.seed import set_seed
 from dpr.utils.tensorboard import ScalarLog
@@ -52,15 +53,7 @@ from dpr.utils.tensorboard import ScalarLog
 logger = logging.getLogger(__name__)
 
 
-class ReaderTrainer:
-    # Finding the checkpoint to start from, restoring the optimizer and position, the optimizer step
-    # (all-reduce, unscale, clip, step) and the saved encoder settings read only cfg, checkpoint, optimizer,
-    # params and precision, which this trainer names as the bi-encoder trainer does: shared, not copied.
-    _find_checkpoint = BiEncoderTrainer._find_checkpoint
-    _restore_training_state = BiEncoderTrainer._restore_training_state
-    optimizer_step = BiEncoderTrainer.optimizer_step
-    encoder_params = BiEncoderTrainer.encoder_params
-
+class ReaderTrainer(Trainer):
     def __init__(self, cfg: DictConfig):
         self.cfg = cfg
         self.dist = init_distributed(cfg.get("local_rank"), cfg.get("no_cuda", False))
@@ -85,7 +78,7 @@ class ReaderTrainer:
         broadcast_parameters(self.model)
         self.precision = make_precision(self.device, cfg.get("fp16", False), cfg.get("bf16", False))
         t = cfg.train
-        self.optimizer = build_optimizer(self.model, t.learning_rate, t.adam_eps, t.weight_decay, _betas(t.adam_betas))
+        self.optimizer = build_optimizer(self.model, t.learning_rate, t.adam_eps, t.weight_decay, parse_adam_betas(t.adam_betas))
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.scalars = ScalarLog(
             os.path.join(cfg.output_dir, "tensorboard") if cfg.output_dir else None, enabled=self.dist.is_main
