@@ -18,7 +18,6 @@ from dpr.data.tensorizer import Tensorizer
 from dpr.models.biencoder import BiEncoder, build_biencoder, nll_loss
 from dpr.models.hf_encoder import load_tokenizer
 from dpr.training import checkpoints
-from dpr.training.checkpoints import CheckpointState
 from dpr.training.distributed import (
     all_gather_rows,
     all_reduce_sum,
@@ -305,18 +304,6 @@ class BiEncoderTrainer(Trainer):
                 self.best_value, self.best_checkpoint = value, path
                 logger.info("New Best validation checkpoint %s", path)
         return path
-
-    def save(self, epoch: int, offset: int, scheduler) -> str:
-        state = CheckpointState(
-            model_dict=self.model.state_dict(),
-            optimizer_dict=self.optimizer.state_dict(),
-            scheduler_dict=scheduler.state_dict(),
-            offset=offset,
-            epoch=epoch,
-            encoder_params=self.encoder_params(),
-        )
-        path = checkpoints.checkpoint_path(self.cfg.output_dir, self.cfg.checkpoint_file_name, epoch, offset)
-        return checkpoints.save_checkpoint(path, state)
 
     def _dev_batches(self, hard_negatives: int, other_negatives: int):
         t, world = self.cfg.train, self.dist.world_size

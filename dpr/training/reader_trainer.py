@@ -43,7 +43,6 @@ from dpr.models.reader import Reader, build_reader, reader_loss
 from dpr.training import checkpoints
 from dpr.training.biencoder_trainer import ConfigError
 from dpr.training.trainer_base import Trainer
-from dpr.training.checkpoints import CheckpointState
 from dpr.training.distributed import barrier, broadcast_parameters, init_distributed
 from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
 from dpr.training.precision import make_precision
@@ -243,18 +242,6 @@ class ReaderTrainer(Trainer):
                 self.best_em, self.best_checkpoint = em, path
                 logger.info("New Best validation checkpoint %s", path)
         return path
-
-    def save(self, epoch: int, offset: int, scheduler) -> str:
-        state = CheckpointState(
-            model_dict=self.model.state_dict(),
-            optimizer_dict=self.optimizer.state_dict(),
-            scheduler_dict=scheduler.state_dict(),
-            offset=offset,
-            epoch=epoch,
-            encoder_params=self.encoder_params(),
-        )
-        path = checkpoints.checkpoint_path(self.cfg.output_dir, self.cfg.checkpoint_file_name, epoch, offset)
-        return checkpoints.save_checkpoint(path, state)
 
     def thresholds(self) -> List[int]:
         """eval_top_docs; without it, one prediction from all the passages read."""

@@ -67,3 +67,16 @@ class Trainer:
 
     def encoder_params(self) -> dict:
         return {"do_lower_case": bool(self.cfg.do_lower_case), "encoder": OmegaConf.to_container(self.cfg.encoder, resolve=True)}
+
+    def save(self, epoch: int, offset: int, scheduler) -> str:
+        """A checkpoint named `{checkpoint_file_name}.{epoch}[.{offset}]` in output_dir."""
+        state = CheckpointState(
+            model_dict=self.model.state_dict(),
+            optimizer_dict=self.optimizer.state_dict(),
+            scheduler_dict=scheduler.state_dict(),
+            offset=offset,
+            epoch=epoch,
+            encoder_params=self.encoder_params(),
+        )
+        path = checkpoints.checkpoint_path(self.cfg.output_dir, self.cfg.checkpoint_file_name, epoch, offset)
+        return checkpoints.save_checkpoint(path, state)
