@@ -118,7 +118,7 @@ def test_squad_open_commands_and_report(squad_open, tmp_path, monkeypatch):
 
     monkeypatch.setattr(squad_open.subprocess, "run", fake_run)
     monkeypatch.setattr(squad_open, "accuracy_by_k", lambda path: ([10.0 * (k > 1) + 50.0 for k in range(1, 101)], 7))
-    monkeypatch.setattr(squad_open, "reader_exact_match", lambda path, top_docs: (33.33, 3))
+    monkeypatch.setattr(squad_open, "reader_exact_match", lambda path: ({1: 33.33, 5: 25.0}, 3))
     squad_open.main(["--data", str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot",
                      "--max_train_questions", "32", "--reader_dev_questions", "2", "--bf16", "false"])
 
@@ -136,7 +136,9 @@ def test_squad_open_commands_and_report(squad_open, tmp_path, monkeypatch):
     assert "| retriever | top-1 | top-5 | top-20 | top-50 | top-100 |" in report
     for name in ("BM25", "MiniLM, untrained", "MiniLM, DPR-trained", "hybrid (BM25 + DPR-trained)"):
         assert f"| {name} | 50.00 | 60.00 | 60.00 | 60.00 | 60.00 |" in report
-    assert "**33.33** on 3 dev questions" in report
+    assert "on 3 dev questions (passages of the DPR-trained retriever): 33.33 from the top 1 passage, 25.00 from " \
+           "the top 5 passages." in report
+    assert "'eval_top_docs=[1,5]'" in report
     assert "train bi-encoder (gradient cache)" in report and "python train_dense_encoder.py" in report
 
 
