@@ -29,7 +29,8 @@ sys.path.insert(0, str(REPO))  # runnable from anywhere: the `dpr` package of th
 
 TOP_KS = (1, 5, 20, 50, 100)
 DATA_FILES = ("psgs.tsv", "biencoder-train.json", "train.qa.csv", "dev.qa.csv")
-MATPLOTLIB_MISSING = "matplotlib is needed for the plot: pip install matplotlib (or pass --no_plot)"
+MATPLOTLIB_MISSING = ("matplotlib is needed for the plot: pip install matplotlib (the install's demo extra has it), "
+                      "or pass --no_plot")
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
