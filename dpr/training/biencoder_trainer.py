@@ -21,13 +21,11 @@ from dpr.training import checkpoints
 from dpr.training.distributed import (
     all_gather_rows,
     all_reduce_sum,
-    broadcast_parameters,
     init_distributed,
 )
 from dpr.training.flops import FlopsCounter
 from dpr.training.grad_cache import GradCache, Tower, full_batch_step
-from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
-from dpr.training.precision import make_precision
+from dpr.training.optim import build_scheduler
 from dpr.training.trainer_base import Trainer
 from dpr.utils.seed import set_seed
 from dpr.utils.tensorboard import ScalarLog
@@ -96,13 +94,8 @@ class BiEncoderTrainer(Trainer):
         self.dev_set = [s for d in dev_sets for s in d]
 
         self.model: BiEncoder = build_biencoder(cfg.encoder).to(self.device)
-        if self.checkpoint is not None:
-            checkpoints.load_model_state(self.model, self.checkpoint.model_dict)
-        broadcast_parameters(self.model)
-        self.precision = make_precision(self.device, cfg.get("fp16", False), cfg.get("bf16", False))
+        self._prepare_model()
         t = cfg.train
-        self.optimizer = build_optimizer(self.model, t.learning_rate, t.adam_eps, t.weight_decay, parse_adam_betas(t.adam_betas))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.grad_factor = 1.0 / t.grad_compensation_ref_world if t.get("grad_compensation_ref_world") else 1.0
         self.grad_cache = GradCache(self._global_loss, self.precision.autocast, self.precision.grad_scaler)
         self.flops = FlopsCounter(self.model, self.device, self.precision.name, t.get("peak_tflops"))

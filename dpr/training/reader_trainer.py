@@ -43,9 +43,8 @@ from dpr.models.reader import Reader, build_reader, reader_loss
 from dpr.training import checkpoints
 from dpr.training.biencoder_trainer import ConfigError
 from dpr.training.trainer_base import Trainer
-from dpr.training.distributed import barrier, broadcast_parameters, init_distributed
-from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
-from dpr.training.precision import make_precision
+from dpr.training.distributed import barrier, init_distributed
+from dpr.training.optim import build_scheduler
 from dpr.utils.seed import set_seed
 from dpr.utils.tensorboard import ScalarLog
 
@@ -72,13 +71,7 @@ class ReaderTrainer(Trainer):
 
         sep = self.tokenizer.sep_token_id if cfg.encoder.get("token_type_ids", False) else None
         self.model: Reader = build_reader(cfg.encoder, sep, pretrained=self.checkpoint is None).to(self.device)
-        if self.checkpoint is not None:
-            checkpoints.load_model_state(self.model, self.checkpoint.model_dict)
-        broadcast_parameters(self.model)
-        self.precision = make_precision(self.device, cfg.get("fp16", False), cfg.get("bf16", False))
-        t = cfg.train
-        self.optimizer = build_optimizer(self.model, t.learning_rate, t.adam_eps, t.weight_decay, parse_adam_betas(t.adam_betas))
-        self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self._prepare_model()
         self.scalars = ScalarLog(
             os.path.join(cfg.output_dir, "tensorboard") if cfg.output_dir else None, enabled=self.dist.is_main
         )

@@ -12,12 +12,25 @@ from omegaconf import OmegaConf
 
 from dpr.training import checkpoints
 from dpr.training.checkpoints import CheckpointState
-from dpr.training.distributed import all_reduce_gradients
+from dpr.training.distributed import all_reduce_gradients, broadcast_parameters
+from dpr.training.optim import build_optimizer, parse_adam_betas
+from dpr.training.precision import make_precision
 
 logger = logging.getLogger(__name__)
 
 
 class Trainer:
+    def _prepare_model(self) -> None:
+        """Load the resumed checkpoint's weights into self.model, start every process from rank 0's weights, and
+        build the precision and the optimizer of the trainable parameters."""
+        cfg, t = self.cfg, self.cfg.train
+        if self.checkpoint is not None:
+            checkpoints.load_model_state(self.model, self.checkpoint.model_dict)
+        broadcast_parameters(self.model)
+        self.precision = make_precision(self.device, cfg.get("fp16", False), cfg.get("bf16", False))
+        self.optimizer = build_optimizer(self.model, t.learning_rate, t.adam_eps, t.weight_decay, parse_adam_betas(t.adam_betas))
+        self.params = [p for p in self.model.parameters() if p.requires_grad]
+
     def _find_checkpoint(self) -> Optional[CheckpointState]:
         path = self.cfg.model_file or checkpoints.find_latest_checkpoint(
             self.cfg.output_dir, self.cfg.checkpoint_file_name
