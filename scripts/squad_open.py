@@ -272,7 +272,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                           ("hybrid (BM25 + DPR-trained)", trained / "dev.hybrid.json")):
         curves[name], n_questions = accuracy_by_k(results)
     ems, n_reader_questions = reader_exact_match(predictions)
-    em_summary = ", ".join(f"{ems[n]:.2f} from the top {n} passage{'s' if n > 1 else ''}" for n in sorted(ems))
+    em_summary = ", ".join(f"{ems[n]:.2f} from the top {f'{n} passages' if n > 1 else 'passage'}" for n in sorted(ems))
     plot = run_dir / "topk_accuracy.png"
     if not args.no_plot:
         plot_curves(curves, n_questions, plot)

@@ -136,8 +136,8 @@ def test_squad_open_commands_and_report(squad_open, tmp_path, monkeypatch):
     assert "| retriever | top-1 | top-5 | top-20 | top-50 | top-100 |" in report
     for name in ("BM25", "MiniLM, untrained", "MiniLM, DPR-trained", "hybrid (BM25 + DPR-trained)"):
         assert f"| {name} | 50.00 | 60.00 | 60.00 | 60.00 | 60.00 |" in report
-    assert "on 3 dev questions (passages of the DPR-trained retriever): 33.33 from the top 1 passage, 25.00 from " \
-           "the top 5 passages." in report
+    assert "on 3 dev questions (passages of the DPR-trained retriever): 33.33 from the top passage, 25.00 from the " \
+           "top 5 passages." in report
     assert "'eval_top_docs=[1,5]'" in report
     assert "train bi-encoder (gradient cache)" in report and "python train_dense_encoder.py" in report
 
