@@ -10,6 +10,7 @@ import argparse
 from typing import List, Optional
 
 from dpr.models import hf_dpr
+from dpr.utils.errors import UserInputError
 from dpr.utils.logging import setup_logging
 
 
@@ -28,6 +29,8 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("checkpoint")
         command.add_argument("out_dir")
         command.add_argument("--pretrained_model_cfg", help=base_help)
+        command.add_argument("--trust_checkpoint", action="store_true",
+                             help="unpickle objects beyond DPR's own (this runs code from the file: trusted files only)")
     command = commands.add_parser("import-biencoder", help="DPRQuestionEncoder + DPRContextEncoder -> a checkpoint")
     command.add_argument("--question_dir", required=True)
     command.add_argument("--ctx_dir", required=True)
@@ -45,16 +48,16 @@ def main(argv: Optional[List[str]] = None) -> None:
     args = build_parser().parse_args(argv)
     try:
         report = run(args)
-    except (ValueError, FileNotFoundError) as e:  # a wrong input, not a bug: say what, without a traceback
+    except (UserInputError, ValueError, FileNotFoundError) as e:  # a wrong input, not a bug: say what, without a traceback
         raise SystemExit(f"error: {e}") from e
     print("\n".join(report.lines()))
 
 
 def run(args: argparse.Namespace) -> hf_dpr.ConversionReport:
     if args.command == "export-biencoder":
-        return hf_dpr.export_biencoder(args.checkpoint, args.out_dir, args.pretrained_model_cfg)
+        return hf_dpr.export_biencoder(args.checkpoint, args.out_dir, args.pretrained_model_cfg, args.trust_checkpoint)
     if args.command == "export-reader":
-        return hf_dpr.export_reader(args.checkpoint, args.out_dir, args.pretrained_model_cfg)
+        return hf_dpr.export_reader(args.checkpoint, args.out_dir, args.pretrained_model_cfg, args.trust_checkpoint)
     if args.command == "import-biencoder":
         return hf_dpr.import_biencoder(args.question_dir, args.ctx_dir, args.out_checkpoint, args.sequence_length)
     return hf_dpr.import_reader(args.reader_dir, args.out_checkpoint, args.sequence_length)

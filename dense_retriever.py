@@ -15,6 +15,7 @@ from omegaconf import DictConfig
 from dpr.indexing.dense_retriever import run_dense_retriever
 from dpr.options.legacy_flags import config_top_level_keys, rewrite_sys_argv
 from dpr.options.retriever_flags import DENSE_RETRIEVER_FLAGS, DENSE_RETRIEVER_GC_DEFAULTS
+from dpr.utils.errors import user_errors_in_one_line
 from dpr.utils.logging import setup_logging
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
@@ -23,7 +24,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 @hydra.main(config_path="conf", config_name="dense_retriever", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    run_dense_retriever(cfg)
+    with user_errors_in_one_line():
+        run_dense_retriever(cfg)
 
 
 if __name__ == "__main__":

@@ -5,14 +5,16 @@
 """
 from dpr.data.reader_data import preprocess_file
 from dpr.options.reader_flags import parse_preprocessing_args
+from dpr.utils.errors import user_errors_in_one_line
 from dpr.utils.logging import setup_logging
 
 
 def main() -> None:
     setup_logging()
     args = parse_preprocessing_args()
-    preprocess_file(args.retriever_results, args.out_file, args.is_train_set, args.pretrained_model_cfg,
-                    args.do_lower_case, args.sequence_length, args.gold_passages, args.num_workers, args.formats)
+    with user_errors_in_one_line():
+        preprocess_file(args.retriever_results, args.out_file, args.is_train_set, args.pretrained_model_cfg,
+                        args.do_lower_case, args.sequence_length, args.gold_passages, args.num_workers, args.formats)
 
 
 if __name__ == "__main__":

@@ -11,6 +11,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from dpr.data.squad_to_dpr import convert_squad  # noqa: E402
+from dpr.utils.errors import user_errors_in_one_line  # noqa: E402
 from dpr.utils.logging import setup_logging  # noqa: E402
 
 
@@ -32,9 +33,10 @@ def parse_args() -> argparse.Namespace:
 def main() -> None:
     args = parse_args()
     setup_logging()
-    convert_squad(args.squad_file, args.output_dir, split_name=args.split_name, dev_fraction=args.dev_fraction,
-                  dataset=args.dataset_name, num_hard_negatives=args.hard_negatives, num_negatives=args.negatives,
-                  seed=args.seed)
+    with user_errors_in_one_line():
+        convert_squad(args.squad_file, args.output_dir, split_name=args.split_name, dev_fraction=args.dev_fraction,
+                      dataset=args.dataset_name, num_hard_negatives=args.hard_negatives, num_negatives=args.negatives,
+                      seed=args.seed)
 
 
 if __name__ == "__main__":

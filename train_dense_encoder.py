@@ -10,6 +10,7 @@ from omegaconf import DictConfig
 
 from dpr.options.legacy_flags import BIENCODER_FLAGS, BIENCODER_GC_DEFAULTS, config_top_level_keys, rewrite_sys_argv
 from dpr.training.biencoder_trainer import run_training
+from dpr.utils.errors import user_errors_in_one_line
 from dpr.utils.logging import setup_logging
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
@@ -18,7 +19,8 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 @hydra.main(config_path="conf", config_name="biencoder_train_cfg", version_base=None)
 def main(cfg: DictConfig) -> None:
     setup_logging()
-    run_training(cfg)
+    with user_errors_in_one_line():
+        run_training(cfg)
 
 
 if __name__ == "__main__":

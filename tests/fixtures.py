@@ -1,5 +1,6 @@
 """Small DPR retriever training files written by the tests."""
 import json
+import os
 from pathlib import Path
 from typing import List
 
@@ -42,3 +43,13 @@ def retriever_samples(n: int) -> List[dict]:
 def write_retriever_json(path: Path, n: int) -> str:
     path.write_text(json.dumps(retriever_samples(n)))
     return str(path)
+
+
+class PickledPayload:
+    """What a malicious pickle carries: unpickling it runs `touch marker`, so a test can tell whether it ran."""
+
+    def __init__(self, marker) -> None:
+        self.marker = str(marker)
+
+    def __reduce__(self):
+        return os.system, (f"touch {self.marker}",)

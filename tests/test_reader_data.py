@@ -31,6 +31,8 @@ from dpr.data.tensorizer import Tensorizer
 from dpr.evaluation.exact_match import normalize_answer
 from dpr.evaluation.qa_validation import has_answer
 from dpr.models.hf_encoder import load_tokenizer
+from dpr.utils.safe_pickle import UnsafePickleError
+from tests.fixtures import PickledPayload
 from tests.tiny_models import write_vocab
 
 FACTS = [
@@ -223,16 +225,12 @@ def test_dpr_reader_pickles_load_also_from_numpy_1(tmp_path):
     assert passage.sequence_ids.tolist() == list(range(20))
 
 
-class _Exploit:
-    def __reduce__(self):
-        return os.system, ("echo pwned",)
-
-
 def test_pickles_holding_anything_else_are_refused(tmp_path):
-    path = tmp_path / "evil.0.pkl"
-    path.write_bytes(pickle.dumps([_Exploit()]))
-    with pytest.raises(pickle.UnpicklingError, match="may not hold"):
+    path, marker = tmp_path / "evil.0.pkl", tmp_path / "pwned"
+    path.write_bytes(pickle.dumps([PickledPayload(marker)]))
+    with pytest.raises(UnsafePickleError, match=r"evil.0.pkl: refused to unpickle posix.system"):
         read_samples(str(path))
+    assert not marker.exists()
 
 
 def test_sample_file_discovery_prefers_npz_and_orders_chunks(tmp_path):

@@ -13,10 +13,12 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from dpr.utils.errors import UserInputError
+
 logger = logging.getLogger(__name__)
 
 
-class DataFileError(ValueError):
+class DataFileError(UserInputError, ValueError):
     """A data file that cannot be read, with the file and record named."""
 
 

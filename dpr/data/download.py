@@ -25,6 +25,7 @@ from tqdm import tqdm
 
 from dpr.data.resources import (DOWNLOADS_DIR, DPR_BASE_URL, NQ_LICENSE_FILES, RESOURCES_MAP, join_url,
                                 local_paths, matching_keys, resource_dir)
+from dpr.utils.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
@@ -33,7 +34,7 @@ MANIFEST_NAME = "checksums.sha256"
 MIRROR_ENV = "DPR_DOWNLOAD_MIRROR"
 
 
-class UnknownResourceError(ValueError):
+class UnknownResourceError(UserInputError, ValueError):
     """The requested name is neither a resource key nor the prefix of one."""
 
 

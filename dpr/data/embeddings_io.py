@@ -3,7 +3,8 @@
 - `dpr`: a pickled `list[(id, np.float32[D])]` at `{out_file}_{shard_id}` (extra tuple fields are ignored on read).
 - `gc`: the same pickle at `{out_file}_{shard_id}.pkl` (also the name of DPR's released shards).
 - `npz`: `{out_file}_{shard_id}.npz` holding an `ids` string array and a `vectors` float32 [n, D] array.
-  Unpickling runs code chosen by whoever wrote the file, so files this project writes need not be pickles.
+  Pickles are read through a restricted unpickler (`dpr.utils.safe_pickle`) that admits ids and numpy arrays only,
+  so a shard carrying a payload is refused instead of run.
 
 Writes are atomic (a temporary file in the same folder, then `os.replace`), so a shard file that exists is complete
 and a rerun can skip it. Readers stream one file at a time.
@@ -19,7 +20,9 @@ from typing import BinaryIO, Callable, Iterator, Sequence, Union
 
 import numpy as np
 
+from dpr.utils.errors import UserInputError
 from dpr.utils.files import TEMP_SUFFIX, atomic_output
+from dpr.utils.safe_pickle import NUMPY_GLOBALS, restricted_load
 
 logger = logging.getLogger(__name__)
 
@@ -30,6 +33,10 @@ SHARD_SUFFIXES = {"dpr": "", "gc": ".pkl", "npz": ".npz"}
 _INDEX_FILE_ENDINGS = ("index.dpr", "index_meta.dpr")
 _PICKLE_STOP_OPCODE = b"."
 _GLOB_CHARS = re.compile(r"[*?\[]")
+
+
+class ShardFileError(UserInputError):
+    """An embedding shard that cannot be read as one."""
 
 
 def shard_path(out_file: PathLike, shard_id: int, fmt: str = "npz") -> Path:
@@ -87,13 +94,18 @@ def _with_prefix(doc_id: object, id_prefix: str) -> str:
 
 
 def read_embeddings(path: PathLike, id_prefix: str = "") -> EmbeddingBlock:
-    """One shard file as (ids, float32 [n, D] vectors). Pickles are unpickled: read only files you trust."""
+    """One shard file as (ids, float32 [n, D] vectors). Pickles are read admitting only ids and numpy arrays, so a
+    shard cannot run code; a truncated or malformed shard is an error that names it."""
     if _is_npz(path):
-        with np.load(path, allow_pickle=False) as shard:
-            ids, vectors = shard["ids"].tolist(), shard["vectors"].astype(np.float32, copy=False)
+        try:
+            with np.load(path, allow_pickle=False) as shard:
+                ids, vectors = shard["ids"].tolist(), shard["vectors"].astype(np.float32, copy=False)
+        except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+            raise ShardFileError(f"{path}: truncated or not an embedding shard ({type(e).__name__}: {e})") from e
     else:
-        with open(path, "rb") as file:
-            records = pickle.load(file)
+        records = restricted_load(path, NUMPY_GLOBALS, "DPR embedding shard")
+        if not isinstance(records, list) or not all(isinstance(r, (tuple, list)) and len(r) >= 2 for r in records):
+            raise ShardFileError(f"{path}: not an embedding shard (expected a pickled list of (id, vector) tuples)")
         ids = [record[0] for record in records]
         vectors = (
             np.stack([record[1] for record in records]).astype(np.float32, copy=False)

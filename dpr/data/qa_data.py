@@ -12,13 +12,14 @@ from pathlib import Path
 from typing import Optional, Union
 
 from dpr.data.passages import open_text_file
+from dpr.utils.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
 
 
-class QADataError(ValueError):
+class QADataError(UserInputError, ValueError):
     """A malformed row of a question file; the message names the file and line."""
 
 

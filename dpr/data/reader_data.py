@@ -29,6 +29,7 @@ import torch
 from dpr.data.tensorizer import Tensorizer
 from dpr.models.hf_encoder import load_tokenizer
 from dpr.utils.files import atomic_output
+from dpr.utils.safe_pickle import NUMPY_GLOBALS, restricted_load
 
 logger = logging.getLogger(__name__)
 
@@ -362,7 +363,7 @@ def read_samples(path: str) -> List[ReaderSample]:
     with open(path, "rb") as f:
         if _sample_format(path) == "npz":
             return _read_npz(f)
-        samples = _SampleUnpickler(f).load()
+        samples = restricted_load(f, _SAMPLE_GLOBALS, "DPR reader sample file")
     for sample in samples:
         for passage in sample.all_passages():
             passage.sequence_ids = np.asarray(passage.sequence_ids, dtype=np.int64)
@@ -456,23 +457,10 @@ def _read_npz(f) -> List[ReaderSample]:
     return samples
 
 
-class _SampleUnpickler(pickle.Unpickler):
-    """Admits only what reader sample pickles hold: the two sample classes and numpy arrays and scalars
-    (numpy 1.x files name numpy.core, numpy 2.x numpy._core; protocol 5 rebuilds arrays with _frombuffer)."""
-
-    ALLOWED = {
-        ("dpr.data.reader_data", "ReaderSample"), ("dpr.data.reader_data", "ReaderPassage"),
-        ("numpy", "ndarray"), ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"), ("numpy.core.multiarray", "scalar"),
-        ("numpy._core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "scalar"),
-        ("numpy.core.numeric", "_frombuffer"), ("numpy._core.numeric", "_frombuffer"),
-        ("copyreg", "_reconstructor"), ("builtins", "object"),
-    }
-
-    def find_class(self, module: str, name: str):
-        if (module, name) not in self.ALLOWED:
-            raise pickle.UnpicklingError(f"reader sample files may not hold {module}.{name}")
-        return super().find_class(module, name)
+_SAMPLE_GLOBALS = NUMPY_GLOBALS | {
+    ("dpr.data.reader_data", "ReaderSample"), ("dpr.data.reader_data", "ReaderPassage"),
+    ("copyreg", "_reconstructor"), ("builtins", "object"),
+}
 
 
 # ---------------------------------------------------------------------------------------------- batches

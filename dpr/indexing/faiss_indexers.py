@@ -12,7 +12,6 @@ or `{path}.index.dpr` / `{path}.index_meta.dpr` for a prefix path. DPR's pickled
 import json
 import logging
 import os
-import pickle
 from abc import ABC, abstractmethod
 from dataclasses import dataclass
 from pathlib import Path
@@ -23,6 +22,7 @@ import numpy as np
 from tqdm import tqdm
 
 from dpr.utils.files import atomic_output
+from dpr.utils.safe_pickle import NUMPY_GLOBALS, restricted_load
 
 logger = logging.getLogger(__name__)
 
@@ -195,7 +195,7 @@ def index_exists(path: PathLike) -> bool:
 
 
 def _read_meta(meta_file: Path) -> tuple[list[object], dict]:
-    """The id list and the other meta fields; a pickled list is DPR's format (unpickled: trusted files only)."""
+    """The id list and the other meta fields; a pickled list is DPR's format, read admitting only ids."""
     with open(meta_file, "rb") as file:
         head = file.read(1)
         file.seek(0)
@@ -204,8 +204,7 @@ def _read_meta(meta_file: Path) -> tuple[list[object], dict]:
             if meta.get("format") != META_FORMAT:
                 raise ValueError(f"{meta_file} is not an index meta file of this project")
             return meta.pop("ids"), meta
-        logger.warning("reading %s as a DPR pickle: unpickling runs code, so only load files you trust", meta_file)
-        ids = pickle.load(file)
+        ids = restricted_load(file, NUMPY_GLOBALS, "DPR index id map")
     if not isinstance(ids, list):
         raise ValueError(f"{meta_file}: expected a pickled list of ids, got {type(ids).__name__}")
     return ids, {}

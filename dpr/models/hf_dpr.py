@@ -189,11 +189,11 @@ def base_model_of_checkpoint(
 
 
 def load_biencoder(
-    checkpoint_path: str, pretrained_model_cfg: Optional[str] = None
+    checkpoint_path: str, pretrained_model_cfg: Optional[str] = None, trust_checkpoint: bool = False
 ) -> Tuple[BiEncoder, PreTrainedTokenizerBase]:
     """(BiEncoder in eval mode, tokenizer) from a DPR-format bi-encoder checkpoint: one of this repository, of
     hydra DPR, or a released old-DPR / GC-DPR `.cp` file."""
-    ckpt = load_checkpoint(checkpoint_path)
+    ckpt = load_checkpoint(checkpoint_path, trust_checkpoint)
     bert_config, tokenizer = base_model_of_checkpoint(ckpt, pretrained_model_cfg)
     question_model, ctx_model = (
         load_encoder_state(bert_config, checkpoint_half(ckpt, role)) for role in ("question", "ctx")
@@ -256,11 +256,11 @@ def save_dpr_tokenizer(tokenizer: PreTrainedTokenizerBase, tokenizer_class: type
 
 
 def export_biencoder(
-    checkpoint_path: str, out_dir: str, pretrained_model_cfg: Optional[str] = None
+    checkpoint_path: str, out_dir: str, pretrained_model_cfg: Optional[str] = None, trust_checkpoint: bool = False
 ) -> ConversionReport:
     """A bi-encoder checkpoint -> `out_dir/question_encoder` (DPRQuestionEncoder) and `out_dir/ctx_encoder`
     (DPRContextEncoder), each with config, weights and tokenizer."""
-    ckpt = load_checkpoint(checkpoint_path)
+    ckpt = load_checkpoint(checkpoint_path, trust_checkpoint)
     bert_config, tokenizer = base_model_of_checkpoint(ckpt, pretrained_model_cfg)
     report = ConversionReport()
     for role, subdir in (("question", QUESTION_SUBDIR), ("ctx", CTX_SUBDIR)):
@@ -273,9 +273,11 @@ def export_biencoder(
     return report
 
 
-def export_reader(checkpoint_path: str, out_dir: str, pretrained_model_cfg: Optional[str] = None) -> ConversionReport:
+def export_reader(
+    checkpoint_path: str, out_dir: str, pretrained_model_cfg: Optional[str] = None, trust_checkpoint: bool = False
+) -> ConversionReport:
     """A reader checkpoint -> a DPRReader directory with config, weights and tokenizer."""
-    ckpt = load_checkpoint(checkpoint_path)
+    ckpt = load_checkpoint(checkpoint_path, trust_checkpoint)
     bert_config, tokenizer = base_model_of_checkpoint(ckpt, pretrained_model_cfg)
     encoder_state, heads = reader_parts(ckpt.model_dict)
     state = load_encoder_state(bert_config, encoder_state).state_dict()

@@ -25,7 +25,7 @@ def load_inference_encoder(
         raise ValueError(f"encoder_type must be one of {sorted(CHECKPOINT_PREFIXES)}, not '{encoder_type}'")
     state = None
     if model_file:
-        ckpt = checkpoints.load_checkpoint(model_file)
+        ckpt = checkpoints.load_checkpoint(model_file, trust=bool(cfg.get("trust_checkpoint", False)))
         checkpoints.apply_encoder_params(cfg, ckpt.encoder_params)
         state = checkpoints.strip_prefix(ckpt.model_dict, CHECKPOINT_PREFIXES[encoder_type])
         if not state:

@@ -27,14 +27,15 @@ from dpr.training.flops import FlopsCounter
 from dpr.training.grad_cache import GradCache, Tower, full_batch_step
 from dpr.training.optim import build_scheduler
 from dpr.training.trainer_base import Trainer
+from dpr.utils.errors import UserInputError
 from dpr.utils.seed import set_seed
 from dpr.utils.tensorboard import ScalarLog
 
 logger = logging.getLogger(__name__)
 
 
-class ConfigError(ValueError):
-    pass
+class ConfigError(UserInputError, ValueError):
+    """A configuration value that cannot work, named with the way out."""
 
 
 def resolve_dataset_files(names: Optional[Sequence[str]], cfg: DictConfig) -> List[List[str]]:

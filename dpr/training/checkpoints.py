@@ -1,25 +1,50 @@
 """DPR-format checkpoints: writing them safely, finding the newest, reading released ones tolerantly.
 
 A checkpoint is `torch.save` of {model_dict, optimizer_dict, scheduler_dict, offset, epoch, encoder_params}
-holding plain Python values only, so `torch.load(path, weights_only=True)` reads it.
+holding plain Python values only, so `torch.load(path, weights_only=True)` reads it. DPR's own files also pickle an
+omegaconf DictConfig in encoder_params: those few omegaconf classes are admitted too, and nothing else, so a file
+carrying any other object is refused instead of run (unless the user says they trust it).
 """
+import collections
 import glob
 import logging
 import os
+import pickle
+import re
+import typing
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig, open_dict
+from omegaconf import DictConfig, ListConfig, open_dict
+from omegaconf.base import ContainerMetadata, Metadata
+from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 from torch import nn
 
 from dpr.models.hf_encoder import MINILM_ALIASES
+from dpr.utils.errors import UserInputError
 from dpr.utils.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
 # encoder_params keys of GC-DPR / old DPR checkpoints (the format of the released files), flat.
 LEGACY_ENCODER_PARAMS = ("pretrained_model_cfg", "encoder_model_type", "pretrained_file", "projection_dim", "sequence_length")
+
+
+# Beyond tensors and plain values, what DPR's checkpoints pickle: cfg.encoder as an omegaconf DictConfig, whose
+# nodes and metadata name these classes and the types they hold.
+DPR_CHECKPOINT_GLOBALS = [
+    DictConfig, ListConfig, ContainerMetadata, Metadata,
+    AnyNode, StringNode, IntegerNode, FloatNode, BooleanNode,
+    typing.Any, collections.defaultdict, dict, list, str, int, float, bool,
+]
+# torch's words for a global outside the admitted set ("Unsupported global: GLOBAL x.y", or "unsupported GLOBAL
+# x.y whose module x is blocked")
+_REFUSED_GLOBAL = re.compile(r"[Uu]nsupported (?:global: )?GLOBAL ([\w.]+)")
+
+
+class CheckpointError(UserInputError):
+    """A checkpoint file that is missing, unreadable, or holds objects a checkpoint should not."""
 
 
 @dataclass
@@ -54,16 +79,35 @@ def find_latest_checkpoint(output_dir: Optional[str], name: str) -> Optional[str
     return max(files, key=os.path.getmtime) if files else None
 
 
-def load_checkpoint(path: str) -> CheckpointState:
-    """Read a checkpoint written here or by DPR/GC-DPR. Hydra-DPR files pickle an omegaconf object in
-    encoder_params, which weights_only loading refuses; those are read with full unpickling and a warning
-    (unpickling runs code from the file: only do it for files you trust)."""
+def load_checkpoint(path: str, trust: bool = False) -> CheckpointState:
+    """Read a checkpoint written here or by DPR/GC-DPR without running code from it: torch's weights-only loader
+    with DPR's omegaconf classes admitted. Any other object is refused with a CheckpointError naming the file and
+    the class; `trust=True` (the `trust_checkpoint` option) unpickles such a file fully, with a warning."""
     logger.info("Reading checkpoint %s", path)
+    if not os.path.isfile(path):
+        raise CheckpointError(f"checkpoint {path} does not exist")
+    if os.path.getsize(path) == 0:
+        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or write?")
     try:
-        raw = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - torch raises UnpicklingError subclasses and RuntimeError here
-        logger.warning("%s holds pickled objects (%s); loading it with weights_only=False", path, type(e).__name__)
+        with torch.serialization.safe_globals(DPR_CHECKPOINT_GLOBALS):
+            raw = torch.load(path, map_location="cpu", weights_only=True)
+    except pickle.UnpicklingError as e:
+        refused = _REFUSED_GLOBAL.search(str(e))
+        if refused is None:
+            raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint: {_first_line(e)}") from e
+        what = refused.group(1)
+        if not trust:
+            raise CheckpointError(
+                f"checkpoint {path} holds {what}, which DPR checkpoints do not; loading it could run code "
+                "from the file. If you trust the file, set trust_checkpoint=true"
+            ) from e
+        logger.warning("%s holds %s; unpickling it fully because trust_checkpoint=true", path, what)
         raw = torch.load(path, map_location="cpu", weights_only=False)
+    except (RuntimeError, EOFError, OSError, ValueError) as e:  # torch's zip reader raises RuntimeError
+        raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint: {_first_line(e)}") from e
+    if not isinstance(raw, dict) or "model_dict" not in raw:
+        found = sorted(raw)[:8] if isinstance(raw, dict) else type(raw).__name__
+        raise CheckpointError(f"{path} is not a DPR checkpoint: no model_dict (found {found})")
     return CheckpointState(
         model_dict=raw["model_dict"],
         optimizer_dict=raw.get("optimizer_dict"),
@@ -72,6 +116,14 @@ def load_checkpoint(path: str) -> CheckpointState:
         epoch=int(raw.get("epoch", 0)),
         encoder_params=normalize_encoder_params(raw.get("encoder_params") or {}),
     )
+
+
+def _first_line(error: BaseException) -> str:
+    """The first sentence of an error message (after torch's "WeightsUnpickler error:" preamble, if any): torch's
+    messages go on for a paragraph."""
+    text = str(error).split("WeightsUnpickler error:")[-1]
+    lines = [line for line in text.strip().splitlines() if line.strip()]
+    return re.split(r"(?<=\.)\s", lines[0])[0] if lines else type(error).__name__
 
 
 def normalize_encoder_params(params: Any) -> Dict[str, Any]:

@@ -41,7 +41,7 @@ class Trainer:
             raise FileNotFoundError(f"model_file {path} does not exist")
         if not self.cfg.model_file:
             logger.info("Resuming from the newest checkpoint in output_dir: %s", path)
-        return checkpoints.load_checkpoint(path)
+        return checkpoints.load_checkpoint(path, trust=bool(self.cfg.get("trust_checkpoint", False)))
 
     def _restore_training_state(self):
         """(start epoch, start batch, completed updates) from the checkpoint being resumed, restoring the
