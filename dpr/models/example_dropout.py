@@ -3,17 +3,29 @@
 Standard dropout draws its masks from one random stream for the whole batch, so the mask an example gets
 depends on how many examples came before it in the forward call. Then a batch encoded in chunks (the gradient
 cache), or split across processes, sees different masks than the same batch encoded at once, and the results
-differ by more than float noise. Here every example carries its own seed: inside `example_seeds(...)` each row
-of a dropout input draws its mask from a generator seeded for that row, so the masks, and with them losses and
-gradients, are the same for any chunking and any world size. Replaying a chunk (the cache's second pass) is
+differ by more than float noise. Here every example carries its own seed: inside `example_seeds(...)` the mask
+of every dropout call is a counter-based draw (as Philox computes one), a pure function of (the example's seed,
+the call's number in the block, the element's canonical index), so the masks, and with them losses and
+gradients, are the same for any chunking, padding and world size. Replaying a chunk (the cache's second pass) is
 re-entering the context with the same seeds.
+
+The draw is a handful of int64 tensor operations over the whole input, the same on CPU and CUDA: no generator
+and no Python loop per row. With mix = splitmix64's mixing function without its final xor-shift (that one only
+changes the low 33 bits) and G = 0x9E3779B97F4A7C15, all arithmetic modulo 2^64:
+
+    key = mix(seed + G);  h = mix(key + ((call << 32) + canonical index) * G);  u = ((h + 2^63) mod 2^64) / 2^64
+
+and the element is kept when u >= p. Its canonical index is its row-major index in the row's block with every
+sequence dimension at `max_length`, so cutting or padding a batch to another width renumbers nothing.
 
 Outside the context, or in eval mode, everything behaves as the standard modules do (attention runs through
 PyTorch's fused SDPA kernel).
 """
+import math
 import threading
 from contextlib import contextmanager
-from typing import List, Optional, Sequence, Tuple
+from fractions import Fraction
+from typing import Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -24,75 +36,97 @@ ATTENTION_IMPLEMENTATION = "dpr_example_dropout"
 _active = threading.local()
 
 
-def _row_seeds() -> Optional[List[int]]:
-    return getattr(_active, "seeds", None)
+def _int64(value: int) -> int:
+    """The signed int64 with the same 64 bits as `value` (torch integer arithmetic wraps modulo 2^64)."""
+    value &= (1 << 64) - 1
+    return value - (1 << 64) if value >= 1 << 63 else value
+
+
+GOLDEN = 0x9E3779B97F4A7C15
+MIX_1, MIX_2 = _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
+CALL_SHIFT = 32  # counters are (call << 32) + canonical index: up to 2^32 elements per row of one call
+
+
+def _mix_(z: torch.Tensor) -> torch.Tensor:
+    """mix of the module doc, in place on int64 `z`; one more int64 buffer of z's size lives during the call."""
+    shifted = torch.bitwise_right_shift(z, 30).bitwise_and_((1 << 34) - 1)  # a logical shift of the 64 bits
+    z.bitwise_xor_(shifted).mul_(MIX_1)
+    torch.bitwise_right_shift(z, 27, out=shifted).bitwise_and_((1 << 37) - 1)
+    return z.bitwise_xor_(shifted).mul_(MIX_2)
+
+
+def example_keys(seeds: Sequence[int]) -> torch.Tensor:
+    """The int64 keys of example seeds (mixed, so that nearby seeds draw unrelated masks)."""
+    return _mix_(torch.tensor([_int64(int(s) + GOLDEN) for s in seeds], dtype=torch.int64))
+
+
+def _row_keys() -> Optional[torch.Tensor]:
+    return getattr(_active, "keys", None)
 
 
 @contextmanager
 def example_seeds(seeds: Optional[Sequence[int]], device: torch.device, max_length: int):
     """Draw dropout masks per row from `seeds` (one per batch row) inside this block; None leaves dropout as is.
 
-    Each dropout call inside the block draws row i's mask from a generator seeded with (seeds[i], call number),
-    at the canonical sequence length `max_length`, cut to the width of the batch: an example gets the same masks
-    however much padding its batch or chunk has, and replaying the block replays the masks."""
+    Dropout call c of the block keeps element e of row i when the uniform number of (seeds[i], c, canonical
+    index of e at sequence length `max_length`) is at least p: an example gets the same masks however its batch
+    is chunked or padded, and replaying the block replays the masks."""
     if seeds is None:
         yield
         return
-    previous = _row_seeds(), getattr(_active, "max_length", None), getattr(_active, "calls", 0)
-    _active.seeds, _active.max_length, _active.calls = [int(s) for s in seeds], max_length, 0
+    keys = example_keys(seeds)
+    if torch.device(device).type == "cuda":  # pinned and non-blocking: no stream synchronisation per chunk
+        keys = keys.pin_memory().to(device, non_blocking=True)
+    previous = _row_keys(), getattr(_active, "max_length", None), getattr(_active, "calls", 0)
+    _active.keys, _active.max_length, _active.calls = keys, max_length, 0
     try:
         yield
     finally:
-        _active.seeds, _active.max_length, _active.calls = previous
+        _active.keys, _active.max_length, _active.calls = previous
 
 
-def _call_seed(row_seed: int, call: int) -> int:
-    # splitmix64-style mixing: distinct, well-spread seeds for every (row, dropout call)
-    z = (row_seed + (call + 1) * 0x9E3779B97F4A7C15) & _MASK64
-    z = ((z ^ (z >> 30)) * 0xBF58476D1CE4E5B9) & _MASK64
-    z = ((z ^ (z >> 27)) * 0x94D049BB133111EB) & _MASK64
-    return (z ^ (z >> 31)) & ((1 << 63) - 1)
+def _canonical_index_times_golden(shape: Tuple[int, ...], sequence_dims: Sequence[int], max_length: int,
+                                  device: torch.device) -> torch.Tensor:
+    """canonical index * GOLDEN (mod 2^64) of every element of one row of `shape` (row dims without the batch
+    dim), shaped [1, *shape] to broadcast over the rows; GOLDEN is folded into each dimension's small range."""
+    index = torch.zeros((1,) * (len(shape) + 1), dtype=torch.int64, device=device)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        if d in sequence_dims and shape[d] > max_length:
+            raise RuntimeError(f"sequence of {shape[d]} tokens is longer than max_length={max_length}")
+        positions = torch.arange(shape[d], dtype=torch.int64, device=device) * _int64(stride * GOLDEN)
+        index = index + positions.view((1,) * (d + 1) + (shape[d],) + (1,) * (len(shape) - d - 1))
+        stride *= max_length if d in sequence_dims else shape[d]
+    if stride > 1 << CALL_SHIFT:
+        raise RuntimeError(f"a row of {stride} canonical elements is more than one dropout call's 2^{CALL_SHIFT}")
+    return index
 
 
-_MASK64 = (1 << 64) - 1
-
-
-def _row_uniform(row_shape: Tuple[int, ...], sequence_dims: List[int], seed: int, device: torch.device) -> torch.Tensor:
-    """Uniform numbers for one row, equal to the canonical-length draw cut to `row_shape`.
-
-    The numbers are drawn with the first sequence dimension outermost. On CPU the generator's stream is a
-    prefix-consistent sequence, so that dimension is drawn at its actual length (a short question does not pay
-    for max_length positions); on CUDA the whole canonical block is drawn and cut."""
-    max_length = _active.max_length
-    lead = sequence_dims[0] if sequence_dims else None
-    order = ([lead] if lead is not None else []) + [d for d in range(len(row_shape)) if d != lead]
-    shape = []
-    for d in order:
-        if row_shape[d] > max_length and d in sequence_dims:
-            raise RuntimeError(f"sequence of {row_shape[d]} tokens is longer than max_length={max_length}")
-        canonical = d in sequence_dims and (d != lead or device.type != "cpu")
-        shape.append(max_length if canonical else row_shape[d])
-    generator = torch.Generator(device=device).manual_seed(seed)
-    uniform = torch.rand(shape, generator=generator, device=device)
-    uniform = uniform[tuple(slice(0, row_shape[d]) for d in order)]
-    return uniform.permute([order.index(d) for d in range(len(row_shape))])
+def example_keep_mask(shape: Tuple[int, ...], keys: torch.Tensor, call: int, p: float, max_length: int,
+                      sequence_dims: Sequence[int] = (1,)) -> torch.Tensor:
+    """Bool mask of `shape` [rows, ...]: True where row r's element is kept by dropout call `call` (`keys` from
+    `example_keys`; `sequence_dims` are the dims of `shape` that run over token positions). At most two int64
+    buffers of the mask's shape live during the draw."""
+    row_dims = [d - 1 for d in sequence_dims if 0 < d < len(shape)]
+    index = _canonical_index_times_golden(tuple(shape[1:]), row_dims, max_length, keys.device)
+    start = keys + _int64((call << CALL_SHIFT) * GOLDEN)
+    h = _mix_(start.view((-1,) + (1,) * (len(shape) - 1)) + index)
+    # u = ((h + 2^63) mod 2^64) / 2^64 >= p  <=>  h, read as a signed int64, >= ceil(p * 2^64) - 2^63
+    return h >= math.ceil(Fraction(p) * (1 << 64)) - (1 << 63)
 
 
 def example_dropout(x: torch.Tensor, p: float, training: bool, sequence_dims: Tuple[int, ...] = (1,)) -> torch.Tensor:
     """F.dropout with per-row masks when `example_seeds` is active; `sequence_dims` are the dimensions of x that
     run over token positions."""
-    seeds = _row_seeds()
-    if not training or p == 0.0 or seeds is None:
+    keys = _row_keys()
+    if not training or p == 0.0 or keys is None:
         return F.dropout(x, p, training)
-    if len(seeds) != x.shape[0]:
-        raise RuntimeError(f"example_seeds has {len(seeds)} seeds for a batch of {x.shape[0]} rows")
+    if len(keys) != x.shape[0]:
+        raise RuntimeError(f"example_seeds has {len(keys)} seeds for a batch of {x.shape[0]} rows")
     call = _active.calls
     _active.calls += 1
-    row_dims = [d - 1 for d in sequence_dims if 0 < d < x.dim()]
-    keep = torch.empty(x.shape, dtype=torch.bool, device=x.device)
-    for row, seed in enumerate(seeds):  # compare row by row: no float copy of the whole batch's random numbers
-        torch.ge(_row_uniform(tuple(x.shape[1:]), row_dims, _call_seed(seed, call), x.device), p, out=keep[row])
-    return x * keep * (1.0 / (1.0 - p))
+    keep = example_keep_mask(tuple(x.shape), keys, call, p, _active.max_length, sequence_dims)
+    return (x * keep).mul_(1.0 / (1.0 - p))
 
 
 class ExampleDropout(nn.Dropout):
@@ -107,7 +141,7 @@ def example_dropout_attention(module, query, key, value, attention_mask, dropout
     on the attention probabilities when dropout is on and `example_seeds` is active."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if dropout == 0.0 or _row_seeds() is None:
+    if dropout == 0.0 or _row_keys() is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
@@ -117,7 +151,10 @@ def example_dropout_attention(module, query, key, value, attention_mask, dropout
             scores = scores.masked_fill(~attention_mask, torch.finfo(scores.dtype).min)
         else:
             scores = scores + attention_mask
-    probs = example_dropout(torch.softmax(scores, dim=-1), dropout, True, sequence_dims=(2, 3))
+    # softmax in fp32, probabilities in the compute dtype (as transformers' eager attention): under autocast the
+    # dropout mask multiplies, and backward keeps, half-width tensors
+    probs = torch.softmax(scores, dim=-1, dtype=torch.float32).to(query.dtype)
+    probs = example_dropout(probs, dropout, True, sequence_dims=(2, 3))
     output = torch.matmul(probs, value).transpose(1, 2).contiguous()
     return output, probs
 

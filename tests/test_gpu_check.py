@@ -1,0 +1,40 @@
+"""bench/gpu_check.py in its CPU mode, with the training stack's extra packages unimportable, so the script the
+GPU machine runs cannot rot."""
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]
+SCRIPT = REPO / "bench" / "gpu_check.py"
+NOT_ON_THE_GPU_MACHINE = ["hydra", "omegaconf", "antlr4", "faiss", "bm25s"]
+
+
+def test_gpu_check_passes_its_checks_and_measures_every_section_on_cpu(tmp_path):
+    out = tmp_path / "gpu_check.json"
+    code = (f"import runpy, sys; sys.modules.update(dict.fromkeys({NOT_ON_THE_GPU_MACHINE!r})); "
+            f"sys.argv = ['gpu_check.py', '--cpu', '--tiny', '--out', {str(out)!r}]; "
+            f"runpy.run_path({str(SCRIPT)!r}, run_name='__main__')")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    results = json.loads(out.read_text())
+
+    checks = results["checks"]
+    assert set(checks) == {"cache_equals_full_batch_fp32", "fp16_grad_scaler", "bf16", "replay"}
+    assert all(check["passed"] is True for check in checks.values()), checks
+    assert checks["cache_equals_full_batch_fp32"]["gradient_error_over_tolerance"] <= 1.0
+    assert checks["fp16_grad_scaler"]["inf_step_skipped"] and checks["replay"]["masks_equal_to_cpu_masks"]
+
+    assert results["dropout_call"]["per_example_ms"] > 0 and results["dropout_call"]["standard_ms"] > 0
+
+    steps = results["recipe"]["steps"]
+    assert {(r["precision"], r["example_dropout"]) for r in steps} == {
+        (p, e) for p in ("fp16", "bf16") for e in (True, False)}
+    assert all(r["cache"] and r["s_per_step"] > 0 and r["questions_per_s"] > 0 and r["tflops"] > 0 for r in steps)
+
+    embedding = results["embedding"]
+    assert embedding["dpr_passages_per_s"] > 0 and embedding["sentence_transformers_passages_per_s"] > 0
+    assert embedding["min_cosine_dpr_vs_sentence_transformers"] > 0.99  # the same model on both sides
+
+    largest = results["no_cache"]["largest"]
+    assert largest is not None and not largest["cache"] and largest["s_per_step"] > 0
