@@ -9,9 +9,9 @@ directories (see docs/interop.md).
 import argparse
 from typing import List, Optional
 
-from dpr.models import hf_dpr
-from dpr.utils.errors import UserInputError
-from dpr.utils.logging import setup_logging
+from dpr.interop import hf_dpr
+from dpr.foundation.errors import UserInputError
+from dpr.foundation.logging import setup_logging
 
 
 def build_parser() -> argparse.ArgumentParser:

@@ -15,8 +15,8 @@ from omegaconf import DictConfig
 from dpr.indexing.dense_retriever import run_dense_retriever
 from dpr.options.legacy_flags import config_top_level_keys, rewrite_sys_argv
 from dpr.options.retriever_flags import DENSE_RETRIEVER_FLAGS, DENSE_RETRIEVER_GC_DEFAULTS
-from dpr.utils.errors import user_errors_in_one_line
-from dpr.utils.logging import setup_logging
+from dpr.foundation.errors import user_errors_in_one_line
+from dpr.foundation.logging import setup_logging
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 

@@ -13,8 +13,8 @@ from omegaconf import DictConfig
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.options.legacy_flags import config_top_level_keys, rewrite_sys_argv
 from dpr.options.retriever_flags import GEN_EMBS_FLAGS, GEN_EMBS_GC_DEFAULTS
-from dpr.utils.errors import user_errors_in_one_line
-from dpr.utils.logging import setup_logging
+from dpr.foundation.errors import user_errors_in_one_line
+from dpr.foundation.logging import setup_logging
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 

@@ -5,8 +5,8 @@
 """
 from dpr.data.reader_data import preprocess_file
 from dpr.options.reader_flags import parse_preprocessing_args
-from dpr.utils.errors import user_errors_in_one_line
-from dpr.utils.logging import setup_logging
+from dpr.foundation.errors import user_errors_in_one_line
+from dpr.foundation.logging import setup_logging
 
 
 def main() -> None:

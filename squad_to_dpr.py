@@ -10,9 +10,9 @@ from pathlib import Path
 # Runnable as a plain script from anywhere: make the repository's `dpr` package importable.
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
-from dpr.data.squad_to_dpr import convert_squad  # noqa: E402
-from dpr.utils.errors import user_errors_in_one_line  # noqa: E402
-from dpr.utils.logging import setup_logging  # noqa: E402
+from dpr.interop.squad_to_dpr import convert_squad  # noqa: E402
+from dpr.foundation.errors import user_errors_in_one_line  # noqa: E402
+from dpr.foundation.logging import setup_logging  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

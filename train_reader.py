@@ -16,8 +16,8 @@ from omegaconf import DictConfig
 from dpr.options.legacy_flags import config_top_level_keys, rewrite_sys_argv
 from dpr.options.reader_flags import READER_FLAGS, READER_GC_DEFAULTS
 from dpr.training.reader_trainer import run_training
-from dpr.utils.errors import user_errors_in_one_line
-from dpr.utils.logging import setup_logging
+from dpr.foundation.errors import user_errors_in_one_line
+from dpr.foundation.logging import setup_logging
 
 CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 

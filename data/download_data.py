@@ -12,7 +12,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from dpr.data.download import MIRROR_ENV, DownloadError, UnknownResourceError, download  # noqa: E402
-from dpr.utils.logging import setup_logging  # noqa: E402
+from dpr.foundation.logging import setup_logging  # noqa: E402
 
 
 def parse_args() -> argparse.Namespace:

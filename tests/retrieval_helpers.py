@@ -53,7 +53,7 @@ def write_biencoder_checkpoint(path: Path, question_model_dir: str, ctx_model_di
     """A DPR-format checkpoint whose question and ctx halves are two different tiny models."""
     from transformers import BertModel
 
-    from dpr.training.checkpoints import CheckpointState, save_checkpoint
+    from dpr.foundation.checkpoints import CheckpointState, save_checkpoint
 
     state = {}
     for prefix, model_dir in (("question_model.", question_model_dir), ("ctx_model.", ctx_model_dir)):

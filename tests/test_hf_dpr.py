@@ -16,10 +16,10 @@ from transformers import (
 )
 
 import convert_dpr_checkpoint
-from dpr.models import hf_dpr
+from dpr.interop import hf_dpr
 from dpr.models.hf_encoder import build_encoder, encode
 from dpr.models.loading import load_inference_encoder
-from dpr.training.checkpoints import CheckpointState, load_checkpoint, save_checkpoint
+from dpr.foundation.checkpoints import CheckpointState, load_checkpoint, save_checkpoint
 
 VOCAB = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]", "who", "is", "the", "cat", "dog", "capital", "of", "france",
          "paris", "city", "a", "?", ".", "##s", "in"]

@@ -7,8 +7,8 @@ import torch
 from omegaconf import OmegaConf
 
 from dpr.models.biencoder import build_biencoder, nll_loss
-from dpr.training import checkpoints
-from dpr.training.checkpoints import CheckpointState
+from dpr.foundation import checkpoints
+from dpr.foundation.checkpoints import CheckpointState
 from dpr.training.optim import linear_schedule_factor
 from tests.tiny_models import tiny_bert_dir
 

@@ -5,7 +5,7 @@ import torch
 from dpr.data.biencoder_batch import make_biencoder_batch
 from dpr.models.biencoder import nll_loss
 from dpr.training.grad_cache import GradCache, full_batch_step
-from dpr.training.precision import make_precision
+from dpr.foundation.precision import make_precision
 from tests.biencoder_helpers import assert_same_gradients, gradients, make_model, tiny_setup, towers
 
 

@@ -31,7 +31,7 @@ from dpr.data.tensorizer import Tensorizer
 from dpr.evaluation.exact_match import normalize_answer
 from dpr.evaluation.qa_validation import has_answer
 from dpr.models.hf_encoder import load_tokenizer
-from dpr.utils.safe_pickle import UnsafePickleError
+from dpr.foundation.safe_pickle import UnsafePickleError
 from tests.fixtures import PickledPayload
 from tests.tiny_models import write_vocab
 

@@ -9,7 +9,7 @@ from transformers import BertConfig
 
 from dpr.models.hf_encoder import encoder_from_config
 from dpr.models.reader import Reader, reader_loss, token_type_ids
-from dpr.training.checkpoints import load_model_state
+from dpr.foundation.checkpoints import load_model_state
 
 SEP = 3
 

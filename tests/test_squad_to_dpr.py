@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from dpr.data.squad_to_dpr import convert_squad, split_articles
+from dpr.interop.squad_to_dpr import convert_squad, split_articles
 from dpr.evaluation.qa_validation import has_answer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]

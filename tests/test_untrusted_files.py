@@ -13,8 +13,8 @@ from omegaconf import OmegaConf
 
 from dpr.data.embeddings_io import ShardFileError, read_embeddings, write_embeddings
 from dpr.indexing.faiss_indexers import DenseFlatIndexer
-from dpr.training.checkpoints import CheckpointError, load_checkpoint
-from dpr.utils.safe_pickle import UnreadablePickleError, UnsafePickleError
+from dpr.foundation.checkpoints import CheckpointError, load_checkpoint
+from dpr.foundation.safe_pickle import UnreadablePickleError, UnsafePickleError
 from tests.fixtures import PickledPayload
 from tests.retrieval_helpers import tiny_model, write_biencoder_checkpoint, write_passages_tsv, write_questions_csv
 

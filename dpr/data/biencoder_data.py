@@ -13,7 +13,7 @@ from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dpr.utils.errors import UserInputError
+from dpr.foundation.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

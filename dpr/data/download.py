@@ -25,7 +25,7 @@ from tqdm import tqdm
 
 from dpr.data.resources import (DOWNLOADS_DIR, DPR_BASE_URL, NQ_LICENSE_FILES, RESOURCES_MAP, join_url,
                                 local_paths, matching_keys, resource_dir)
-from dpr.utils.errors import UserInputError
+from dpr.foundation.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

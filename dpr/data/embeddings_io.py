@@ -3,7 +3,7 @@
 - `dpr`: a pickled `list[(id, np.float32[D])]` at `{out_file}_{shard_id}` (extra tuple fields are ignored on read).
 - `gc`: the same pickle at `{out_file}_{shard_id}.pkl` (also the name of DPR's released shards).
 - `npz`: `{out_file}_{shard_id}.npz` holding an `ids` string array and a `vectors` float32 [n, D] array.
-  Pickles are read through a restricted unpickler (`dpr.utils.safe_pickle`) that admits ids and numpy arrays only,
+  Pickles are read through a restricted unpickler (`dpr.foundation.safe_pickle`) that admits ids and numpy arrays only,
   so a shard carrying a payload is refused instead of run.
 
 Writes are atomic (a temporary file in the same folder, then `os.replace`), so a shard file that exists is complete
@@ -20,9 +20,9 @@ from typing import BinaryIO, Callable, Iterator, Sequence, Union
 
 import numpy as np
 
-from dpr.utils.errors import UserInputError
-from dpr.utils.files import TEMP_SUFFIX, atomic_output
-from dpr.utils.safe_pickle import NUMPY_GLOBALS, restricted_load
+from dpr.foundation.errors import UserInputError
+from dpr.foundation.files import TEMP_SUFFIX, atomic_output
+from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
 
 logger = logging.getLogger(__name__)
 

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Optional, Union
 
 from dpr.data.passages import open_text_file
-from dpr.utils.errors import UserInputError
+from dpr.foundation.errors import UserInputError
 
 logger = logging.getLogger(__name__)
 

@@ -28,8 +28,8 @@ import torch
 
 from dpr.data.tensorizer import Tensorizer
 from dpr.models.hf_encoder import load_tokenizer
-from dpr.utils.files import atomic_output
-from dpr.utils.safe_pickle import NUMPY_GLOBALS, restricted_load
+from dpr.foundation.files import atomic_output
+from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
 
 logger = logging.getLogger(__name__)
 

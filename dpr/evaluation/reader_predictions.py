@@ -17,7 +17,7 @@ from transformers import PreTrainedTokenizerBase
 
 from dpr.data.reader_data import ReaderPassage
 from dpr.evaluation.exact_match import max_exact_match
-from dpr.utils.files import atomic_output
+from dpr.foundation.files import atomic_output
 
 logger = logging.getLogger(__name__)
 

@@ -42,10 +42,10 @@ from dpr.evaluation.qa_validation import (
 )
 from dpr.indexing.bm25 import BM25Index, passage_text
 from dpr.indexing.faiss_indexers import DenseIndexer, check_index_memory, create_indexer, index_exists
-from dpr.indexing.generate_embeddings import inference_device
 from dpr.models.hf_encoder import encode
 from dpr.models.loading import load_inference_encoder
-from dpr.training.precision import Precision, make_precision
+from dpr.foundation.devices import process_device
+from dpr.foundation.precision import Precision, make_precision
 
 logger = logging.getLogger(__name__)
 
@@ -88,7 +88,7 @@ def encode_questions(
 def _encode_with_model(cfg: DictConfig, questions: Sequence[str]) -> torch.Tensor:
     if cfg.encoder_path not in ENCODER_PATHS:
         raise ValueError(f"encoder_path must be question_model or ctx_model, not {cfg.encoder_path!r}")
-    device = inference_device(cfg.no_cuda, cfg.get("local_rank"))
+    device = process_device(cfg.no_cuda, cfg.get("local_rank"))
     precision = make_precision(device, cfg.fp16, cfg.bf16)
     model, tokenizer = load_inference_encoder(cfg, ENCODER_PATHS[cfg.encoder_path], cfg.model_file)
     model.to(device)

@@ -21,8 +21,8 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
-from dpr.utils.files import atomic_output
-from dpr.utils.safe_pickle import NUMPY_GLOBALS, restricted_load
+from dpr.foundation.files import atomic_output
+from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
 
 logger = logging.getLogger(__name__)
 

@@ -28,7 +28,8 @@ from dpr.data.passages import Passage, count_passages, iter_passage_shard, shard
 from dpr.data.tensorizer import Tensorizer
 from dpr.models.hf_encoder import encode, encoder_out_size
 from dpr.models.loading import load_inference_encoder
-from dpr.training.precision import Precision, make_precision
+from dpr.foundation.devices import process_device
+from dpr.foundation.precision import Precision, make_precision
 
 logger = logging.getLogger(__name__)
 
@@ -38,15 +39,6 @@ class PassageBatch(NamedTuple):
     ids: list[str]
     input_ids: torch.Tensor
     attention_mask: torch.Tensor
-
-
-def inference_device(no_cuda: bool = False, local_rank: Optional[int] = -1) -> torch.device:
-    """The GPU of this process (`cuda:local_rank` when a launcher set one) or the CPU."""
-    if no_cuda or not torch.cuda.is_available():
-        return torch.device("cpu")
-    env_rank = os.environ.get("LOCAL_RANK")
-    rank = int(env_rank) if env_rank is not None else (local_rank if local_rank is not None else -1)
-    return torch.device("cuda", rank) if rank >= 0 else torch.device("cuda")
 
 
 def _chunks(items: Iterator[Passage], size: int) -> Iterator[list[Passage]]:
@@ -151,7 +143,7 @@ def generate_dense_embeddings(cfg: DictConfig) -> Path:
     source = resolve_ctx_source(cfg.ctx_src, cfg)
     plan = ShardPlan(source, cfg.shard_id, cfg.num_shards, count_passages(source.path))
 
-    device = inference_device(cfg.no_cuda, cfg.get("local_rank"))
+    device = process_device(cfg.no_cuda, cfg.get("local_rank"))
     precision = make_precision(device, cfg.fp16, cfg.bf16)
     model, tokenizer = load_inference_encoder(cfg, cfg.encoder_type, cfg.model_file)
     model.to(device)

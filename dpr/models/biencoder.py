@@ -79,7 +79,7 @@ def build_biencoder(encoder_cfg) -> BiEncoder:
         )
 
     question_model = one_encoder()
-    ctx_model = question_model if encoder_cfg.get("shared", False) else one_encoder()
+    ctx_model = question_model if encoder_cfg.get("share_encoders", False) else one_encoder()
     return BiEncoder(
         question_model, ctx_model, encoder_cfg.sequence_length, fix_ctx_encoder=encoder_cfg.get("fix_ctx_encoder", False)
     )

@@ -6,7 +6,8 @@ from omegaconf import DictConfig
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dpr.models.hf_encoder import encoder_from_config, load_tokenizer, resolve_pretrained_path
-from dpr.training import checkpoints
+from dpr.foundation import checkpoints
+from dpr.models.encoder_spec import apply_encoder_params
 
 logger = logging.getLogger(__name__)
 
@@ -26,7 +27,7 @@ def load_inference_encoder(
     state = None
     if model_file:
         ckpt = checkpoints.load_checkpoint(model_file, trust=bool(cfg.get("trust_checkpoint", False)))
-        checkpoints.apply_encoder_params(cfg, ckpt.encoder_params)
+        apply_encoder_params(cfg, ckpt.encoder_params)
         state = checkpoints.strip_prefix(ckpt.model_dict, CHECKPOINT_PREFIXES[encoder_type])
         if not state:
             raise ValueError(f"{model_file} has no '{CHECKPOINT_PREFIXES[encoder_type]}*' weights")

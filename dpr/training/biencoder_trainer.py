@@ -17,7 +17,8 @@ from dpr.data.biencoder_data import BiEncoderSample, load_biencoder_samples
 from dpr.data.tensorizer import Tensorizer
 from dpr.models.biencoder import BiEncoder, build_biencoder, nll_loss
 from dpr.models.hf_encoder import load_tokenizer
-from dpr.training import checkpoints
+from dpr.foundation import checkpoints
+from dpr.models.encoder_spec import apply_encoder_params
 from dpr.training.distributed import (
     all_gather_rows,
     all_reduce_sum,
@@ -27,9 +28,9 @@ from dpr.training.flops import FlopsCounter
 from dpr.training.grad_cache import GradCache, Tower, full_batch_step
 from dpr.training.optim import build_scheduler
 from dpr.training.trainer_base import Trainer
-from dpr.utils.errors import UserInputError
-from dpr.utils.seed import set_seed
-from dpr.utils.tensorboard import ScalarLog
+from dpr.foundation.errors import UserInputError
+from dpr.foundation.seed import set_seed
+from dpr.foundation.tensorboard import ScalarLog
 
 logger = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class BiEncoderTrainer(Trainer):
 
         self.checkpoint = self._find_checkpoint()
         if self.checkpoint is not None:
-            checkpoints.apply_encoder_params(cfg, self.checkpoint.encoder_params)
+            apply_encoder_params(cfg, self.checkpoint.encoder_params)
 
         tokenizer = load_tokenizer(cfg.encoder.pretrained_model_cfg, cfg.do_lower_case)
         self.tensorizer = Tensorizer(tokenizer, cfg.encoder.sequence_length, cfg.encoder.get("pad_to_max", False))
@@ -142,8 +143,8 @@ class BiEncoderTrainer(Trainer):
         for part in ctx_parts[:-1]:
             offsets.append(offsets[-1] + part.shape[0])
         positives = torch.cat([p + o for p, o in zip(positive_parts, offsets)])
-        t = self.cfg.train
-        loss, correct = nll_loss(q_all, torch.cat(ctx_parts), positives, t.get("similarity", "dot"), t.get("temperature", 1.0))
+        encoder = self.cfg.encoder
+        loss, correct = nll_loss(q_all, torch.cat(ctx_parts), positives, encoder.similarity, encoder.temperature)
         return loss * scale, correct
 
     def _towers(self, batch: BiEncoderBatch) -> List[Tower]:

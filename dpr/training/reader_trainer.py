@@ -40,13 +40,14 @@ from dpr.evaluation.reader_predictions import (
 )
 from dpr.models.hf_encoder import load_tokenizer
 from dpr.models.reader import Reader, build_reader, reader_loss
-from dpr.training import checkpoints
+from dpr.foundation import checkpoints
+from dpr.models.encoder_spec import apply_encoder_params
 from dpr.training.biencoder_trainer import ConfigError
 from dpr.training.trainer_base import Trainer
 from dpr.training.distributed import barrier, init_distributed
 from dpr.training.optim import build_scheduler
-from dpr.utils.seed import set_seed
-from dpr.utils.tensorboard import ScalarLog
+from dpr.foundation.seed import set_seed
+from dpr.foundation.tensorboard import ScalarLog
 
 logger = logging.getLogger(__name__)
 
@@ -61,7 +62,7 @@ class ReaderTrainer(Trainer):
 
         self.checkpoint = self._find_checkpoint()
         if self.checkpoint is not None:
-            checkpoints.apply_encoder_params(cfg, self.checkpoint.encoder_params)
+            apply_encoder_params(cfg, self.checkpoint.encoder_params)
 
         self.tokenizer = load_tokenizer(cfg.encoder.pretrained_model_cfg, cfg.do_lower_case)
         self.tensorizer = Tensorizer(self.tokenizer, cfg.encoder.sequence_length, cfg.encoder.get("pad_to_max", False))

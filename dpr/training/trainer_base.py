@@ -10,11 +10,11 @@ from typing import Optional
 import torch
 from omegaconf import OmegaConf
 
-from dpr.training import checkpoints
-from dpr.training.checkpoints import CheckpointState
+from dpr.foundation import checkpoints
+from dpr.foundation.checkpoints import CheckpointState
 from dpr.training.distributed import all_reduce_gradients, broadcast_parameters
 from dpr.training.optim import build_optimizer, parse_adam_betas
-from dpr.training.precision import make_precision
+from dpr.foundation.precision import make_precision
 
 logger = logging.getLogger(__name__)
 

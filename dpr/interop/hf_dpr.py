@@ -41,7 +41,7 @@ from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 from dpr.models.biencoder import BiEncoder
 from dpr.models.hf_encoder import encoder_from_config, load_tokenizer, resolve_pretrained_path
 from dpr.models.loading import CHECKPOINT_PREFIXES
-from dpr.training.checkpoints import CheckpointState, load_checkpoint, load_model_state, save_checkpoint, strip_prefix
+from dpr.foundation.checkpoints import CheckpointState, load_checkpoint, load_model_state, save_checkpoint, strip_prefix
 
 logger = logging.getLogger(__name__)
 

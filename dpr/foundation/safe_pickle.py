@@ -9,7 +9,7 @@ import pickle
 from pathlib import Path
 from typing import BinaryIO, FrozenSet, Tuple, Union
 
-from dpr.utils.errors import UserInputError
+from dpr.foundation.errors import UserInputError
 
 Global = Tuple[str, str]
 

@@ -16,14 +16,13 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
 
 import torch
-from omegaconf import DictConfig, ListConfig, open_dict
+from omegaconf import DictConfig, ListConfig
 from omegaconf.base import ContainerMetadata, Metadata
 from omegaconf.nodes import AnyNode, BooleanNode, FloatNode, IntegerNode, StringNode
 from torch import nn
 
-from dpr.models.hf_encoder import MINILM_ALIASES
-from dpr.utils.errors import UserInputError
-from dpr.utils.files import atomic_output
+from dpr.foundation.errors import UserInputError
+from dpr.foundation.files import atomic_output
 
 logger = logging.getLogger(__name__)
 
@@ -185,20 +184,3 @@ def load_model_state(model: nn.Module, state: Dict[str, torch.Tensor], strict: b
         if strict:
             raise RuntimeError(message)
         logger.warning(message)
-
-
-def apply_encoder_params(cfg: DictConfig, params: dict) -> None:
-    """A checkpoint's encoder settings override the configuration, as in DPR; a saved model path that does not
-    exist on this machine is replaced by the configured one, with a warning."""
-    saved = dict(params.get("encoder") or {})
-    with open_dict(cfg):
-        for key, value in saved.items():
-            if key == "pretrained_model_cfg" and value != cfg.encoder.get(key):
-                if not (os.path.exists(str(value)) or str(value).lower() in MINILM_ALIASES or "/" not in str(value)):
-                    logger.warning("checkpoint's encoder %s is not here; using %s", value, cfg.encoder.get(key))
-                    continue
-            if key in cfg.encoder and cfg.encoder.get(key) != value:
-                logger.info("Overriding encoder.%s from the checkpoint: %s -> %s", key, cfg.encoder.get(key), value)
-            cfg.encoder[key] = value
-        if "do_lower_case" in params:
-            cfg.do_lower_case = params["do_lower_case"]

@@ -1,0 +1,132 @@
+"""What a bi-encoder is, resolved once: the pretrained model, how its vectors are made and how they are compared.
+
+`EncoderSpec.from_config(cfg.encoder, cfg.do_lower_case)` builds it from the hydra config (conf/encoder/*.yaml);
+a checkpoint saves it (`checkpoint_params()`, DPR's `{"do_lower_case", "encoder": {...}}` shape) and
+`with_checkpoint_params` reads it back, the checkpoint's values overriding the configured ones as in DPR. Training,
+embedding, indexing and retrieval take this object, not the whole config, so a model trained with cosine
+similarity is also embedded, indexed and searched with it.
+"""
+import dataclasses
+import logging
+import os
+from dataclasses import dataclass
+from typing import Any, Mapping, Optional
+
+from omegaconf import DictConfig, open_dict
+
+from dpr.foundation.errors import UserInputError
+from dpr.models.hf_encoder import MINILM_ALIASES
+
+logger = logging.getLogger(__name__)
+
+POOLINGS = ("cls", "mean")
+SIMILARITIES = ("dot", "cosine")
+# [CLS] and [SEP] take two positions: anything shorter leaves no room for a token of text.
+MIN_SEQUENCE_LENGTH = 3
+
+
+class EncoderConfigError(UserInputError):
+    """An encoder setting that cannot work."""
+
+
+@dataclass(frozen=True)
+class EncoderSpec:
+    pretrained_model_cfg: str
+    encoder_model_type: str = "hf_bert"
+    pretrained_file: Optional[str] = None
+    projection_dim: int = 0
+    sequence_length: int = 256
+    # != 0 overrides the model's hidden and attention dropout, as DPR does; 0 keeps the model's own
+    dropout: float = 0.1
+    pretrained: bool = True
+    fix_ctx_encoder: bool = False
+    # one encoder for questions and passages (Tevatron's and sentence-transformers' option); DPR: two
+    share_encoders: bool = False
+    pad_to_max: bool = False
+    # cls: the last-layer [CLS] vector (DPR); mean: the mean of the non-padding token vectors
+    pooling: str = "cls"
+    # dot: DPR's inner product; cosine: inner product of L2-normalised vectors, divided by temperature
+    similarity: str = "dot"
+    temperature: float = 1.0
+    do_lower_case: bool = True
+
+    def __post_init__(self) -> None:
+        if not self.pretrained_model_cfg:
+            raise EncoderConfigError("encoder.pretrained_model_cfg is empty: name a model hub id, a directory or minilm")
+        if int(self.sequence_length) < MIN_SEQUENCE_LENGTH:
+            raise EncoderConfigError(
+                f"encoder.sequence_length={self.sequence_length} leaves no room for text after [CLS] and [SEP]: "
+                f"use at least {MIN_SEQUENCE_LENGTH} (DPR: 256 for the retriever, 350 for the reader)"
+            )
+        if self.pooling not in POOLINGS:
+            raise EncoderConfigError(f"encoder.pooling={self.pooling!r}: choose one of {', '.join(POOLINGS)}")
+        if self.similarity not in SIMILARITIES:
+            raise EncoderConfigError(f"encoder.similarity={self.similarity!r}: choose one of {', '.join(SIMILARITIES)}")
+        if not float(self.temperature) > 0:
+            raise EncoderConfigError(f"encoder.temperature={self.temperature} must be positive")
+        if int(self.projection_dim) < 0:
+            raise EncoderConfigError(f"encoder.projection_dim={self.projection_dim} must be 0 (none) or positive")
+
+    @classmethod
+    def from_config(cls, encoder_cfg: Mapping[str, Any], do_lower_case: bool = True) -> "EncoderSpec":
+        """The spec of a `cfg.encoder` mapping; keys this spec does not know are an error that names them."""
+        values = {key: encoder_cfg[key] for key in encoder_cfg}
+        return cls._from_values(values, do_lower_case, "encoder config")
+
+    @classmethod
+    def _from_values(cls, values: dict, do_lower_case: bool, where: str) -> "EncoderSpec":
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(values) - known)
+        if unknown:
+            raise EncoderConfigError(f"unknown key(s) in the {where}: {', '.join(unknown)} (known: {', '.join(sorted(known))})")
+        values = {key: value for key, value in values.items() if value is not None or key == "pretrained_file"}
+        values.setdefault("do_lower_case", do_lower_case)
+        return cls(**values)
+
+    def checkpoint_params(self) -> dict:
+        """The `encoder_params` a checkpoint saves: DPR's shape, every field of this spec under `encoder`."""
+        encoder = dataclasses.asdict(self)
+        do_lower_case = encoder.pop("do_lower_case")
+        return {"do_lower_case": do_lower_case, "encoder": encoder}
+
+    def with_checkpoint_params(self, params: Mapping[str, Any]) -> "EncoderSpec":
+        """This spec with a checkpoint's saved encoder settings applied over it, as DPR does; a saved model path
+        that does not exist on this machine keeps the configured one (with a warning). Keys of DPR's encoder
+        config that describe no part of the model here (GC-DPR's flat form has a few) are ignored."""
+        saved = dict(params.get("encoder") or {})
+        known = {f.name for f in dataclasses.fields(self)}
+        updates = {}
+        for key, value in saved.items():
+            if key not in known or value is None and key != "pretrained_file":
+                continue
+            if key == "pretrained_model_cfg" and value != self.pretrained_model_cfg and not _model_is_here(str(value)):
+                logger.warning("checkpoint's encoder %s is not here; using %s", value, self.pretrained_model_cfg)
+                continue
+            if getattr(self, key) != value:
+                logger.info("encoder.%s from the checkpoint: %s -> %s", key, getattr(self, key), value)
+            updates[key] = value
+        if "do_lower_case" in params:
+            updates["do_lower_case"] = bool(params["do_lower_case"])
+        return dataclasses.replace(self, **updates)
+
+
+def _model_is_here(name: str) -> bool:
+    """A local directory, the offline MiniLM, or a plain hub name (no slash: the hub's canonical models)."""
+    return os.path.exists(name) or name.lower() in MINILM_ALIASES or "/" not in name
+
+
+def apply_encoder_params(cfg: DictConfig, params: dict) -> None:
+    """A checkpoint's encoder settings override the configuration, as in DPR; a saved model path that does not
+    exist on this machine is replaced by the configured one, with a warning."""
+    saved = dict(params.get("encoder") or {})
+    with open_dict(cfg):
+        for key, value in saved.items():
+            if key == "pretrained_model_cfg" and value != cfg.encoder.get(key):
+                if not _model_is_here(str(value)):
+                    logger.warning("checkpoint's encoder %s is not here; using %s", value, cfg.encoder.get(key))
+                    continue
+            if key in cfg.encoder and cfg.encoder.get(key) != value:
+                logger.info("Overriding encoder.%s from the checkpoint: %s -> %s", key, cfg.encoder.get(key), value)
+            cfg.encoder[key] = value
+        if "do_lower_case" in params:
+            cfg.do_lower_case = params["do_lower_case"]
