@@ -1,10 +1,10 @@
 """A tiny bi-encoder, its towers and gradient comparisons, shared by the gradient-cache and precision tests."""
 import torch
-from omegaconf import OmegaConf
 
 from dpr.data.biencoder_data import load_biencoder_samples
 from dpr.data.tensorizer import Tensorizer
 from dpr.models.biencoder import build_biencoder, nll_loss
+from dpr.models.encoder_spec import EncoderSpec
 from dpr.models.hf_encoder import load_tokenizer
 from dpr.training.grad_cache import GradCache, Tower, full_batch_step
 from tests.fixtures import write_retriever_json
@@ -23,9 +23,8 @@ def tiny_setup(folder):
 
 def make_model(model_dir, fix_ctx=False):
     torch.manual_seed(0)
-    cfg = OmegaConf.create({"pretrained_model_cfg": model_dir, "sequence_length": SEQUENCE_LENGTH, "dropout": 0.1,
-                            "fix_ctx_encoder": fix_ctx, "projection_dim": 0})
-    model = build_biencoder(cfg)
+    spec = EncoderSpec(model_dir, sequence_length=SEQUENCE_LENGTH, dropout=0.1, fix_ctx_encoder=fix_ctx)
+    model = build_biencoder(spec)
     model.train()
     return model
 

@@ -4,9 +4,9 @@ import os
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 
 from dpr.models.biencoder import build_biencoder, nll_loss
+from dpr.models.encoder_spec import EncoderSpec
 from dpr.foundation import checkpoints
 from dpr.foundation.checkpoints import CheckpointState
 from dpr.training.optim import linear_schedule_factor
@@ -41,8 +41,7 @@ def test_schedule_warmup_then_linear_decay():
 @pytest.fixture(scope="module")
 def biencoder(tmp_path_factory):
     model_dir = tiny_bert_dir(tmp_path_factory.mktemp("bert") / "m")
-    cfg = OmegaConf.create({"pretrained_model_cfg": model_dir, "sequence_length": 32, "dropout": 0.1})
-    return build_biencoder(cfg), model_dir
+    return build_biencoder(EncoderSpec(model_dir, sequence_length=32, dropout=0.1)), model_dir
 
 
 def state_of(model, **kw):

@@ -6,7 +6,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpr.models.example_dropout import example_seeds
-from dpr.models.hf_encoder import encode, encoder_out_size
+from dpr.models.encoder_spec import EncoderSpec
+from dpr.models.hf_encoder import build_encoder, encode, encoder_out_size
 
 
 class BiEncoder(nn.Module):
@@ -66,20 +67,11 @@ def nll_loss(
     return loss, correct
 
 
-def build_biencoder(encoder_cfg) -> BiEncoder:
-    """The BiEncoder an `encoder` config describes (conf/encoder/*.yaml)."""
-    from dpr.models.hf_encoder import build_encoder
-
+def build_biencoder(spec: EncoderSpec) -> BiEncoder:
+    """The BiEncoder a spec describes: two encoders, or one shared by both towers."""
     def one_encoder():
-        return build_encoder(
-            encoder_cfg.pretrained_model_cfg,
-            projection_dim=encoder_cfg.get("projection_dim") or 0,
-            dropout=encoder_cfg.get("dropout") or 0.0,
-            pretrained=encoder_cfg.get("pretrained", True),
-        )
+        return build_encoder(spec.pretrained_model_cfg, spec.projection_dim, spec.dropout, spec.pretrained)
 
     question_model = one_encoder()
-    ctx_model = question_model if encoder_cfg.get("share_encoders", False) else one_encoder()
-    return BiEncoder(
-        question_model, ctx_model, encoder_cfg.sequence_length, fix_ctx_encoder=encoder_cfg.get("fix_ctx_encoder", False)
-    )
+    ctx_model = question_model if spec.share_encoders else one_encoder()
+    return BiEncoder(question_model, ctx_model, spec.sequence_length, fix_ctx_encoder=spec.fix_ctx_encoder)

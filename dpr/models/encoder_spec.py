@@ -43,6 +43,8 @@ class EncoderSpec:
     # one encoder for questions and passages (Tevatron's and sentence-transformers' option); DPR: two
     share_encoders: bool = False
     pad_to_max: bool = False
+    # the reader's: token type ids computed per row (1 after the question's [SEP]); DPR's released reader has none
+    token_type_ids: bool = False
     # cls: the last-layer [CLS] vector (DPR); mean: the mean of the non-padding token vectors
     pooling: str = "cls"
     # dot: DPR's inner product; cosine: inner product of L2-normalised vectors, divided by temperature

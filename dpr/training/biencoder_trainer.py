@@ -18,7 +18,7 @@ from dpr.data.tensorizer import Tensorizer
 from dpr.models.biencoder import BiEncoder, build_biencoder, nll_loss
 from dpr.models.hf_encoder import load_tokenizer
 from dpr.foundation import checkpoints
-from dpr.models.encoder_spec import apply_encoder_params
+from dpr.models.encoder_spec import EncoderSpec, apply_encoder_params
 from dpr.training.distributed import (
     all_gather_rows,
     all_reduce_sum,
@@ -95,7 +95,7 @@ class BiEncoderTrainer(Trainer):
         dev_sets = load_datasets(cfg.dev_datasets, cfg, "dev")
         self.dev_set = [s for d in dev_sets for s in d]
 
-        self.model: BiEncoder = build_biencoder(cfg.encoder).to(self.device)
+        self.model: BiEncoder = build_biencoder(EncoderSpec.from_config(cfg.encoder, cfg.do_lower_case)).to(self.device)
         self._prepare_model()
         t = cfg.train
         self.grad_factor = 1.0 / t.grad_compensation_ref_world if t.get("grad_compensation_ref_world") else 1.0
