@@ -8,7 +8,9 @@ import torch
 
 from dpr.data.batching import evaluation_batches, local_slice, training_batches
 from dpr.data.biencoder_batch import make_biencoder_batch
-from dpr.data.biencoder_data import DataFileError, Passage, BiEncoderSample, load_biencoder_samples, sample_contexts
+from dpr.data.biencoder_data import BiEncoderSample, load_biencoder_samples, sample_contexts
+from dpr.data.data_files import DataFileError
+from dpr.data.passages import Passage
 from dpr.data.tensorizer import Tensorizer
 from dpr.models.hf_encoder import build_encoder, encode, load_tokenizer
 from tests.fixtures import retriever_samples, write_retriever_json
@@ -55,14 +57,14 @@ def test_records_without_question_or_positive_are_skipped_and_counted(tmp_path, 
 
 
 def test_missing_file_is_an_error(tmp_path):
-    with pytest.raises(FileNotFoundError, match="no data file matches"):
+    with pytest.raises(FileNotFoundError, match="neither an existing file"):
         load_biencoder_samples([str(tmp_path / "none*.json")])
 
 
 def sample(n_neg=4, n_hard=3):
     return BiEncoderSample(
-        "q", ["a"], [Passage("p0", "t"), Passage("p1", "t")],
-        [Passage(f"n{i}") for i in range(n_neg)], [Passage(f"h{i}") for i in range(n_hard)],
+        "q", ["a"], [Passage(None, "p0", "t"), Passage(None, "p1", "t")],
+        [Passage(None, f"n{i}") for i in range(n_neg)], [Passage(None, f"h{i}") for i in range(n_hard)],
     )
 
 

@@ -3,7 +3,8 @@ import json
 
 import pytest
 
-from dpr.data.qa_data import QADataError, QASample, read_qa_csv, read_qa_file, read_qa_jsonl
+from dpr.data.data_files import DataFileError
+from dpr.data.qa_data import QASample, read_qa_csv, read_qa_file, read_qa_jsonl
 
 QAS_CSV = (
     "who got the first nobel prize in physics\t['Wilhelm Conrad Röntgen']\n"
@@ -32,7 +33,7 @@ def test_read_qa_csv_columns_and_gzip(tmp_path):
 def test_answers_are_never_evaluated(tmp_path):
     path = tmp_path / "evil.qa.csv"
     path.write_text("fine\t['x']\nevil\t__import__('os').getcwd()\n", encoding="utf-8")
-    with pytest.raises(QADataError, match=r"evil\.qa\.csv, line 2"):
+    with pytest.raises(DataFileError, match=r"evil\.qa\.csv, line 2"):
         read_qa_csv(path)
 
 
@@ -47,7 +48,7 @@ def test_answers_are_never_evaluated(tmp_path):
 def test_malformed_csv_row_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.qa.csv"
     path.write_text(f"ok\t['a']\n\n{line}\n", encoding="utf-8")
-    with pytest.raises(QADataError, match=rf"bad\.qa\.csv, line 3: .*{message}"):
+    with pytest.raises(DataFileError, match=rf"bad\.qa\.csv, line 3: .*{message}"):
         read_qa_csv(path)
 
 
@@ -79,7 +80,7 @@ def test_read_qa_jsonl_gz(tmp_path):
 def test_malformed_jsonl_line_names_file_and_line(tmp_path, line, message):
     path = tmp_path / "bad.jsonl"
     path.write_text('{"question": "q", "answer": "a"}\n' + line + "\n", encoding="utf-8")
-    with pytest.raises(QADataError, match=rf"bad\.jsonl, line 2: .*{message}"):
+    with pytest.raises(DataFileError, match=rf"bad\.jsonl, line 2: .*{message}"):
         read_qa_jsonl(path)
 
 

@@ -3,29 +3,18 @@
 Sampling (which positive, which negatives) is a pure function of (seed, epoch, example index), so a run sees
 the same data whatever its batch composition, chunking or number of processes.
 """
-import glob
-import gzip
 import json
 import logging
-import os
 from dataclasses import dataclass, field
 from typing import Iterable, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from dpr.foundation.errors import UserInputError
+from dpr.data.data_files import DataFileError, open_text, without_gz
+from dpr.data.passages import Passage
+from dpr.data.resources import resolve_data_path
 
 logger = logging.getLogger(__name__)
-
-
-class DataFileError(UserInputError, ValueError):
-    """A data file that cannot be read, with the file and record named."""
-
-
-@dataclass
-class Passage:
-    text: str
-    title: Optional[str] = None
 
 
 @dataclass
@@ -42,31 +31,11 @@ def normalize_question(question: str) -> str:
     return question.replace("\u2019", "'")
 
 
-def expand_paths(patterns: Iterable[str]) -> List[str]:
-    """Files named by paths or globs, each pattern's matches sorted; a pattern matching nothing is an error."""
-    files: List[str] = []
-    for pattern in patterns:
-        matches = sorted(glob.glob(pattern)) if glob.has_magic(pattern) else [pattern]
-        matches = [m for m in matches if os.path.isfile(m)]
-        if not matches:
-            raise FileNotFoundError(f"no data file matches '{pattern}'")
-        files.extend(matches)
-    return files
-
-
-def _open_text(path: str):
-    return gzip.open(path, "rt", encoding="utf-8") if path.endswith(".gz") else open(path, encoding="utf-8")
-
-
-def _is_json_lines(path: str) -> bool:
-    return path.removesuffix(".gz").endswith(".jsonl")
-
-
 def iter_json_records(path: str) -> Iterable[Tuple[str, object]]:
     """(location, record) pairs of a JSON list file or a JSON-lines file, plain or gzipped. Location names the
     record or line for error messages."""
-    with _open_text(path) as f:
-        if _is_json_lines(path):
+    with open_text(path) as f:
+        if without_gz(path).endswith(".jsonl"):
             for line_no, line in enumerate(f, start=1):
                 if not line.strip():
                     continue
@@ -94,15 +63,17 @@ def _passages(raw: object, where: str) -> List[Passage]:
     for ctx in raw:
         if not isinstance(ctx, dict) or not isinstance(ctx.get("text"), str):
             raise DataFileError(f"{where}: a passage without a 'text' string: {str(ctx)[:80]}")
-        passages.append(Passage(text=ctx["text"], title=ctx.get("title")))
+        passage_id = ctx.get("passage_id")
+        passages.append(Passage(None if passage_id is None else str(passage_id), ctx["text"], ctx.get("title")))
     return passages
 
 
 def load_biencoder_samples(patterns: Sequence[str]) -> List[BiEncoderSample]:
-    """Samples of DPR retriever JSON files (.json, .jsonl, gzipped or not, globs). Records without a question or
-    without positive passages are skipped and counted in one warning line, as DPR drops them."""
+    """Samples of DPR retriever JSON files (.json, .jsonl, gzipped or not; paths, globs or resource keys). Records
+    without a question or without positive passages are skipped and counted in one warning line, as DPR drops
+    them."""
     samples: List[BiEncoderSample] = []
-    for path in expand_paths(patterns):
+    for path in [path for pattern in patterns for path in resolve_data_path(pattern)]:
         skipped = 0
         for location, record in iter_json_records(path):
             where = f"{path}: {location}"

@@ -9,8 +9,9 @@ from typing import Iterable, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig
 
-from dpr.data.passages import Passage, iter_passages
-from dpr.data.resources import resolve_data_path
+from dpr.data.data_files import DataFileError
+from dpr.data.passages import Passage, iter_passage_files
+from dpr.data.resources import DataPathError, resolve_dataset
 
 logger = logging.getLogger(__name__)
 
@@ -24,13 +25,12 @@ class CtxSource:
 def resolve_ctx_source(name_or_path: str, cfg: DictConfig) -> CtxSource:
     """The passages file and id prefix of a `cfg.ctx_sources` name, or of a path (no prefix)."""
     if not name_or_path:
-        raise ValueError("no passage source given: set ctx_src (generation) or ctx_datatsets (retrieval)")
-    entry = (cfg.get("ctx_sources") or {}).get(name_or_path)
-    target, id_prefix = (entry.file, entry.get("id_prefix") or "") if entry is not None else (name_or_path, "")
-    paths = resolve_data_path(str(target), cfg.get("data_dir"))
-    if len(paths) != 1:
-        raise ValueError(f"passage source {name_or_path!r} must be one file, but {target!r} names {len(paths)}")
-    return CtxSource(paths[0], id_prefix)
+        raise DataPathError("no passage source given: set ctx_src (generation) or ctx_datatsets (retrieval)")
+    source = resolve_dataset(name_or_path, cfg.get("ctx_sources"), cfg.get("data_dir"))
+    if len(source.files) != 1:
+        raise DataPathError(f"passage source {name_or_path!r} must be one file, but it names {len(source.files)}: "
+                            f"{source.files[:3]}")
+    return CtxSource(source.files[0], source.options.get("id_prefix") or "")
 
 
 def resolve_ctx_sources(names_or_paths: Optional[Iterable[str]], cfg: DictConfig) -> list[CtxSource]:
@@ -39,22 +39,23 @@ def resolve_ctx_sources(names_or_paths: Optional[Iterable[str]], cfg: DictConfig
 
 
 def iter_sources(sources: Sequence[CtxSource]) -> Iterator[Passage]:
-    """Every passage of every source in order, ids prefixed by their source's prefix."""
-    for source in sources:
-        yield from iter_passages(source.path, source.id_prefix)
+    """Every passage of every source in order, ids prefixed by their source's prefix; an id repeated in a source or
+    across them is refused once the end is reached."""
+    return iter_passage_files([(source.path, source.id_prefix) for source in sources])
 
 
 def load_passage_subset(sources: Sequence[CtxSource], wanted_ids: Iterable[object]) -> dict[str, tuple[str, str]]:
     """`id -> (text, title)` for the wanted passages only, streamed from the sources (not the whole collection).
 
-    Raises KeyError naming an id no source holds (a wrong `id_prefix` is the usual cause).
+    Raises DataFileError naming an id no source holds (a wrong `id_prefix` is the usual cause), or one that two
+    passages share.
     """
     wanted = {str(doc_id) for doc_id in wanted_ids}
     passages = {p.id: (p.text, p.title) for p in iter_sources(sources) if p.id in wanted}
     missing = wanted.difference(passages)
     if missing:
         example = next(iter(missing))
-        raise KeyError(
+        raise DataFileError(
             f"{len(missing)} retrieved passage id(s), e.g. {example!r}, are not in the passage sources "
             f"{[s.path for s in sources]} (with id prefixes {[s.id_prefix for s in sources]})"
         )

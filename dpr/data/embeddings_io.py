@@ -9,17 +9,17 @@
 Writes are atomic (a temporary file in the same folder, then `os.replace`), so a shard file that exists is complete
 and a rerun can skip it. Readers stream one file at a time.
 """
-import glob
 import logging
 import os
 import pickle
-import re
 import zipfile
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, Sequence, Union
 
 import numpy as np
 
+from dpr.data.data_files import expand_glob
+from dpr.data.resources import DataPathError
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import TEMP_SUFFIX, atomic_output
 from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
@@ -32,7 +32,6 @@ EmbeddingBlock = tuple[list[str], np.ndarray]
 SHARD_SUFFIXES = {"dpr": "", "gc": ".pkl", "npz": ".npz"}
 _INDEX_FILE_ENDINGS = ("index.dpr", "index_meta.dpr")
 _PICKLE_STOP_OPCODE = b"."
-_GLOB_CHARS = re.compile(r"[*?\[]")
 
 
 class ShardFileError(UserInputError):
@@ -115,17 +114,12 @@ def read_embeddings(path: PathLike, id_prefix: str = "") -> EmbeddingBlock:
     return [_with_prefix(doc_id, id_prefix) for doc_id in ids], vectors
 
 
-def _is_embedding_file(path: Path) -> bool:
+def _is_embedding_file(path: str) -> bool:
     """Leaves out what a `*` glob beside the shards would also match: FAISS index files and temporary files."""
-    name = path.name
-    return path.is_file() and not (
+    name = os.path.basename(path)
+    return os.path.isfile(path) and not (
         name.endswith(_INDEX_FILE_ENDINGS) or name.endswith(TEMP_SUFFIX) or name.startswith(".")
     )
-
-
-def _natural_key(path: Path) -> list:
-    """Sort `emb_2` before `emb_10`."""
-    return [int(part) if part.isdigit() else part for part in re.split(r"(\d+)", str(path))]
 
 
 def expand_embedding_paths(patterns: Union[PathLike, Sequence[PathLike]]) -> list[Path]:
@@ -133,18 +127,10 @@ def expand_embedding_paths(patterns: Union[PathLike, Sequence[PathLike]]) -> lis
     patterns = [patterns] if isinstance(patterns, (str, Path)) else list(patterns)
     paths: list[Path] = []
     for pattern in patterns:
-        if _GLOB_CHARS.search(str(pattern)):
-            matches = sorted(
-                (Path(match) for match in glob.glob(str(pattern)) if _is_embedding_file(Path(match))),
-                key=_natural_key,
-            )
-            if not matches:
-                raise FileNotFoundError(f"no embedding files match {pattern}")
-            paths.extend(matches)
-        elif Path(pattern).is_file():
-            paths.append(Path(pattern))
-        else:
-            raise FileNotFoundError(f"embedding file {pattern} does not exist")
+        matches = expand_glob(pattern, keep=_is_embedding_file)
+        if not matches:
+            raise DataPathError(f"no embedding shard file is or matches {pattern}")
+        paths.extend(Path(match) for match in matches)
     return paths
 
 

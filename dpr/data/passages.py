@@ -1,59 +1,119 @@
-"""DPR's passage collection (`psgs_w100.tsv`): streaming reads, counting, and ceil sharding.
+"""DPR's passage collection (`psgs_w100.tsv`): the one `Passage` type, streaming reads, counting, ceil sharding.
 
 The file is tab separated with a header `id\ttext\ttitle` and CSV-quoted texts, so it is read with
 `csv.reader(delimiter='\t')`; texts get `strip('"')` as DPR's CsvCtxSrc does. `.gz` files are read transparently.
+A malformed file is refused, never read approximately: a row without exactly three fields (an unquoted tab in a
+text splits it) and an id used twice (both index entries would show one of the two texts, so an answer in the
+other could never be found) are errors naming the file and lines.
 """
 import csv
-import gzip
 import itertools
 import logging
 import math
+from array import array
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, TextIO, Union
+from typing import Iterator, NamedTuple, Optional, Sequence, Tuple, Union
+
+import numpy as np
+
+from dpr.data.data_files import DataFileError, open_text
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
+PassageFile = Tuple[PathLike, str]  # (path, id prefix)
 
 
 class Passage(NamedTuple):
-    id: str
+    """A passage of a collection (`id` with its source's prefix) or of a training sample (`id` is its
+    `passage_id`, if any; `title` may be None)."""
+
+    id: Optional[str]
     text: str
-    title: str
+    title: Optional[str] = None
 
 
-def open_text_file(path: PathLike) -> TextIO:
-    """Open a UTF-8 text file for reading, gunzipping on the fly when the name ends in `.gz`."""
-    if str(path).endswith(".gz"):
-        return gzip.open(path, "rt", encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
-
-
-def _passage_rows(path: PathLike) -> Iterator[list[str]]:
-    """The data rows of a passages TSV, header and blank lines left out."""
-    with open_text_file(path) as reader:
+def _numbered_rows(path: PathLike) -> Iterator[Tuple[int, list]]:
+    """(line number where the row starts, fields) of the data rows of a passages TSV; header and blank lines are
+    left out. A quoted text may span several lines."""
+    with open_text(path) as reader:
         rows = csv.reader(reader, delimiter="\t")
-        first = next(rows, None)
-        if first and first[0] != "id":  # no header line: the first row is data
-            yield first
-        yield from (row for row in rows if row)
+        last_line = 0
+        for row in rows:
+            start, last_line = last_line + 1, rows.line_num
+            if not row or (start == 1 and row[0] == "id"):
+                continue
+            yield start, row
 
 
-def _to_passage(row: list[str], id_prefix: str, path: PathLike) -> Passage:
-    if len(row) < 3:
-        raise ValueError(f"{path}: expected 'id<TAB>text<TAB>title', got {len(row)} column(s) in row {row[:1]}")
+def _to_passage(row: list, id_prefix: str, path: PathLike, line: int) -> Passage:
+    if len(row) != 3:
+        hint = ("; a tab inside a text needs the text in double quotes" if len(row) > 3
+                else "; is it a passages TSV?")
+        raise DataFileError(f"{path}, line {line}: expected 3 tab-separated fields 'id<TAB>text<TAB>title', got "
+                            f"{len(row)}{hint}")
     return Passage(id_prefix + row[0], row[1].strip('"'), row[2])
 
 
+def _numbered_passages(path: PathLike, id_prefix: str) -> Iterator[Tuple[int, Passage]]:
+    for line, row in _numbered_rows(path):
+        yield line, _to_passage(row, id_prefix, path, line)
+
+
+class _UniqueIdCheck:
+    """Refuses a collection whose ids repeat, at 8 bytes a passage: during a full pass only each id's hash is kept
+    (168 MB for the 21M passages of psgs_w100, where a set of the ids would take about 2 GB), and the hashes are
+    compared at the end. Only when one repeats are the files read again, to find the repeated id and its lines
+    (a repeated hash of different ids is let through)."""
+
+    def __init__(self, files: Sequence[PassageFile]):
+        self.files = files
+        self.hashes = array("q")
+
+    def add(self, passage_id: str) -> None:
+        self.hashes.append(hash(passage_id))
+
+    def check(self) -> None:
+        ordered = np.sort(np.frombuffer(self.hashes, dtype=np.int64))
+        repeated = ordered[1:][ordered[1:] == ordered[:-1]]
+        if not len(repeated):
+            return
+        suspects = set(repeated.tolist())
+        seen: dict = {}
+        for path, id_prefix in self.files:
+            for line, passage in _numbered_passages(path, id_prefix):
+                if hash(passage.id) not in suspects:
+                    continue
+                if passage.id in seen:
+                    first_path, first_line = seen[passage.id]
+                    first = f"line {first_line}" + ("" if first_path == path else f" of {first_path}")
+                    raise DataFileError(
+                        f"{path}, line {line}: passage id {passage.id[len(id_prefix):]!r} is already used on "
+                        f"{first}; ids must be unique (two passages under one id show one text, and an answer in "
+                        f"the other is never found): remove or renumber one of them")
+                seen[passage.id] = (path, line)
+
+
+def iter_passage_files(files: Sequence[PassageFile]) -> Iterator[Passage]:
+    """Every passage of the files, in order, each id with its file's prefix, without holding them in memory. A pass
+    that reaches the end raises DataFileError if an id (with its prefix) repeats, in one file or across them."""
+    unique_ids = _UniqueIdCheck(files)
+    for path, id_prefix in files:
+        for _, passage in _numbered_passages(path, id_prefix):
+            unique_ids.add(passage.id)
+            yield passage
+    unique_ids.check()
+
+
 def iter_passages(path: PathLike, id_prefix: str = "") -> Iterator[Passage]:
-    """Stream every passage of the file, in file order, without holding the collection in memory."""
-    for row in _passage_rows(path):
-        yield _to_passage(row, id_prefix, path)
+    """Stream every passage of the file, in file order (ids checked unique once the end is reached)."""
+    return iter_passage_files([(path, id_prefix)])
 
 
 def count_passages(path: PathLike) -> int:
-    """The number of passages (CSV rows, which may span several lines when a quoted text holds newlines)."""
-    return sum(1 for _ in _passage_rows(path))
+    """The number of passages (CSV rows, which may span several lines when a quoted text holds newlines). Being a
+    full pass, it also refuses malformed rows and repeated ids, before any passage is embedded."""
+    return sum(1 for _ in iter_passages(path))
 
 
 def shard_range(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
@@ -77,7 +137,11 @@ def iter_passage_shard(
     id_prefix: str = "",
     total: Optional[int] = None,
 ) -> Iterator[Passage]:
-    """Stream only the passages of one shard; `total` (the passage count) saves a counting pass when known."""
+    """Stream only the passages of one shard; `total` (the passage count) saves a counting pass when known.
+
+    A shard alone cannot see an id repeated in another shard: the counting pass (count_passages) checks the whole
+    file, so pass a `total` that came from it.
+    """
     total = count_passages(path) if total is None else total
     start, end = shard_range(total, shard_id, num_shards)
     logger.info("shard %d of %d of %s: passages [%d, %d) of %d", shard_id, num_shards, path, start, end, total)

@@ -1,7 +1,8 @@
 """Question files for retrieval evaluation: DPR's qas CSV and JSON lines, plain or gzipped.
 
 The qas CSV is tab separated without a header: `question \t ['answer', ...]`. DPR parses the answers column with
-`eval`; here it is `ast.literal_eval`, so a file can hold data but never run code.
+`eval`; here it is `ast.literal_eval`, so a file can hold data but never run code. A question with no answer can
+never be matched, so each one is warned about (file and line) and counted; a file with no question is an error.
 """
 import ast
 import csv
@@ -11,16 +12,11 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional, Union
 
-from dpr.data.passages import open_text_file
-from dpr.foundation.errors import UserInputError
+from dpr.data.data_files import DataFileError, open_text, without_gz
 
 logger = logging.getLogger(__name__)
 
 PathLike = Union[str, Path]
-
-
-class QADataError(UserInputError, ValueError):
-    """A malformed row of a question file; the message names the file and line."""
 
 
 @dataclass(frozen=True)
@@ -36,19 +32,27 @@ def _parse_answers(value: object, where: str) -> list[str]:
         return [value]
     if isinstance(value, (list, tuple)) and all(isinstance(answer, str) for answer in value):
         return list(value)
-    raise QADataError(f"{where}: answers must be a string or a list of strings, got {value!r:.100}")
+    raise DataFileError(f"{where}: answers must be a string or a list of strings, got {value!r:.100}")
 
 
 def _csv_sample(row: list[str], question_col: int, answers_col: int, id_col: int, where: str) -> QASample:
     needed = max(question_col, answers_col, id_col) + 1
     if len(row) < needed:
-        raise QADataError(f"{where}: expected at least {needed} tab-separated columns, got {len(row)}")
+        raise DataFileError(f"{where}: expected at least {needed} tab-separated columns, got {len(row)}")
     try:
         answers = ast.literal_eval(row[answers_col])
     except (ValueError, SyntaxError, TypeError, MemoryError, RecursionError) as error:
-        raise QADataError(f"{where}: answers column is not a Python literal: {row[answers_col]!r:.100}") from error
+        raise DataFileError(f"{where}: answers column is not a Python literal: {row[answers_col]!r:.100}") from error
     sample_id = row[id_col] if id_col >= 0 else None
     return QASample(row[question_col], _parse_answers(answers, where), sample_id)
+
+
+def _warn_if_unanswerable(sample: QASample, where: str) -> bool:
+    """Warn about a question whose answers list is empty (it counts as a miss at every k); True if it is."""
+    if sample.answers:
+        return False
+    logger.warning("%s: the question %r has no answer, so it can never be found", where, sample.question[:100])
+    return True
 
 
 def read_qa_csv(
@@ -58,20 +62,22 @@ def read_qa_csv(
     id_col: int = -1,
 ) -> list[QASample]:
     """DPR's qas CSV (tab separated, no header); `id_col=-1` means the file has no id column."""
-    samples = []
-    with open_text_file(path) as reader:
+    samples, unanswerable = [], 0
+    with open_text(path) as reader:
         rows = csv.reader(reader, delimiter="\t")
         for row in rows:
             if row:
                 where = f"{path}, line {rows.line_num}"
                 samples.append(_csv_sample(row, question_col, answers_col, id_col, where))
+                unanswerable += _warn_if_unanswerable(samples[-1], where)
+    _log_unanswerable(path, unanswerable, len(samples))
     return samples
 
 
 def read_qa_jsonl(path: PathLike) -> list[QASample]:
     """JSON lines of `{"question": str, "answer": str | [str], "id"?: ...}` (`answers` is accepted too)."""
-    samples = []
-    with open_text_file(path) as reader:
+    samples, unanswerable = [], 0
+    with open_text(path) as reader:
         for line_number, line in enumerate(reader, start=1):
             if not line.strip():
                 continue
@@ -79,23 +85,33 @@ def read_qa_jsonl(path: PathLike) -> list[QASample]:
             try:
                 record = json.loads(line)
             except json.JSONDecodeError as error:
-                raise QADataError(f"{where}: not valid JSON ({error.msg})") from error
+                raise DataFileError(f"{where}: not valid JSON ({error.msg})") from error
             if not isinstance(record, dict) or "question" not in record:
-                raise QADataError(f"{where}: expected an object with a 'question' key")
+                raise DataFileError(f"{where}: expected an object with a 'question' key")
             answers = record.get("answer", record.get("answers"))
             if answers is None:
-                raise QADataError(f"{where}: no 'answer' key")
+                raise DataFileError(f"{where}: no 'answer' key")
             sample_id = None if record.get("id") is None else str(record["id"])
             samples.append(QASample(record["question"], _parse_answers(answers, where), sample_id))
+            unanswerable += _warn_if_unanswerable(samples[-1], where)
+    _log_unanswerable(path, unanswerable, len(samples))
     return samples
 
 
+def _log_unanswerable(path: PathLike, unanswerable: int, total: int) -> None:
+    if unanswerable:
+        logger.warning("%s: %d of %d questions have no answer; they count as misses", path, unanswerable, total)
+
+
 def read_qa_file(path: PathLike, question_col: int = 0, answers_col: int = 1, id_col: int = -1) -> list[QASample]:
-    """Read questions from a `.jsonl`/`.json` lines file or a qas CSV (either may end in `.gz`)."""
-    name = str(path)[: -len(".gz")] if str(path).endswith(".gz") else str(path)
-    if name.endswith((".jsonl", ".json")):
+    """Read questions from a `.jsonl`/`.json` lines file or a qas CSV (either may end in `.gz`); a file without
+    any question is a DataFileError."""
+    if without_gz(path).endswith((".jsonl", ".json")):
         samples = read_qa_jsonl(path)
     else:
         samples = read_qa_csv(path, question_col, answers_col, id_col)
+    if not samples:
+        raise DataFileError(f"{path}: no questions in the file; expected 'question<TAB>[answers]' rows (qas CSV) or "
+                            f"JSON lines with 'question' and 'answer'")
     logger.info("read %d questions from %s", len(samples), path)
     return samples

@@ -1,14 +1,18 @@
-"""Downloadable resources (DPR's RESOURCES_MAP superset, spec §7) and resolution of resource keys to local files.
+"""Downloadable resources (DPR's RESOURCES_MAP superset, spec §7), and the one resolution of what a data option
+names: a config-group entry, a path, a glob or a resource key, to local files.
 
 A key such as ``data.retriever.nq-dev`` names remote file(s) under a base URL; locally it lives in DPR's layout
 ``{data_dir}/downloads/{key parts[:-1] as folders}/{last part}{ext}`` (list-valued resources as ``{last}_{i}{ext}``).
 """
 from __future__ import annotations
 
-import glob
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any, Mapping
+
+from dpr.data.data_files import expand_glob
+from dpr.foundation.errors import UserInputError
 
 DPR_BASE_URL = "https://dl.fbaipublicfiles.com/dpr/"
 SQUAD_BASE_URL = "https://rajpurkar.github.io/"
@@ -18,9 +22,15 @@ DOWNLOADS_DIR = "downloads"
 DATA_DIR_ENV = "DPR_DATA_DIR"
 
 
+class DataPathError(UserInputError, FileNotFoundError):
+    """A data option names no file: not an existing path, a glob matching files, a downloaded resource key or an
+    entry of its config group."""
+
+
 @dataclass(frozen=True)
 class Resource:
-    """Remote file(s) of one key; ``remote_paths`` are relative to ``base_url`` (and to a mirror's root)."""
+    """Remote file(s) of one key; ``remote_paths`` are relative to ``base_url`` (and to a mirror's root).
+    ``size``: the published size in bytes of a single-file resource as fetched, checked after the download."""
 
     remote_paths: tuple[str, ...]
     ext: str
@@ -29,6 +39,7 @@ class Resource:
     description: str
     is_list: bool = False
     base_url: str = DPR_BASE_URL
+    size: int | None = None
 
     def urls(self, mirror: str | None = None) -> list[str]:
         base = mirror if mirror else self.base_url
@@ -39,8 +50,9 @@ def join_url(base: str, relative_path: str) -> str:
     return base.rstrip("/") + "/" + relative_path.lstrip("/")
 
 
-def _single(path: str, ext: str, description: str, gz: bool = False, nq: bool = False) -> Resource:
-    return Resource((path,), ext, gz, nq, description)
+def _single(path: str, ext: str, description: str, gz: bool = False, nq: bool = False,
+            size: int | None = None) -> Resource:
+    return Resource((path,), ext, gz, nq, description, size=size)
 
 
 def _listed(paths: list[str], ext: str, description: str, nq: bool = False) -> Resource:
@@ -155,7 +167,8 @@ def _reader_checkpoints_and_indexes() -> dict[str, Resource]:
     resources = {
         "checkpoint.reader.nq-single.hf-bert-base": _single(
             "checkpoint/reader/nq-single/hf_bert_base.cp", ".cp",
-            "Reader checkpoint (BERT-base) trained on NQ single-retriever results"),
+            "Reader checkpoint (BERT-base) trained on NQ single-retriever results",
+            size=1_313_930_953),  # as reported in DPR #45
         "checkpoint.reader.nq-trivia-hybrid.hf-bert-base": _single(
             "checkpoint/reader/nq-trivia-hybrid/hf_bert_base.cp", ".cp",
             "Reader checkpoint (BERT-base) trained on NQ and TriviaQA hybrid-retriever results"),
@@ -229,25 +242,44 @@ def default_data_dir() -> str:
 def resolve_data_path(name_or_path: str, data_dir: str | None = None) -> list[str]:
     """Local file(s) for a file path, a glob or a resource key.
 
-    A path or glob that matches files is returned expanded and sorted. A resource key resolves to its file(s) under
-    ``data_dir`` (default ``$DPR_DATA_DIR`` or the current directory); a missing one raises FileNotFoundError
-    naming the download command.
+    A path or glob that matches files is returned expanded, in natural order (``x_2`` before ``x_10``). A resource
+    key resolves to its file(s) under ``data_dir`` (default ``$DPR_DATA_DIR`` or the current directory); a missing
+    one raises DataPathError naming the download command.
     """
-    expanded = os.path.expanduser(name_or_path)
-    if os.path.exists(expanded):
-        return [expanded]
-    matches = sorted(glob.glob(expanded))
+    matches = expand_glob(name_or_path)
     if matches:
         return matches
     if name_or_path not in RESOURCES_MAP:
-        raise FileNotFoundError(f"{name_or_path!r} is neither an existing file, a glob matching files, "
-                                f"nor a resource key (list them with: python data/download_data.py)")
+        raise DataPathError(f"{name_or_path!r} is neither an existing file, a glob matching files, "
+                            f"nor a resource key (list them with: python data/download_data.py)")
     root = data_dir or default_data_dir()
     paths = local_paths(name_or_path, root)
     missing = [str(path) for path in paths if not path.exists()]
     if missing:
-        raise FileNotFoundError(
+        raise DataPathError(
             f"resource {name_or_path} is not downloaded ({len(missing)} of {len(paths)} file(s) missing, "
             f"first {missing[0]}); fetch it with: "
             f"python data/download_data.py --resource {name_or_path} --output_dir {root}")
     return [str(path) for path in paths]
+
+
+@dataclass(frozen=True)
+class NamedData:
+    """What a data option stands for: its files, and the other keys of its config-group entry (``id_prefix`` of
+    a passage source, the columns of a question file...; none for a plain path)."""
+
+    files: list[str]
+    options: Mapping[str, Any] = field(default_factory=dict)
+
+
+def resolve_dataset(name: str, group: Mapping[str, Any] | None, data_dir: str | None = None) -> NamedData:
+    """A name of a config group (``cfg.datasets``, ``cfg.ctx_sources``: an entry whose ``file`` is a resource key,
+    a path or a glob), or else a path, glob or resource key itself."""
+    entry = group.get(name) if group else None
+    if entry is None:
+        return NamedData(resolve_data_path(name, data_dir))
+    if entry.get("file") is None:
+        raise DataPathError(f"the configuration entry {name!r} has no 'file': set it to a path, a glob or a resource "
+                            f"key")
+    options = {key: value for key, value in entry.items() if key != "file"}
+    return NamedData(resolve_data_path(str(entry["file"]), data_dir), options)
