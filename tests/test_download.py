@@ -7,12 +7,14 @@ import os
 import subprocess
 import sys
 import threading
+from dataclasses import replace
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
 import pytest
 
-from dpr.data.download import MANIFEST_NAME, DownloadError, RetryPolicy, UnknownResourceError, download
+from dpr.data.download import (MANIFEST_NAME, DownloadError, PartState, RetryPolicy, UnknownResourceError,
+                               download)
 from dpr.data.resources import RESOURCES_MAP
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -23,19 +25,26 @@ LARGE_BODY = bytes(range(256)) * 1200  # ~300 KB, several read chunks on the cli
 
 
 class RangeHandler(BaseHTTPRequestHandler):
-    """Serves ``server.root``; honours ``Range: bytes=N-``; cuts the first response of paths in ``server.drop``."""
+    """Serves ``server.root``; honours ``Range: bytes=N-`` unless an ``If-Range`` names another version (ETag);
+    cuts the first response of paths in ``server.drop`` half-way, then replaces the file by
+    ``server.changed_after_drop[path]`` if given. ``server.validators`` / ``server.lengths`` off: no ETag / no
+    Content-Length headers."""
 
     timeout = 5  # a stuck client cannot hold a handler thread for long
 
     def do_GET(self) -> None:
         relative_path = self.path.lstrip("/")
-        range_header = self.headers.get("Range")
+        range_header, if_range = self.headers.get("Range"), self.headers.get("If-Range")
         self.server.requests.append((relative_path, range_header))
+        self.server.if_ranges.append(if_range)
         file = self.server.root / relative_path
         if not file.is_file():
             self.send_error(404)
             return
         body = file.read_bytes()
+        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        if if_range is not None and if_range != etag:
+            range_header = None  # another version: the whole file
         start = int(range_header.removeprefix("bytes=").rstrip("-")) if range_header else 0
         if start >= len(body) > 0 and range_header:
             self.send_response(416)
@@ -46,12 +55,17 @@ class RangeHandler(BaseHTTPRequestHandler):
         self.send_response(206 if range_header else 200)
         if range_header:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
-        self.send_header("Content-Length", str(len(body) - start))
+        if self.server.validators:
+            self.send_header("ETag", etag)
+        if self.server.lengths:
+            self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
         if relative_path in self.server.drop:
             self.server.drop.discard(relative_path)
             self.wfile.write(body[start:start + (len(body) - start) // 2])
-            return  # HTTP/1.0: the connection closes here, half-way through the announced body
+            if relative_path in self.server.changed_after_drop:
+                file.write_bytes(self.server.changed_after_drop.pop(relative_path))
+            return  # HTTP/1.0: the connection closes here, half-way through the body
         self.wfile.write(body[start:])
 
     def log_message(self, *args) -> None:
@@ -77,7 +91,8 @@ def server(tmp_path):
     remote = tmp_path / "remote"
     write_remote_tree(remote)
     httpd = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    httpd.root, httpd.requests, httpd.drop = remote, [], set()
+    httpd.root, httpd.requests, httpd.if_ranges, httpd.drop = remote, [], [], set()
+    httpd.changed_after_drop, httpd.validators, httpd.lengths = {}, True, True
     httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/"
     thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
     thread.start()
@@ -85,6 +100,16 @@ def server(tmp_path):
     httpd.shutdown()
     httpd.server_close()
     thread.join(timeout=5)
+
+
+CHECKPOINT = "checkpoint.reader.nq-single.hf-bert-base"
+CHECKPOINT_PATH = "checkpoint/reader/nq-single/hf_bert_base.cp"
+
+
+@pytest.fixture(autouse=True)
+def fixture_checkpoint_size(monkeypatch):
+    """The fixture checkpoint stands in for the real one: its published size is the fixture's."""
+    monkeypatch.setitem(RESOURCES_MAP, CHECKPOINT, replace(RESOURCES_MAP[CHECKPOINT], size=len(LARGE_BODY)))
 
 
 def fetch(server, key, output_dir, **kwargs):
@@ -135,7 +160,7 @@ def test_exhausted_retries_leave_only_the_partial_file(server, tmp_path):
         download("checkpoint.reader.nq-single.hf-bert-base", str(out), mirror=server.url,
                  retry=RetryPolicy(max_attempts=1, base_delay_s=0.01, timeout_s=5.0))
     folder = out / "downloads" / "checkpoint" / "reader" / "nq-single"
-    assert [path.name for path in folder.iterdir()] == ["hf-bert-base.cp.part"]
+    assert sorted(path.name for path in folder.iterdir()) == ["hf-bert-base.cp.part", "hf-bert-base.cp.part.state"]
     [local] = fetch(server, "checkpoint.reader.nq-single.hf-bert-base", out)  # a rerun resumes the .part
     assert Path(local).read_bytes() == LARGE_BODY
     assert server.requests[-1][1] == f"bytes={len(LARGE_BODY) // 2}-"
@@ -145,9 +170,59 @@ def test_complete_partial_file_is_published_after_a_416(server, tmp_path):
     folder = tmp_path / "out" / "downloads" / "checkpoint" / "reader" / "nq-single"
     folder.mkdir(parents=True)
     (folder / "hf-bert-base.cp.part").write_bytes(LARGE_BODY)  # a run that stopped just before publishing
+    etag = f'"{hashlib.sha256(LARGE_BODY).hexdigest()[:16]}"'
+    PartState(etag, len(LARGE_BODY)).save(folder / "hf-bert-base.cp.part")
     [local] = fetch(server, "checkpoint.reader.nq-single.hf-bert-base", tmp_path / "out")
     assert Path(local).read_bytes() == LARGE_BODY
     assert [range_header for _, range_header in server.requests] == [f"bytes={len(LARGE_BODY)}-"]
+
+
+def test_a_remote_file_changed_before_the_resume_is_downloaded_again_not_spliced(server, tmp_path):
+    new_body = bytes(reversed(LARGE_BODY))
+    server.drop.add(CHECKPOINT_PATH)
+    server.changed_after_drop[CHECKPOINT_PATH] = new_body
+    [local] = fetch(server, CHECKPOINT, tmp_path / "out")
+    assert Path(local).read_bytes() == new_body
+    old_etag = f'"{hashlib.sha256(LARGE_BODY).hexdigest()[:16]}"'
+    assert server.requests[1][1] == f"bytes={len(LARGE_BODY) // 2}-" and server.if_ranges == [None, old_etag]
+    assert manifest_entries(tmp_path / "out")[
+        "checkpoint/reader/nq-single/hf-bert-base.cp"] == hashlib.sha256(new_body).hexdigest()
+
+
+def test_without_a_validator_a_retry_starts_from_zero(server, tmp_path):
+    server.validators = False
+    server.drop.add(CHECKPOINT_PATH)
+    [local] = fetch(server, CHECKPOINT, tmp_path / "out")
+    assert Path(local).read_bytes() == LARGE_BODY
+    assert [range_header for _, range_header in server.requests] == [None, None]
+
+
+def test_a_body_cut_without_content_length_is_caught_by_the_published_size(server, tmp_path):
+    server.lengths = False
+    server.drop.add(CHECKPOINT_PATH)
+    [local] = fetch(server, CHECKPOINT, tmp_path / "out")
+    assert Path(local).read_bytes() == LARGE_BODY
+    assert server.requests[1][1] == f"bytes={len(LARGE_BODY) // 2}-"  # resumed, as the size told it was cut
+
+
+def test_a_cut_body_is_never_recorded_as_good(server, tmp_path):
+    server.drop.add(CHECKPOINT_PATH)
+    out = tmp_path / "out"
+    with pytest.raises(DownloadError, match="giving up after 1 attempts.*closed after 153600 of 307200 bytes"):
+        download(CHECKPOINT, str(out), mirror=server.url, retry=RetryPolicy(max_attempts=1, base_delay_s=0.01))
+    assert not (out / "downloads" / CHECKPOINT_PATH.replace("hf_bert_base", "hf-bert-base")).exists()
+    assert not (out / "downloads" / MANIFEST_NAME).exists()
+
+
+def test_a_file_of_another_size_than_the_published_one_is_refused(server, tmp_path, monkeypatch):
+    monkeypatch.setitem(RESOURCES_MAP, CHECKPOINT, replace(RESOURCES_MAP[CHECKPOINT], size=len(LARGE_BODY) + 1))
+    out = tmp_path / "out"
+    with pytest.raises(DownloadError, match=f"has {len(LARGE_BODY)} bytes where {len(LARGE_BODY) + 1} are published"):
+        fetch(server, CHECKPOINT, out)
+    assert len(server.requests) == 1  # not worth a retry
+    assert not any(path.is_file() for path in (out / "downloads").rglob("*"))
+    [local] = fetch(server, CHECKPOINT, out, verify=False)  # the user's explicit choice
+    assert Path(local).read_bytes() == LARGE_BODY
 
 
 def test_second_run_downloads_nothing(server, tmp_path):

@@ -4,12 +4,19 @@ Where DPR's downloader is fragile, this one streams in constant memory (also whe
 ``.part`` file with an HTTP Range request, retries dropped connections with exponential backoff, publishes a file
 under its final name only once complete, and records the sha256 of every file in ``downloads/checksums.sha256``
 (``sha256sum -c`` format), which a rerun verifies: a corrupted file is reported and downloaded again.
+
+A file is complete when it has the size the server announced (Content-Length, or the total of a Content-Range)
+and, where the resource has a published size, that size. A resume only ever appends bytes of the same version of
+the remote file: the first response's validator (a strong ETag, else Last-Modified) is kept beside the ``.part``
+and sent as ``If-Range``, so a server whose file changed answers with the whole new file, which replaces the part.
+A server that gives no validator gets no resume: each attempt starts from zero.
 """
 from __future__ import annotations
 
 import gzip
 import hashlib
 import http.client
+import json
 import logging
 import os
 import sys
@@ -30,6 +37,7 @@ from dpr.foundation.errors import UserInputError
 logger = logging.getLogger(__name__)
 
 CHUNK_SIZE = 1 << 20
+PART_STATE_SUFFIX = ".state"
 MANIFEST_NAME = "checksums.sha256"
 MIRROR_ENV = "DPR_DOWNLOAD_MIRROR"
 
@@ -53,6 +61,36 @@ class RetryPolicy:
     max_attempts: int = 6
     base_delay_s: float = 2.0
     timeout_s: float = 60.0
+
+
+@dataclass(frozen=True)
+class PartState:
+    """What the bytes of a ``.part`` file are the start of: the remote version (``validator``, for If-Range) and the
+    whole file's size. Kept in ``{part}.state`` so that a retry, in this run or a later one, resumes the same
+    version and knows when it is complete."""
+
+    validator: str | None
+    total: int | None
+
+    @staticmethod
+    def file(part: Path) -> Path:
+        return part.with_name(part.name + PART_STATE_SUFFIX)
+
+    def save(self, part: Path) -> None:
+        PartState.file(part).write_text(json.dumps({"validator": self.validator, "total": self.total}))
+
+    @staticmethod
+    def load(part: Path) -> PartState | None:
+        try:
+            fields = json.loads(PartState.file(part).read_text())
+            return PartState(fields["validator"], fields["total"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
+
+def discard_part(part: Path) -> None:
+    part.unlink(missing_ok=True)
+    PartState.file(part).unlink(missing_ok=True)
 
 
 class ChecksumManifest:
@@ -122,7 +160,7 @@ def download_resource(key: str, output_dir: str, manifest: ChecksumManifest, mir
     resource = RESOURCES_MAP[key]
     targets = local_paths(key, output_dir)
     for url, target in zip(resource.urls(mirror), targets):
-        ensure_file(url, target, resource.compressed, manifest, verify, retry)
+        ensure_file(url, target, resource.compressed, manifest, verify, retry, resource.size)
     if resource.nq_license:
         for remote_path in NQ_LICENSE_FILES:
             license_target = resource_dir(key, output_dir) / Path(remote_path).name
@@ -131,8 +169,9 @@ def download_resource(key: str, output_dir: str, manifest: ChecksumManifest, mir
 
 
 def ensure_file(url: str, target: Path, compressed: bool, manifest: ChecksumManifest, verify: bool,
-                retry: RetryPolicy) -> None:
-    """Make ``target`` a complete, checksum-verified copy of ``url`` (gunzipped when ``compressed``)."""
+                retry: RetryPolicy, published_size: int | None = None) -> None:
+    """Make ``target`` a complete, checksum-verified copy of ``url`` (gunzipped when ``compressed``);
+    ``published_size``, the size of the file as fetched, is checked unless ``verify`` is off."""
     if target.exists():
         if is_intact(target, manifest, verify):
             logger.info("Skipping %s: already downloaded", target)
@@ -142,7 +181,7 @@ def ensure_file(url: str, target: Path, compressed: bool, manifest: ChecksumMani
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + (".gz" if compressed else "") + ".part")
     logger.info("Downloading %s to %s", url, target)
-    fetch_with_retries(url, part, retry)
+    fetch_with_retries(url, part, retry, published_size if verify else None)
     digest = gunzip_to(part, target) if compressed else publish(part, target)
     manifest.record(target, digest)
 
@@ -160,11 +199,11 @@ def is_intact(target: Path, manifest: ChecksumManifest, verify: bool) -> bool:
     return digest == recorded
 
 
-def fetch_with_retries(url: str, part: Path, retry: RetryPolicy) -> None:
+def fetch_with_retries(url: str, part: Path, retry: RetryPolicy, published_size: int | None = None) -> None:
     """Fetch ``url`` into ``part``, resuming after each dropped connection, with bounded exponential backoff."""
     for attempt in range(1, retry.max_attempts + 1):
         try:
-            fetch_to_part(url, part, retry.timeout_s)
+            fetch_to_part(url, part, retry.timeout_s, published_size)
             return
         except urllib.error.HTTPError as err:
             if not is_transient_http_error(err.code):
@@ -188,32 +227,59 @@ def is_transient_http_error(code: int) -> bool:
     return code in (408, 429) or code >= 500
 
 
-def fetch_to_part(url: str, part: Path, timeout_s: float) -> None:
-    """Append the rest of ``url`` to ``part`` (a Range request when it holds bytes); raise if the body is cut."""
-    offset = part.stat().st_size if part.exists() else 0
-    headers = {"Range": f"bytes={offset}-"} if offset else {}
+def fetch_to_part(url: str, part: Path, timeout_s: float, published_size: int | None = None) -> None:
+    """Append the rest of ``url`` to ``part`` (a Range request, valid only for the version the part holds, when it
+    has bytes); raise IncompleteDownloadError when fewer bytes than the file's size arrived, DownloadError when
+    the server's size is not the published one."""
+    state = PartState.load(part) if part.exists() else None
+    offset = part.stat().st_size if state is not None and state.validator else 0
+    headers = {"Range": f"bytes={offset}-", "If-Range": state.validator} if offset else {}
     try:
         response = urllib.request.urlopen(urllib.request.Request(url, headers=headers), timeout=timeout_s)
     except urllib.error.HTTPError as err:
-        if err.code != 416:
+        if err.code != 416 or not offset:
             raise
-        if content_range_total(err.headers.get("Content-Range")) == offset:
+        if content_range_total(err.headers.get("Content-Range")) == offset and state.total in (None, offset):
             return  # the part already holds the whole file
         logger.warning("Partial file %s does not fit the remote file: restarting it", part)
-        part.unlink()
-        fetch_to_part(url, part, timeout_s)
+        discard_part(part)
+        fetch_to_part(url, part, timeout_s, published_size)
         return
     with response:
-        # A server that ignores Range answers 200 with the whole body (as do file:// URLs, whose status is None).
-        if response.status != 206:
+        # A changed remote file (If-Range failed), a server that ignores Range and file:// URLs (status None)
+        # answer with the whole file.
+        if response.status == 206:
+            total = content_range_total(response.headers.get("Content-Range"))
+        else:
+            if offset:
+                logger.warning("%s changed since %s was started (or ignores ranges): downloading it from the start",
+                               url, part.name)
             offset = 0
-        length = response.headers.get("Content-Length")
-        expected = offset + int(length) if length is not None else None
+            length = response.headers.get("Content-Length")
+            total = int(length) if length is not None else None
+            state = PartState(strong_validator(response.headers), total)
+            state.save(part)
+        if published_size is not None and total is not None and total != published_size:
+            discard_part(part)
+            raise DownloadError(f"{url} has {total} bytes where {published_size} are published for it: not the "
+                                f"expected file (check the mirror; --no-verify accepts it)")
+        expected = total if total is not None else published_size
         with open(part, "ab" if offset else "wb") as sink:
             copy_with_progress(response, sink, expected, offset, part.name)
         received = part.stat().st_size
-    if expected is not None and received != expected:
+    if expected is None:
+        logger.warning("%s announced no size: the completeness of %s cannot be checked", url, part.name)
+    elif received != expected:
         raise IncompleteDownloadError(f"connection closed after {received} of {expected} bytes")
+
+
+def strong_validator(headers) -> str | None:
+    """What identifies this version of the remote file for If-Range: a strong ETag, else Last-Modified (a weak
+    ETag may not be used there)."""
+    etag = headers.get("ETag")
+    if etag and not etag.startswith("W/"):
+        return etag
+    return headers.get("Last-Modified")
 
 
 def content_range_total(content_range: str | None) -> int | None:
@@ -237,6 +303,7 @@ def publish(part: Path, target: Path) -> str:
     """Move a complete download to its final name; return its sha256."""
     digest = sha256_of_file(part)
     os.replace(part, target)
+    PartState.file(part).unlink(missing_ok=True)
     return digest
 
 
@@ -252,11 +319,11 @@ def gunzip_to(part: Path, target: Path) -> str:
                 sink.write(chunk)
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # EOFError: a truncated stream
         temp.unlink(missing_ok=True)
-        part.unlink()
+        discard_part(part)
         raise DownloadError(f"{part} is not a valid gzip file ({err}); it was removed, rerun to fetch it again") \
             from err
     os.replace(temp, target)
-    part.unlink()
+    discard_part(part)
     return digest.hexdigest()
 
 
