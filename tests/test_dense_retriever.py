@@ -12,13 +12,9 @@ from dpr.data.embeddings_io import shard_path, write_embeddings
 from dpr.data.passages import load_passages
 from dpr.evaluation.qa_validation import top_k_hits_from_results
 from dpr.indexing import faiss_indexers
-from dpr.indexing.dense_retriever import (
-    create_configured_indexer,
-    fuse_scores,
-    hybrid_results,
-    results_path,
-    run_dense_retriever,
-)
+from dpr.indexing.configured_index import create_configured_indexer
+from dpr.indexing.dense_retriever import results_path, run_dense_retriever
+from dpr.indexing.hybrid import fuse_scores, hybrid_results
 from dpr.indexing.faiss_indexers import InsufficientMemoryError, index_exists
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.options.legacy_flags import config_top_level_keys, translate_argv

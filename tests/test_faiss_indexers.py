@@ -14,9 +14,7 @@ from dpr.indexing.faiss_indexers import (
     DenseHNSWSQIndexer,
     InsufficientMemoryError,
     available_memory_bytes,
-    check_index_memory,
     create_indexer,
-    estimate_index_memory,
     index_exists,
     index_file_paths,
     scan_blocks,
@@ -271,23 +269,25 @@ def test_dimension_mismatch_is_an_error(data):
 
 def test_memory_estimates_rank_index_types():
     n, dim = 21_015_324, 768
-    flat = estimate_index_memory("flat", n, dim)
+    flat = create_indexer("flat").estimate_memory(n, dim)
     assert 60e9 < flat < 70e9  # the ~65 GB of raw float32 vectors (plus ids)
-    hnsw = estimate_index_memory("hnsw", n, dim)
+    hnsw = create_indexer("hnsw").estimate_memory(n, dim)
     assert 140e9 < hnsw < 220e9  # DPR reports 160-200 GB
-    hnsw_sq = estimate_index_memory("hnsw_sq", n, dim)
-    ivf_pq = estimate_index_memory("factory", n, dim, factory_string="IVF65536,PQ64")
+    hnsw_sq = create_indexer("hnsw_sq").estimate_memory(n, dim)
+    ivf_pq = create_indexer("factory", factory_string="IVF65536,PQ64").estimate_memory(n, dim)
     assert ivf_pq < hnsw_sq < flat < hnsw
+    # an indexer's own settings shape its estimate: fewer HNSW links, less memory
+    assert create_indexer("hnsw", store_n=16).estimate_memory(n, dim) < hnsw
 
 
 def test_memory_check_error_names_estimate_and_machine():
     available, source = available_memory_bytes()
     assert available > 0 and source
     with pytest.raises(InsufficientMemoryError, match=r"needs about .* GiB .* this machine has .* GiB available"):
-        check_index_memory("flat", 10**12, 768)
+        DenseFlatIndexer().ensure_fits(10**12, 768)
     with pytest.raises(InsufficientMemoryError, match=r"0\.00 GiB available \(a test figure\)"):
-        check_index_memory("hnsw", 1000, 32, available=(1000, "a test figure"))
-    assert check_index_memory("flat", 1000, 32, available=(10**9, "a test figure")) == 1000 * (32 * 4 + 80)
+        DenseHNSWFlatIndexer().ensure_fits(1000, 32, available=(1000, "a test figure"))
+    assert DenseFlatIndexer().ensure_fits(1000, 32, available=(10**9, "a test figure")) == 1000 * (32 * 4 + 80)
 
 
 def test_first_pass_refuses_index_that_does_not_fit(data, monkeypatch):

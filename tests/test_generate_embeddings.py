@@ -87,9 +87,9 @@ def test_a_complete_shard_is_skipped_on_rerun(data, tmp_path, monkeypatch):
     before = os.stat(path).st_mtime_ns
 
     def fail(*args, **kwargs):
-        raise AssertionError("the model must not be loaded for a complete shard")
+        raise AssertionError("a complete shard of the same provenance must not be embedded again")
 
-    monkeypatch.setattr(generate_embeddings, "load_inference_encoder", fail)
+    monkeypatch.setattr(generate_embeddings, "encode_batches", fail)
     assert generate_dense_embeddings(cfg) == path and os.stat(path).st_mtime_ns == before
     assert not list(tmp_path.glob(".*tmp"))  # no temporary file left behind
 

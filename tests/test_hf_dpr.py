@@ -3,7 +3,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from omegaconf import OmegaConf
 from safetensors.torch import load_file
 from transformers import (
     AutoTokenizer,
@@ -17,7 +16,8 @@ from transformers import (
 
 import convert_dpr_checkpoint
 from dpr.interop import hf_dpr
-from dpr.models.hf_encoder import build_encoder, encode
+from dpr.models.hf_encoder import build_encoder
+from dpr.models.encoder_spec import EncoderSpec
 from dpr.models.loading import load_inference_encoder
 from dpr.foundation.checkpoints import CheckpointState, load_checkpoint, save_checkpoint
 
@@ -123,11 +123,11 @@ def test_export_import_round_trip_keeps_weights(tmp_path, base_dir):
     assert params["encoder"]["projection_dim"] == 8 and params["encoder"]["pretrained"] is False
 
     # The imported checkpoint serves this repository's loaders and exports to the same transformers weights.
-    cfg = OmegaConf.create({"encoder": {"pretrained_model_cfg": "unused", "projection_dim": 0}, "do_lower_case": True})
-    question_model, _ = load_inference_encoder(cfg, "question", str(imported))
+    question_encoder = load_inference_encoder(EncoderSpec("unused"), "question", str(imported))
+    assert question_encoder.spec.projection_dim == 8 and question_encoder.spec.pretrained is False
     ids, mask = inputs(base_dir)
     with torch.no_grad():
-        torch.testing.assert_close(encode(question_model, ids, mask)[1], checkpoint_vectors(checkpoint, base_dir)[0])
+        torch.testing.assert_close(question_encoder.search_vectors(ids, mask), checkpoint_vectors(checkpoint, base_dir)[0])
     hf_dpr.export_biencoder(str(imported), str(tmp_path / "hf_again"))
     for subdir in ("question_encoder", "ctx_encoder"):
         first = load_file(str(tmp_path / "hf" / subdir / "model.safetensors"))

@@ -11,6 +11,9 @@ from typing import List, Optional, Sequence, Tuple
 import torch
 from transformers import PreTrainedTokenizerBase
 
+from dpr.models.encoder_spec import EncoderSpec
+from dpr.models.hf_encoder import load_tokenizer
+
 
 class Tensorizer:
     def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, pad_to_max: bool = False):
@@ -18,6 +21,14 @@ class Tensorizer:
         self.max_length = max_length
         self.pad_to_max = pad_to_max
         self.pad_id = tokenizer.pad_token_id
+
+    @classmethod
+    def for_spec(cls, spec: EncoderSpec, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> "Tensorizer":
+        """The tensorizer of an encoder spec: its sequence length and padding, and its model's tokenizer (loaded
+        with the spec's lower-casing unless given)."""
+        if tokenizer is None:
+            tokenizer = load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case)
+        return cls(tokenizer, spec.sequence_length, spec.pad_to_max)
 
     def token_ids(
         self, texts: Sequence[str], titles: Optional[Sequence[Optional[str]]] = None, add_special_tokens: bool = True

@@ -1,23 +1,19 @@
 """Retrieve passages for a question set and validate them (`dense_retriever.py`): dense, BM25 or hybrid.
 
-Flow: read the questions; encode them in batches (or load GC-DPR's saved encodings); build the FAISS index from
-the embedding shards, streamed `index_buffer` vectors at a time (or load it from `index_path`); search; load the
-texts of the retrieved passages only; mark answers with `has_answer` in worker processes; print DPR's two raw
-lines and a top-k table per retriever (and a side-by-side table when several are asked); write DPR's results JSON.
-
-Hybrid retrieval (the DPR paper's BM25+DPR rows, which its repository lacks) fuses normalised scores. Per
-question, each retriever returns its top `hybrid_depth` passages; each list's scores are min-max normalised,
-s' = (s - worst) / (best - worst), so its best passage gets 1 and its worst 0 (all 1 when best == worst);
-a passage missing from one list gets 0 for that retriever. The fused score is
-alpha * dense' + (1 - alpha) * bm25', and the top `n_docs` by fused score are returned (ties keep the dense
-order, then the BM25 order). For L2 indexes (hnsw, hnsw_sq) the dense score is the negated distance, which
-differs from the inner product by a per-question affine map, so it normalises to the same values.
+Flow: read the questions; check that the embedding shards come from one model and passages file, and that the
+question encoder is that model (`shard_provenance`); encode the questions in batches (or load GC-DPR's saved
+encodings) with the encoder spec the shards were made with (`encoding`); build the FAISS index from the shards,
+streamed `index_buffer` vectors at a time, or load it from `index_path` (`configured_index`); search; fuse with
+BM25 for hybrid (`hybrid`); load the texts of the retrieved passages only; mark answers with `has_answer` in
+worker processes; print DPR's two raw lines and a top-k table per retriever (and a side-by-side table when several
+are asked); write DPR's results JSON. With cosine similarity the vectors are L2-normalised, so the scores are
+cosines (the temperature is a training scale and changes no ranking).
 """
 import logging
 import os
 import time
 from pathlib import Path
-from typing import Iterable, Iterator, Optional, Sequence
+from typing import Iterable, Optional, Sequence
 
 import faiss
 import numpy as np
@@ -25,11 +21,9 @@ import torch
 from omegaconf import DictConfig, ListConfig
 
 from dpr.data.biencoder_data import normalize_question
-from dpr.data.ctx_sources import CtxSource, iter_sources, load_passage_subset, resolve_ctx_sources
-from dpr.data.embeddings_io import EmbeddingFiles, read_embeddings
+from dpr.data.ctx_sources import CtxSource, load_passage_subset, resolve_ctx_sources
 from dpr.data.qa_data import QASample, read_qa_file
 from dpr.data.resources import resolve_data_path
-from dpr.data.tensorizer import Tensorizer
 from dpr.evaluation.qa_validation import (
     REPORT_TOP_KS,
     QAMatchStats,
@@ -40,18 +34,20 @@ from dpr.evaluation.qa_validation import (
     top_k_accuracy,
     write_retrieval_results,
 )
-from dpr.indexing.bm25 import BM25Index, passage_text
-from dpr.indexing.faiss_indexers import DenseIndexer, check_index_memory, create_indexer, index_exists
-from dpr.models.hf_encoder import encode
-from dpr.models.loading import load_inference_encoder
 from dpr.foundation.devices import process_device
-from dpr.foundation.precision import Precision, make_precision
+from dpr.foundation.precision import make_precision
+from dpr.indexing.configured_index import bm25_index, build_or_load_index, shards_of
+from dpr.indexing.encoding import encode_questions, load_configured_encoder
+from dpr.indexing.faiss_indexers import DenseIndexer
+from dpr.indexing.hybrid import hybrid_results
+from dpr.indexing.shard_provenance import check_question_encoder, check_shard_sets
 
 logger = logging.getLogger(__name__)
 
 RETRIEVERS = ("dense", "bm25", "hybrid")
 # encoder_path values (DPR: the BiEncoder attribute) -> load_inference_encoder's encoder_type
 ENCODER_PATHS = {None: "question", "": "question", "question_model": "question", "ctx_model": "ctx"}
+ShardsModel = Optional[tuple[Path, dict]]
 
 
 # ------------------------------------------------------------------------------------------------ questions
@@ -66,229 +62,50 @@ def load_questions(cfg: DictConfig) -> list[QASample]:
     return [sample for path in paths for sample in read_qa_file(path, **columns)]
 
 
-def encode_questions(
-    model: torch.nn.Module,
-    tensorizer: Tensorizer,
-    questions: Sequence[str],
-    batch_size: int,
-    device: torch.device,
-    precision: Precision,
-) -> torch.Tensor:
-    """A float32 [len(questions), D] tensor on the CPU: `[CLS] question [SEP]`, batch by batch."""
-    blocks = []
-    with torch.inference_mode():
-        for start in range(0, len(questions), batch_size):
-            input_ids, attention_mask = tensorizer.tensorize(questions[start : start + batch_size])
-            with precision.autocast():
-                _, vectors = encode(model, input_ids.to(device), attention_mask.to(device))
-            blocks.append(vectors.float().cpu())
-    return torch.cat(blocks) if blocks else torch.empty(0, 0)
-
-
-def _encode_with_model(cfg: DictConfig, questions: Sequence[str]) -> torch.Tensor:
+def _encode_with_model(cfg: DictConfig, questions: Sequence[str], shards_model: ShardsModel = None) -> np.ndarray:
     if cfg.encoder_path not in ENCODER_PATHS:
         raise ValueError(f"encoder_path must be question_model or ctx_model, not {cfg.encoder_path!r}")
     device = process_device(cfg.no_cuda, cfg.get("local_rank"))
     precision = make_precision(device, cfg.fp16, cfg.bf16)
-    model, tokenizer = load_inference_encoder(cfg, ENCODER_PATHS[cfg.encoder_path], cfg.model_file)
-    model.to(device)
-    tensorizer = Tensorizer(tokenizer, cfg.encoder.sequence_length, cfg.encoder.get("pad_to_max", False))
-    started = time.perf_counter()
-    vectors = encode_questions(model, tensorizer, questions, cfg.batch_size, device, precision)
-    logger.info("encoded %d questions on %s in %.1f s", len(questions), device, time.perf_counter() - started)
-    return vectors
+    encoder = load_configured_encoder(cfg, ENCODER_PATHS[cfg.encoder_path])
+    if shards_model is not None:
+        check_question_encoder(encoder, shards_model)
+    encoder.model.to(device)
+    return encode_questions(encoder, questions, cfg.batch_size, device, precision)
 
 
-def question_vectors(cfg: DictConfig, questions: Sequence[str]) -> np.ndarray:
+def question_vectors(cfg: DictConfig, questions: Sequence[str], shards_model: ShardsModel = None) -> np.ndarray:
     """The questions' vectors: loaded from `q_encoding_path` when it exists (unless `re_encode_q`), else encoded
-    (and saved there when the path is set)."""
+    by the shards' model (and saved there when the path is set)."""
     path = cfg.q_encoding_path
     if path and os.path.isfile(path) and not cfg.re_encode_q:
-        vectors = torch.load(path, map_location="cpu", weights_only=True)
+        vectors = torch.load(path, map_location="cpu", weights_only=True).numpy()
         logger.info("loaded question encodings %s from %s", tuple(vectors.shape), path)
         if len(vectors) != len(questions):
             raise ValueError(f"{path} holds {len(vectors)} question vectors for {len(questions)} questions")
     else:
-        vectors = _encode_with_model(cfg, questions)
+        vectors = _encode_with_model(cfg, questions, shards_model)
         if path:
             save_question_vectors(vectors, path)
-    return vectors.numpy().astype(np.float32, copy=False)
+    return vectors.astype(np.float32, copy=False)
 
 
-def save_question_vectors(vectors: torch.Tensor, path: str) -> None:
+def save_question_vectors(vectors: np.ndarray, path: str) -> None:
+    """A torch tensor file, as GC-DPR saves its question encodings."""
     Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(vectors, path)
+    torch.save(torch.from_numpy(vectors), path)
     logger.info("saved question encodings %s to %s", tuple(vectors.shape), path)
 
 
-# ------------------------------------------------------------------------------------------------ dense index
-class ChainedBlocks:
-    """The embedding blocks of several shard-file sets, re-iterable (two-pass indexers read them twice)."""
-
-    def __init__(self, files: Sequence[EmbeddingFiles]) -> None:
-        self.files = list(files)
-
-    def __iter__(self) -> Iterator[tuple[list[str], np.ndarray]]:
-        for shard_files in self.files:
-            yield from shard_files
-
-    @property
-    def paths(self) -> list[Path]:
-        return [path for shard_files in self.files for path in shard_files.paths]
-
-
-def embedding_files(cfg: DictConfig, sources: Sequence[CtxSource]) -> ChainedBlocks:
-    """`encoded_ctx_files[i]` with the id prefix of `ctx_datatsets[i]`."""
-    patterns = list(cfg.encoded_ctx_files or [])
-    if not patterns:
-        raise ValueError("encoded_ctx_files is required to build a dense index (or give an existing index_path)")
-    if len(patterns) != len(sources):
-        raise ValueError(
-            f"encoded_ctx_files has {len(patterns)} entries but ctx_datatsets {len(sources)}: they pair up 1:1"
-        )
-    return ChainedBlocks([EmbeddingFiles(pattern, source.id_prefix) for pattern, source in zip(patterns, sources)])
-
-
-def indexer_kind(cfg: DictConfig) -> str:
-    return "hnsw" if cfg.hnsw_index else cfg.indexer
-
-
-HNSW_SETTINGS = {"hnsw_store_n": "store_n", "hnsw_ef_search": "ef_search", "hnsw_ef_construction": "ef_construction"}
-
-
-def create_configured_indexer(cfg: DictConfig) -> DenseIndexer:
-    kind = indexer_kind(cfg)
-    if kind in ("hnsw", "hnsw_sq"):
-        settings = {arg: cfg[key] for key, arg in HNSW_SETTINGS.items() if cfg.get(key) is not None}
-        return create_indexer(kind, buffer_size=cfg.index_buffer, **settings)
-    if kind == "flat":
-        return create_indexer(kind, buffer_size=cfg.index_buffer)
-    if not cfg.index_factory:
-        raise ValueError("indexer=factory needs index_factory, a FAISS index_factory string such as IVF4096,PQ64")
-    return create_indexer(
-        kind,
-        factory_string=cfg.index_factory,
-        buffer_size=cfg.index_buffer,
-        train_sample_size=cfg.index_train_sample,
-        search_params=cfg.index_search_params or "",
-    )
-
-
-def index_location(cfg: DictConfig, blocks: Optional[ChainedBlocks]) -> Optional[str]:
-    """`index_path`, or with `save_or_load_index` GC-DPR's prefix from the first embedding file (emb_0 -> emb)."""
-    if cfg.index_path:
-        return str(cfg.index_path)
-    if cfg.save_or_load_index and blocks is not None and blocks.paths:
-        return "_".join(str(blocks.paths[0]).split("_")[:-1])
-    return None
-
-
-def estimate_vector_count(paths: Sequence[Path]) -> tuple[int, int]:
-    """(vectors, dimension) of shard files: exact for `.npz` (array headers), for pickles scaled from the first
-    pickle's vectors per byte (reading every pickle would cost a pass over all the data)."""
-    count, dim, pickles = 0, 0, []
-    for path in paths:
-        if str(path).endswith(".npz"):
-            rows, dim = _npz_vectors_shape(path)
-            count += rows
-        else:
-            pickles.append(path)
-    if pickles:
-        ids, vectors = read_embeddings(pickles[0])
-        dim = dim or vectors.shape[1]
-        per_byte = len(ids) / max(os.path.getsize(pickles[0]), 1)
-        count += round(per_byte * sum(os.path.getsize(path) for path in pickles))
-    return count, dim
-
-
-def _npz_vectors_shape(path: Path) -> tuple[int, int]:
-    import zipfile
-
-    with zipfile.ZipFile(path) as archive, archive.open("vectors.npy") as array_file:
-        version = np.lib.format.read_magic(array_file)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = read_header(array_file)
-    return shape[0], shape[1] if len(shape) > 1 else 0
-
-
-def build_or_load_index(cfg: DictConfig, sources: Sequence[CtxSource]) -> DenseIndexer:
-    """The dense index: loaded from its location when saved there, else built from the shards (then saved)."""
-    indexer = create_configured_indexer(cfg)
-    blocks = None if cfg.index_path and index_exists(cfg.index_path) else embedding_files(cfg, sources)
-    location = index_location(cfg, blocks)
-    if location and index_exists(location):
-        indexer.deserialize(location)
-        return indexer
-    count, dim = estimate_vector_count(blocks.paths)
-    kwargs = {"factory_string": indexer.factory_string} if indexer.kind == "factory" else {}
-    check_index_memory(indexer.kind, count, dim, **kwargs)  # prints the estimate; raises when it will not fit
-    started = time.perf_counter()
-    indexer.index_data(blocks)
-    logger.info("built the %s index in %.1f s", indexer.kind, time.perf_counter() - started)
-    if location:
-        indexer.serialize(location)
-    return indexer
-
-
-def dense_search(
-    cfg: DictConfig, sources: Sequence[CtxSource], queries: np.ndarray, depth: int
-) -> tuple[list[RetrievedDocs], bool]:
+# ------------------------------------------------------------------------------------------------ dense search
+def dense_search(indexer: DenseIndexer, queries: np.ndarray, depth: int) -> tuple[list[RetrievedDocs], bool]:
     """(results, higher_is_better): `depth` passages per question from the dense index."""
-    indexer = build_or_load_index(cfg, sources)
     started = time.perf_counter()
     results = indexer.search_knn(queries, depth)
     elapsed = time.perf_counter() - started
     logger.info("dense search: %d questions in %.2f s (%.0f questions/s)", len(queries), elapsed,
                 len(queries) / max(elapsed, 1e-9))
     return results, indexer.index.metric_type != faiss.METRIC_L2
-
-
-# ------------------------------------------------------------------------------------------------ BM25, hybrid
-def bm25_index(cfg: DictConfig, sources: Sequence[CtxSource]) -> BM25Index:
-    """Loaded from `bm25_index_path` when saved there, else built over the passage sources (and saved)."""
-    path = cfg.bm25_index_path
-    if path and os.path.isdir(path):
-        return BM25Index.load(path)
-    ids, texts = [], []
-    for passage in iter_sources(sources):
-        ids.append(passage.id)
-        texts.append(passage_text(passage.title, passage.text))
-    index = BM25Index.build(ids, texts, k1=cfg.bm25_k1, b=cfg.bm25_b)
-    if path:
-        index.save(path)
-    return index
-
-
-def _min_max(scores: np.ndarray) -> np.ndarray:
-    scores = np.asarray(scores, dtype=np.float64)
-    if not len(scores):
-        return scores
-    low, high = scores.min(), scores.max()
-    return np.ones_like(scores) if high == low else (scores - low) / (high - low)
-
-
-def fuse_scores(dense: RetrievedDocs, bm25: RetrievedDocs, alpha: float, k: int,
-                dense_higher_is_better: bool = True) -> tuple[list, np.ndarray]:
-    """The top `k` of the union of two result lists by alpha * dense' + (1 - alpha) * bm25' (module docstring)."""
-    dense_ids, dense_scores = dense
-    dense_scores = np.asarray(dense_scores, dtype=np.float64)
-    dense_norm = _min_max(dense_scores if dense_higher_is_better else -dense_scores)
-    fused: dict[object, float] = {}
-    for doc_id, score in zip(dense_ids, dense_norm):
-        fused[doc_id] = alpha * score
-    bm25_ids, bm25_scores = bm25
-    for doc_id, score in zip(bm25_ids, _min_max(bm25_scores)):
-        fused[doc_id] = fused.get(doc_id, 0.0) + (1 - alpha) * score
-    # dicts keep insertion order (dense first, then BM25-only) and sorted() is stable: that breaks ties
-    ranked = sorted(fused.items(), key=lambda item: -item[1])[:k]
-    return [doc_id for doc_id, _ in ranked], np.array([score for _, score in ranked], dtype=np.float32)
-
-
-def hybrid_results(dense: Sequence[RetrievedDocs], bm25: Sequence[RetrievedDocs], alpha: float, k: int,
-                   dense_higher_is_better: bool = True) -> list[tuple[list, np.ndarray]]:
-    if not 0.0 <= alpha <= 1.0:
-        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    return [fuse_scores(d, b, alpha, k, dense_higher_is_better) for d, b in zip(dense, bm25)]
 
 
 # ------------------------------------------------------------------------------------------------ reporting
@@ -336,7 +153,10 @@ def retrieve(cfg: DictConfig, names: Sequence[str], questions: Sequence[str],
     results: dict[str, list[RetrievedDocs]] = {}
     dense, higher_is_better = None, True
     if need_dense:
-        dense, higher_is_better = dense_search(cfg, sources, question_vectors(cfg, questions), depth)
+        shards = shards_of(cfg, sources)
+        shards_model = check_shard_sets([files.paths for files in shards.files]) if shards is not None else None
+        queries = question_vectors(cfg, questions, shards_model)
+        dense, higher_is_better = dense_search(build_or_load_index(cfg, shards), queries, depth)
     bm25 = bm25_index(cfg, sources).search(list(questions), depth) if need_bm25 else None
     for name in names:
         if name == "dense":

@@ -228,6 +228,13 @@ class DenseIndexer(ABC):
     def estimate_memory(self, n: int, dim: int) -> int:
         """Bytes an index of `n` vectors of dimension `dim` needs while it is built and searched."""
 
+    def ensure_fits(self, n: int, dim: int, available: Optional[tuple[int, str]] = None) -> int:
+        """This indexer's estimate (its own settings) for `n` vectors of dimension `dim`, logged; raises
+        InsufficientMemoryError when it exceeds the memory available."""
+        required = self.estimate_memory(n, dim)
+        ensure_memory(required, f"a {self.kind} index of {n} vectors of dimension {dim}", available)
+        return required
+
     @abstractmethod
     def _create_index(self, dim: int) -> faiss.Index:
         """An empty FAISS index for passage vectors of dimension `dim`."""
@@ -277,8 +284,7 @@ class DenseIndexer(ABC):
             )
         stats = self._scan(blocks)
         if self.check_memory:
-            what = f"a {self.kind} index of {stats.count} vectors of dimension {stats.dim}"
-            ensure_memory(self.estimate_memory(stats.count, stats.dim), what)
+            self.ensure_fits(stats.count, stats.dim)
         self._build_from_stats(stats)
         return stats.count
 
@@ -550,14 +556,3 @@ def create_indexer(kind: str, **kwargs) -> DenseIndexer:
         raise ValueError(f"unknown indexer {kind!r}; expected one of {tuple(INDEXER_TYPES)}")
     return INDEXER_TYPES[kind](**kwargs)
 
-
-def estimate_index_memory(kind: str, n: int, dim: int, **kwargs) -> int:
-    """Bytes an index of `kind` over `n` vectors of dimension `dim` needs (kwargs as for `create_indexer`)."""
-    return create_indexer(kind, **kwargs).estimate_memory(n, dim)
-
-
-def check_index_memory(kind: str, n: int, dim: int, available: Optional[tuple[int, str]] = None, **kwargs) -> int:
-    """The estimate for an index of `kind`; raises InsufficientMemoryError when it exceeds available memory."""
-    required = estimate_index_memory(kind, n, dim, **kwargs)
-    ensure_memory(required, f"a {kind} index of {n} vectors of dimension {dim}", available)
-    return required

@@ -5,31 +5,31 @@
   Inside a chunk the passages are sorted by token length (longest first) and batched with dynamic padding, so a
   batch carries little padding; every batch remembers the rows it holds and vectors are put back in file order.
   Padding is masked out of attention, so the vectors equal those of fixed padding.
-- The forward runs without gradients, under fp16/bf16 autocast when asked, and vectors are saved as float32.
+- Vectors are the encoder spec's (`dpr.indexing.encoding`): pooled as it says, L2-normalised for cosine
+  similarity. The forward runs without gradients, under fp16/bf16 autocast when asked; vectors are saved as float32.
 - The shard is written atomically to `{out_file}_{shard_id}` (DPR pickle), `..._{shard_id}.pkl` (GC-DPR) or
-  `..._{shard_id}.npz` (no pickle); a rerun finds a complete shard and skips it.
+  `..._{shard_id}.npz` (no pickle), with a provenance record beside it (`dpr.indexing.shard_provenance`). A rerun
+  skips a complete shard only when its record matches exactly (same model weights and spec, passages file, shard
+  and shard count); otherwise it re-embeds the shard and says why.
 """
 import itertools
 import logging
-import os
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Sequence
+from typing import Iterator, NamedTuple, Sequence
 
-import numpy as np
 import torch
 from omegaconf import DictConfig
 from torch.utils.data import DataLoader, IterableDataset, get_worker_info
-from tqdm import tqdm
 
 from dpr.data.ctx_sources import CtxSource, resolve_ctx_source
 from dpr.data.embeddings_io import is_shard_complete, shard_path, write_embeddings
 from dpr.data.passages import Passage, count_passages, iter_passage_shard, shard_range
 from dpr.data.tensorizer import Tensorizer
-from dpr.models.hf_encoder import encode, encoder_out_size
-from dpr.models.loading import load_inference_encoder
 from dpr.foundation.devices import process_device
-from dpr.foundation.precision import Precision, make_precision
+from dpr.foundation.precision import make_precision
+from dpr.indexing.encoding import encode_batches, load_configured_encoder, padded_batches
+from dpr.indexing.shard_provenance import remove_provenance, reuse_refusal, shard_provenance, write_provenance
 
 logger = logging.getLogger(__name__)
 
@@ -87,43 +87,17 @@ class TokenizedShard(IterableDataset):
 
     def _batches(self, first_row: int, chunk: Sequence[Passage]) -> Iterator[PassageBatch]:
         token_ids = self.tensorizer.token_ids([p.text for p in chunk], [p.title for p in chunk])
-        order = range(len(chunk))
-        if self.sort_by_length:  # longest first: a batch too large for the GPU fails at once, not at the end
-            order = sorted(order, key=lambda i: -len(token_ids[i]))
-        for start in range(0, len(chunk), self.batch_size):
-            members = order[start : start + self.batch_size]
-            input_ids, attention_mask = self.tensorizer.pad([token_ids[i] for i in members])
-            rows = torch.tensor([first_row + i for i in members], dtype=torch.long)
-            yield PassageBatch(rows, [chunk[i].id for i in members], input_ids, attention_mask)
+        for batch in padded_batches(self.tensorizer, token_ids, self.batch_size, self.sort_by_length, first_row):
+            ids = [chunk[row - first_row].id for row in batch.rows.tolist()]
+            yield PassageBatch(batch.rows, ids, batch.input_ids, batch.attention_mask)
 
 
-def embed_batches(
-    model: torch.nn.Module,
-    batches: Iterator[PassageBatch],
-    n: int,
-    device: torch.device,
-    precision: Precision,
-    description: str = "embedding",
-) -> tuple[list[str], np.ndarray]:
-    """(ids, float32 [n, D] vectors) in row order, whatever order the batches come in."""
-    vectors = np.empty((n, encoder_out_size(model)), dtype=np.float32)
-    ids: list[Optional[str]] = [None] * n
-    with tqdm(total=n, desc=description, unit="passages", smoothing=0.1) as progress, torch.inference_mode():
-        for batch in batches:
-            with precision.autocast():
-                _, pooled = encode(
-                    model,
-                    batch.input_ids.to(device, non_blocking=True),
-                    batch.attention_mask.to(device, non_blocking=True),
-                )
-            rows = batch.rows.numpy()
-            vectors[rows] = pooled.float().cpu().numpy()
-            for row, doc_id in zip(rows, batch.ids):
-                ids[row] = doc_id
-            progress.update(len(rows))
-    if any(doc_id is None for doc_id in ids):
-        raise RuntimeError("some passages of the shard were never embedded")
-    return ids, vectors
+def _recording_ids(batches: Iterator[PassageBatch], ids: list) -> Iterator[PassageBatch]:
+    """The batches, unchanged, while each passage's id is put at its row."""
+    for batch in batches:
+        for row, doc_id in zip(batch.rows.tolist(), batch.ids):
+            ids[row] = doc_id
+        yield batch
 
 
 def _check_config(cfg: DictConfig) -> None:
@@ -137,17 +111,23 @@ def generate_dense_embeddings(cfg: DictConfig) -> Path:
     """Embed shard `cfg.shard_id` of `cfg.num_shards` of `cfg.ctx_src`; returns the shard file's path."""
     _check_config(cfg)
     out_path = shard_path(cfg.out_file, cfg.shard_id, cfg.out_format)
-    if is_shard_complete(out_path):
-        logger.info("%s is complete already: skipping shard %d", out_path, cfg.shard_id)
-        return out_path
     source = resolve_ctx_source(cfg.ctx_src, cfg)
-    plan = ShardPlan(source, cfg.shard_id, cfg.num_shards, count_passages(source.path))
-
     device = process_device(cfg.no_cuda, cfg.get("local_rank"))
     precision = make_precision(device, cfg.fp16, cfg.bf16)
-    model, tokenizer = load_inference_encoder(cfg, cfg.encoder_type, cfg.model_file)
-    model.to(device)
-    tensorizer = Tensorizer(tokenizer, cfg.encoder.sequence_length, cfg.encoder.get("pad_to_max", False))
+    encoder = load_configured_encoder(cfg, cfg.encoder_type)
+    provenance = shard_provenance(encoder, cfg.encoder_type, cfg.model_file, source, cfg.shard_id, cfg.num_shards)
+    if is_shard_complete(out_path):
+        refusal = reuse_refusal(out_path, provenance)
+        if refusal is None:
+            logger.info("%s is complete and made from the same model and passages: skipping shard %d",
+                        out_path, cfg.shard_id)
+            return out_path
+        logger.warning("re-embedding %s: %s", out_path, refusal)
+    remove_provenance(out_path)
+
+    plan = ShardPlan(source, cfg.shard_id, cfg.num_shards, count_passages(source.path))
+    encoder.model.to(device)
+    tensorizer = Tensorizer.for_spec(encoder.spec, encoder.tokenizer)
     dataset = TokenizedShard(plan, tensorizer, cfg.batch_size, cfg.tokenize_chunk, cfg.sort_by_length)
     loader = DataLoader(
         dataset,
@@ -157,9 +137,14 @@ def generate_dense_embeddings(cfg: DictConfig) -> Path:
         persistent_workers=False,
     )
     logger.info(
-        "embedding %d passages (shard %d of %d) of %s on %s, %s, batch size %d, %d tokenizer worker(s)",
+        "embedding %d passages (shard %d of %d) of %s on %s, %s, batch size %d, %d tokenizer worker(s); "
+        "pooling %s, similarity %s",
         plan.size, cfg.shard_id, cfg.num_shards, source.path, device, precision.name, cfg.batch_size,
-        cfg.num_workers,
+        cfg.num_workers, encoder.spec.pooling, encoder.spec.similarity,
     )
-    ids, vectors = embed_batches(model, iter(loader), plan.size, device, precision, f"shard {cfg.shard_id}")
-    return write_embeddings(out_path, ids, vectors)
+    ids: list = [None] * plan.size
+    vectors = encode_batches(encoder, _recording_ids(iter(loader), ids), plan.size, device, precision,
+                             f"shard {cfg.shard_id}")
+    write_embeddings(out_path, ids, vectors)
+    write_provenance(out_path, provenance)
+    return out_path

@@ -38,6 +38,7 @@ from transformers import (
 
 from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 
+from dpr.foundation.errors import UserInputError
 from dpr.models.biencoder import BiEncoder
 from dpr.models.hf_encoder import encoder_from_config, load_tokenizer, resolve_pretrained_path
 from dpr.models.loading import CHECKPOINT_PREFIXES
@@ -69,6 +70,10 @@ SHARED_CONFIG_FIELDS = (
     "layer_norm_eps",
     "pad_token_id",
 )
+
+
+class ExportError(UserInputError):
+    """A checkpoint that transformers' DPR classes cannot reproduce."""
 
 
 @dataclass(frozen=True)
@@ -198,8 +203,27 @@ def load_biencoder(
     question_model, ctx_model = (
         load_encoder_state(bert_config, checkpoint_half(ckpt, role)) for role in ("question", "ctx")
     )
-    sequence_length = ckpt.encoder_params.get("encoder", {}).get("sequence_length") or DEFAULT_BIENCODER_SEQUENCE_LENGTH
-    return BiEncoder(question_model, ctx_model, int(sequence_length)).eval(), tokenizer
+    saved = ckpt.encoder_params.get("encoder", {})
+    sequence_length = saved.get("sequence_length") or DEFAULT_BIENCODER_SEQUENCE_LENGTH
+    pooling = saved.get("pooling") or "cls"
+    return BiEncoder(question_model, ctx_model, int(sequence_length), pooling=pooling).eval(), tokenizer
+
+
+def check_exportable(ckpt: CheckpointState, checkpoint_path: str) -> None:
+    """transformers' DPR encoders represent a text by its last-layer [CLS] vector (their pooler_output), so a
+    model trained with another pooling would give other vectors there: refused. Cosine similarity exports (the
+    vectors only need L2-normalising by the user), with a warning."""
+    saved = ckpt.encoder_params.get("encoder", {})
+    pooling = saved.get("pooling") or "cls"
+    if pooling != "cls":
+        raise ExportError(
+            f"{checkpoint_path} was trained with encoder.pooling={pooling}, but transformers' DPR encoders "
+            "represent a text by its [CLS] vector only, so their pooler_output would not be this model's vectors. "
+            "Use this repository's generate_dense_embeddings.py and dense_retriever.py with the checkpoint instead"
+        )
+    if saved.get("similarity") == "cosine":
+        logger.warning("%s was trained with cosine similarity: L2-normalise the exported encoders' pooler_output "
+                       "before taking inner products", checkpoint_path)
 
 
 def checkpoint_half(ckpt: CheckpointState, role: str) -> Dict[str, torch.Tensor]:
@@ -261,6 +285,7 @@ def export_biencoder(
     """A bi-encoder checkpoint -> `out_dir/question_encoder` (DPRQuestionEncoder) and `out_dir/ctx_encoder`
     (DPRContextEncoder), each with config, weights and tokenizer."""
     ckpt = load_checkpoint(checkpoint_path, trust_checkpoint)
+    check_exportable(ckpt, checkpoint_path)
     bert_config, tokenizer = base_model_of_checkpoint(ckpt, pretrained_model_cfg)
     report = ConversionReport()
     for role, subdir in (("question", QUESTION_SUBDIR), ("ctx", CTX_SUBDIR)):

@@ -12,20 +12,33 @@ from dpr.models.hf_encoder import build_encoder, encode, encoder_out_size
 
 class BiEncoder(nn.Module):
     """Two independent encoders (or one shared, an extension). State dict keys are `question_model.*` and
-    `ctx_model.*`, as in DPR checkpoints."""
+    `ctx_model.*`, as in DPR checkpoints. With one shared encoder both prefixes name the same tensors, which
+    torch.save stores once: the checkpoint holds one model's weights and still loads in DPR's two-tower form."""
 
-    def __init__(self, question_model: nn.Module, ctx_model: nn.Module, sequence_length: int, fix_ctx_encoder=False):
+    def __init__(
+        self,
+        question_model: nn.Module,
+        ctx_model: nn.Module,
+        sequence_length: int,
+        fix_ctx_encoder: bool = False,
+        pooling: str = "cls",
+    ):
         super().__init__()
         self.question_model = question_model
         self.ctx_model = ctx_model
         self.sequence_length = sequence_length
         self.fix_ctx_encoder = fix_ctx_encoder
+        self.pooling = pooling
+
+    @property
+    def shares_encoders(self) -> bool:
+        return self.question_model is self.ctx_model
 
     def _encode(self, model, ids, mask, seeds: Optional[Sequence[int]]) -> torch.Tensor:
         if ids.shape[0] == 0:
             return torch.zeros(0, encoder_out_size(model), device=ids.device)
         with example_seeds(seeds if self.training else None, ids.device, self.sequence_length):
-            return encode(model, ids, mask)[1]
+            return encode(model, ids, mask, pooling=self.pooling)[1]
 
     def encode_questions(self, ids, mask, seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
         return self._encode(self.question_model, ids, mask, seeds)
@@ -44,10 +57,18 @@ class BiEncoder(nn.Module):
 def similarity_scores(q: torch.Tensor, ctx: torch.Tensor, similarity: str = "dot", temperature: float = 1.0):
     """[Nq, Nc] scores. `dot` is DPR's; `cosine` (an extension) is the dot product of L2-normalised vectors
     divided by `temperature`."""
+    scores = search_vectors(q, similarity) @ search_vectors(ctx, similarity).T
+    return scores if similarity == "dot" else scores / temperature
+
+
+def search_vectors(vectors: torch.Tensor, similarity: str = "dot") -> torch.Tensor:
+    """Vectors whose inner product is the similarity: as they are for `dot`, L2-normalised for `cosine`, so an
+    inner-product index ranks by cosine and its scores are cosines. The temperature is left out: dividing every
+    score by the same positive number changes no ranking (and keeps the scores in [-1, 1])."""
     if similarity == "dot":
-        return q @ ctx.T
+        return vectors
     if similarity == "cosine":
-        return (F.normalize(q, dim=-1) @ F.normalize(ctx, dim=-1).T) / temperature
+        return F.normalize(vectors, dim=-1)
     raise ValueError(f"unknown similarity '{similarity}' (choose dot or cosine)")
 
 
@@ -74,4 +95,6 @@ def build_biencoder(spec: EncoderSpec) -> BiEncoder:
 
     question_model = one_encoder()
     ctx_model = question_model if spec.share_encoders else one_encoder()
-    return BiEncoder(question_model, ctx_model, spec.sequence_length, fix_ctx_encoder=spec.fix_ctx_encoder)
+    return BiEncoder(
+        question_model, ctx_model, spec.sequence_length, fix_ctx_encoder=spec.fix_ctx_encoder, pooling=spec.pooling
+    )

@@ -21,6 +21,10 @@ logger = logging.getLogger(__name__)
 
 POOLINGS = ("cls", "mean")
 SIMILARITIES = ("dot", "cosine")
+# The fields of `vector_params`.
+VECTOR_FIELDS = (
+    "encoder_model_type", "projection_dim", "sequence_length", "token_type_ids", "pooling", "similarity", "do_lower_case"
+)
 # [CLS] and [SEP] take two positions: anything shorter leaves no room for a token of text.
 MIN_SEQUENCE_LENGTH = 3
 
@@ -68,6 +72,11 @@ class EncoderSpec:
             raise EncoderConfigError(f"encoder.temperature={self.temperature} must be positive")
         if int(self.projection_dim) < 0:
             raise EncoderConfigError(f"encoder.projection_dim={self.projection_dim} must be 0 (none) or positive")
+        if self.share_encoders and self.fix_ctx_encoder:
+            raise EncoderConfigError(
+                "encoder.share_encoders=true with encoder.fix_ctx_encoder=true: the one encoder both towers share "
+                "cannot stay fixed for passages while questions train it; set one of them to false"
+            )
 
     @classmethod
     def from_config(cls, encoder_cfg: Mapping[str, Any], do_lower_case: bool = True) -> "EncoderSpec":
@@ -90,6 +99,12 @@ class EncoderSpec:
         encoder = dataclasses.asdict(self)
         do_lower_case = encoder.pop("do_lower_case")
         return {"do_lower_case": do_lower_case, "encoder": encoder}
+
+    def vector_params(self) -> dict:
+        """The settings that shape a vector once the weights are given (what the text becomes as tokens, how the
+        tokens' vectors become one, how it is compared): two encodings are comparable when these and the weights
+        agree. Training-only settings, padding (masked out) and the temperature (a scale) are left out."""
+        return {key: getattr(self, key) for key in VECTOR_FIELDS}
 
     def with_checkpoint_params(self, params: Mapping[str, Any]) -> "EncoderSpec":
         """This spec with a checkpoint's saved encoder settings applied over it, as DPR does; a saved model path

@@ -1,4 +1,5 @@
-"""Transformer encoders as DPR uses them: any transformers AutoModel, represented by its last-layer [CLS] vector.
+"""Transformer encoders as DPR uses them: any transformers AutoModel, represented by its last-layer [CLS] vector
+(DPR) or by the mean of its non-padding last-layer token vectors (`pooling="mean"`, as sentence-transformers pools).
 
 The encoder is the transformers model itself, with DPR's optional `encode_proj` attached as a submodule, so its
 state dict has exactly the keys DPR checkpoints hold (`embeddings.*`, `encoder.*`, `pooler.*`, `encode_proj.*`).
@@ -79,21 +80,36 @@ def encoder_out_size(model: PreTrainedModel) -> int:
     return proj.out_features if proj is not None else model.config.hidden_size
 
 
+def pool(sequence_output: torch.Tensor, attention_mask: torch.Tensor, pooling: str = "cls") -> torch.Tensor:
+    """[B, H] from [B, T, H]: the [CLS] (first) vector, or the mean over the positions the mask keeps, so padding
+    never counts and dynamic padding gives the vectors of fixed padding."""
+    if pooling == "cls":
+        return sequence_output[:, 0, :]
+    if pooling == "mean":
+        mask = attention_mask.unsqueeze(-1).to(sequence_output.dtype)
+        return (sequence_output * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
+    raise ValueError(f"unknown pooling {pooling!r} (choose cls or mean)")
+
+
 def encode(
     model: PreTrainedModel,
     input_ids: torch.Tensor,
     attention_mask: torch.Tensor,
     token_type_ids: Optional[torch.Tensor] = None,
-    rep_pos: Union[int, torch.Tensor] = 0,
+    rep_pos: Union[int, torch.Tensor, None] = None,
+    pooling: str = "cls",
 ) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(sequence output, representation): the representation is the hidden state at `rep_pos` ([CLS] by
-    default, or per-row (row, col) positions as a [B, 2] tensor), projected by encode_proj when present."""
+    """(sequence output, representation): the representation is `pooling` of the last layer ([CLS] by default),
+    or the hidden state at `rep_pos` (a position, or per-row (row, col) positions as a [B, 2] tensor), projected
+    by encode_proj when present."""
     kwargs = {"token_type_ids": token_type_ids} if token_type_ids is not None else {}
     sequence_output = model(input_ids=input_ids, attention_mask=attention_mask, **kwargs).last_hidden_state
     if isinstance(rep_pos, torch.Tensor):
         pooled = sequence_output[rep_pos[:, 0], rep_pos[:, 1], :]
-    else:
+    elif rep_pos is not None:
         pooled = sequence_output[:, rep_pos, :]
+    else:
+        pooled = pool(sequence_output, attention_mask, pooling)
     proj = getattr(model, "encode_proj", None)
     if proj is not None:
         pooled = proj(pooled)

@@ -1,0 +1,147 @@
+"""The indexes a retriever configuration (`conf/dense_retriever.yaml`) describes: the dense FAISS index, loaded from
+where it was saved or built from the embedding shards (after one memory check, with the configured indexer's own
+settings), and the BM25 index over the passage sources."""
+import logging
+import os
+import time
+import zipfile
+from pathlib import Path
+from typing import Iterator, Optional, Sequence
+
+import numpy as np
+from omegaconf import DictConfig
+
+from dpr.data.ctx_sources import CtxSource, iter_sources
+from dpr.data.embeddings_io import EmbeddingFiles, read_embeddings
+from dpr.indexing.bm25 import BM25Index, passage_text
+from dpr.indexing.faiss_indexers import DenseIndexer, create_indexer, index_exists
+
+logger = logging.getLogger(__name__)
+
+HNSW_SETTINGS = {"hnsw_store_n": "store_n", "hnsw_ef_search": "ef_search", "hnsw_ef_construction": "ef_construction"}
+
+
+class ChainedBlocks:
+    """The embedding blocks of several shard-file sets, re-iterable (two-pass indexers read them twice)."""
+
+    def __init__(self, files: Sequence[EmbeddingFiles]) -> None:
+        self.files = list(files)
+
+    def __iter__(self) -> Iterator[tuple[list[str], np.ndarray]]:
+        for shard_files in self.files:
+            yield from shard_files
+
+    @property
+    def paths(self) -> list[Path]:
+        return [path for shard_files in self.files for path in shard_files.paths]
+
+
+def embedding_files(cfg: DictConfig, sources: Sequence[CtxSource]) -> ChainedBlocks:
+    """`encoded_ctx_files[i]` with the id prefix of `ctx_datatsets[i]`."""
+    patterns = list(cfg.encoded_ctx_files or [])
+    if not patterns:
+        raise ValueError("encoded_ctx_files is required to build a dense index (or give an existing index_path)")
+    if len(patterns) != len(sources):
+        raise ValueError(
+            f"encoded_ctx_files has {len(patterns)} entries but ctx_datatsets {len(sources)}: they pair up 1:1"
+        )
+    return ChainedBlocks([EmbeddingFiles(pattern, source.id_prefix) for pattern, source in zip(patterns, sources)])
+
+
+def shards_of(cfg: DictConfig, sources: Sequence[CtxSource]) -> Optional[ChainedBlocks]:
+    """The embedding shards, or None when `index_path` holds a saved index (no shard is needed then)."""
+    if cfg.index_path and index_exists(cfg.index_path):
+        return None
+    return embedding_files(cfg, sources)
+
+
+def indexer_kind(cfg: DictConfig) -> str:
+    return "hnsw" if cfg.hnsw_index else cfg.indexer
+
+
+def create_configured_indexer(cfg: DictConfig) -> DenseIndexer:
+    """The indexer of `cfg.indexer` with its configured settings. Its memory is checked once, before building
+    (`build_or_load_index`), so it does not check again after its first pass."""
+    kind = indexer_kind(cfg)
+    common = {"buffer_size": cfg.index_buffer, "check_memory": False}
+    if kind in ("hnsw", "hnsw_sq"):
+        settings = {arg: cfg[key] for key, arg in HNSW_SETTINGS.items() if cfg.get(key) is not None}
+        return create_indexer(kind, **common, **settings)
+    if kind == "flat":
+        return create_indexer(kind, **common)
+    if not cfg.index_factory:
+        raise ValueError("indexer=factory needs index_factory, a FAISS index_factory string such as IVF4096,PQ64")
+    return create_indexer(
+        kind,
+        factory_string=cfg.index_factory,
+        train_sample_size=cfg.index_train_sample,
+        search_params=cfg.index_search_params or "",
+        **common,
+    )
+
+
+def index_location(cfg: DictConfig, blocks: Optional[ChainedBlocks]) -> Optional[str]:
+    """`index_path`, or with `save_or_load_index` GC-DPR's prefix from the first embedding file (emb_0 -> emb)."""
+    if cfg.index_path:
+        return str(cfg.index_path)
+    if cfg.save_or_load_index and blocks is not None and blocks.paths:
+        return "_".join(str(blocks.paths[0]).split("_")[:-1])
+    return None
+
+
+def estimate_vector_count(paths: Sequence[Path]) -> tuple[int, int]:
+    """(vectors, dimension) of shard files: exact for `.npz` (array headers), for pickles scaled from the first
+    pickle's vectors per byte (reading every pickle would cost a pass over all the data)."""
+    count, dim, pickles = 0, 0, []
+    for path in paths:
+        if str(path).endswith(".npz"):
+            rows, dim = _npz_vectors_shape(path)
+            count += rows
+        else:
+            pickles.append(path)
+    if pickles:
+        ids, vectors = read_embeddings(pickles[0])
+        dim = dim or vectors.shape[1]
+        per_byte = len(ids) / max(os.path.getsize(pickles[0]), 1)
+        count += round(per_byte * sum(os.path.getsize(path) for path in pickles))
+    return count, dim
+
+
+def _npz_vectors_shape(path: Path) -> tuple[int, int]:
+    with zipfile.ZipFile(path) as archive, archive.open("vectors.npy") as array_file:
+        version = np.lib.format.read_magic(array_file)
+        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
+        shape, _, _ = read_header(array_file)
+    return shape[0], shape[1] if len(shape) > 1 else 0
+
+
+def build_or_load_index(cfg: DictConfig, shards: Optional[ChainedBlocks]) -> DenseIndexer:
+    """The dense index: loaded from its location when saved there, else built from the shards (then saved)."""
+    indexer = create_configured_indexer(cfg)
+    location = index_location(cfg, shards)
+    if location and index_exists(location):
+        indexer.deserialize(location)
+        return indexer
+    count, dim = estimate_vector_count(shards.paths)
+    indexer.ensure_fits(count, dim)  # logs the estimate; raises when the index will not fit
+    started = time.perf_counter()
+    indexer.index_data(shards)
+    logger.info("built the %s index in %.1f s", indexer.kind, time.perf_counter() - started)
+    if location:
+        indexer.serialize(location)
+    return indexer
+
+
+def bm25_index(cfg: DictConfig, sources: Sequence[CtxSource]) -> BM25Index:
+    """Loaded from `bm25_index_path` when saved there, else built over the passage sources (and saved)."""
+    path = cfg.bm25_index_path
+    if path and os.path.isdir(path):
+        return BM25Index.load(path)
+    ids, texts = [], []
+    for passage in iter_sources(sources):
+        ids.append(passage.id)
+        texts.append(passage_text(passage.title, passage.text))
+    index = BM25Index.build(ids, texts, k1=cfg.bm25_k1, b=cfg.bm25_b)
+    if path:
+        index.save(path)
+    return index

@@ -1,0 +1,91 @@
+"""Texts to search vectors: the one encoding loop that passages (`generate_dense_embeddings.py`) and questions
+(`dense_retriever.py`) go through, so both honour the same encoder spec (pooling; L2-normalised vectors for
+cosine similarity, see `dpr.models.biencoder.search_vectors`).
+
+A batch carries `rows`, the positions of its texts in the output, so batches may come in any order (length-sorted,
+from several DataLoader workers) and the vectors still come out in text order. Padding is masked out of attention
+and of mean pooling, so batching and padding never change a vector.
+"""
+import logging
+import time
+from typing import Iterable, Iterator, NamedTuple, Sequence
+
+import numpy as np
+import torch
+from omegaconf import DictConfig
+from tqdm import tqdm
+
+from dpr.data.tensorizer import Tensorizer
+from dpr.foundation.precision import Precision
+from dpr.models.encoder_spec import EncoderSpec
+from dpr.models.hf_encoder import encoder_out_size
+from dpr.models.loading import InferenceEncoder, load_inference_encoder
+
+logger = logging.getLogger(__name__)
+
+
+class TextBatch(NamedTuple):
+    rows: torch.Tensor  # positions of the batch's texts in the output
+    input_ids: torch.Tensor
+    attention_mask: torch.Tensor
+
+
+def load_configured_encoder(cfg: DictConfig, encoder_type: str) -> InferenceEncoder:
+    """The encoder of `cfg.model_file`'s `encoder_type` half (or the pretrained model of cfg.encoder), with the
+    spec resolved from cfg.encoder and the checkpoint's saved settings."""
+    configured = EncoderSpec.from_config(cfg.encoder, cfg.do_lower_case)
+    return load_inference_encoder(configured, encoder_type, cfg.model_file, bool(cfg.get("trust_checkpoint", False)))
+
+
+def padded_batches(
+    tensorizer: Tensorizer, token_ids: Sequence[Sequence[int]], batch_size: int, sort_by_length: bool,
+    first_row: int = 0,
+) -> Iterator[TextBatch]:
+    """Batches of `batch_size` token id lists, padded; longest first when `sort_by_length` (less padding, and a
+    batch too large for the GPU fails at once, not at the end). Row i of `token_ids` is output row first_row + i."""
+    order = range(len(token_ids))
+    if sort_by_length:
+        order = sorted(order, key=lambda i: -len(token_ids[i]))
+    for start in range(0, len(order), batch_size):
+        members = order[start : start + batch_size]
+        input_ids, attention_mask = tensorizer.pad([token_ids[i] for i in members])
+        yield TextBatch(torch.tensor([first_row + i for i in members], dtype=torch.long), input_ids, attention_mask)
+
+
+def encode_batches(
+    encoder: InferenceEncoder,
+    batches: Iterable[TextBatch],
+    n: int,
+    device: torch.device,
+    precision: Precision,
+    description: str = "encoding",
+) -> np.ndarray:
+    """float32 [n, D] search vectors in row order, whatever order the batches come in; every row must come."""
+    vectors = np.empty((n, encoder_out_size(encoder.model)), dtype=np.float32)
+    filled = np.zeros(n, dtype=bool)
+    with tqdm(total=n, desc=description, unit="texts", smoothing=0.1, disable=n == 0) as progress, \
+            torch.inference_mode():
+        for batch in batches:
+            with precision.autocast():
+                encoded = encoder.search_vectors(
+                    batch.input_ids.to(device, non_blocking=True), batch.attention_mask.to(device, non_blocking=True)
+                )
+            rows = batch.rows.numpy()
+            vectors[rows] = encoded.float().cpu().numpy()
+            filled[rows] = True
+            progress.update(len(rows))
+    if not filled.all():
+        raise RuntimeError(f"{int((~filled).sum())} of {n} texts were never encoded")
+    return vectors
+
+
+def encode_questions(
+    encoder: InferenceEncoder, questions: Sequence[str], batch_size: int, device: torch.device, precision: Precision
+) -> np.ndarray:
+    """float32 [len(questions), D] search vectors of `[CLS] question [SEP]`."""
+    tensorizer = Tensorizer.for_spec(encoder.spec, encoder.tokenizer)
+    started = time.perf_counter()
+    batches = padded_batches(tensorizer, tensorizer.token_ids(list(questions)), batch_size, sort_by_length=True)
+    vectors = encode_batches(encoder, batches, len(questions), device, precision, "questions")
+    logger.info("encoded %d questions on %s in %.1f s", len(questions), device, time.perf_counter() - started)
+    return vectors

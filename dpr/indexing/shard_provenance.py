@@ -1,0 +1,227 @@
+"""What made an embedding shard, recorded beside it, so that stale vectors are never reused or mixed.
+
+`generate_dense_embeddings.py` writes, next to shard `emb_0`, the JSON record `.emb_0.provenance.json` (hidden,
+so that an `emb_*` glob, ours or DPR's, never takes it for a shard):
+
+    format, version     "dpr-shard-provenance", 1
+    shard_id, num_shards
+    encoder_type        which checkpoint half embedded the passages (ctx or question)
+    model.checkpoint    the checkpoint's path (absent: the pretrained model of the encoder spec); for information
+    model.weights       a fingerprint of the model's weights (`dpr.models.loading.weights_fingerprint`): the whole
+                        checkpoint, both towers, or the pretrained encoder
+    model.encoder_params  the encoder spec the vectors follow, in a checkpoint's `encoder_params` form
+    passages            path, size, mtime_ns, a hash of 64 blocks spread over the file, and the id prefix
+
+Three comparisons use it:
+- reuse: a rerun skips a complete shard only when the record it would write equals the saved one in every field
+  but `model.checkpoint` (the weights fingerprint and spec already say which model); otherwise it re-embeds and
+  says which field changed. A shard without a record is re-embedded.
+- mixing: the shards of one `encoded_ctx_files` entry must agree on everything but `shard_id` and where the files
+  were (checkpoint path, passages path and mtime, which differ between machines of one sweep); the shards of all
+  entries must come from one model.
+- questions: the question encoder must be of the shards' model (same weights fingerprint and vector settings).
+Shards without a record (DPR's released ones) are accepted as they are, with an info line.
+"""
+import hashlib
+import json
+import logging
+import os
+from pathlib import Path
+from typing import Iterable, NamedTuple, Optional, Sequence, Union
+
+from dpr.data.ctx_sources import CtxSource
+from dpr.foundation.errors import UserInputError
+from dpr.foundation.files import atomic_output
+from dpr.models.encoder_spec import VECTOR_FIELDS
+from dpr.models.loading import InferenceEncoder
+
+logger = logging.getLogger(__name__)
+
+PathLike = Union[str, Path]
+FORMAT = "dpr-shard-provenance"
+VERSION = 1
+_SAMPLE_BLOCKS = 64
+_SAMPLE_BLOCK_BYTES = 4096
+
+# Where the inputs were: says nothing about the vectors once the weights fingerprint and spec are known.
+_LOCATION_KEYS = ("model.checkpoint", "passages.path", "passages.mtime_ns")
+# Everything that must agree for the vectors of two encodings to be comparable.
+MODEL_KEYS = ("model.weights",) + tuple(
+    "model.encoder_params." + (field if field == "do_lower_case" else f"encoder.{field}") for field in VECTOR_FIELDS
+)
+
+
+class ShardProvenanceError(UserInputError):
+    """Shards (or shards and a question encoder) that come from different models or passage files."""
+
+
+def sidecar_path(shard: PathLike) -> Path:
+    shard = Path(shard)
+    return shard.parent / f".{shard.name}.provenance.json"
+
+
+def passages_identity(source: CtxSource) -> dict:
+    """The passages file as the record holds it. The hash reads 64 blocks of 4 KiB spread over the file (the
+    whole of a file under 256 KiB): cheap for Wikipedia's 13 GB, and with size and mtime it catches any rewrite."""
+    stat = os.stat(source.path)
+    digest = hashlib.blake2b(digest_size=16)
+    with open(source.path, "rb") as file:
+        if stat.st_size <= _SAMPLE_BLOCKS * _SAMPLE_BLOCK_BYTES:
+            digest.update(file.read())
+        else:
+            stride = (stat.st_size - _SAMPLE_BLOCK_BYTES) // (_SAMPLE_BLOCKS - 1)
+            for block in range(_SAMPLE_BLOCKS):
+                file.seek(block * stride)
+                digest.update(file.read(_SAMPLE_BLOCK_BYTES))
+    return {
+        "path": os.path.abspath(source.path),
+        "size": stat.st_size,
+        "mtime_ns": stat.st_mtime_ns,
+        "sample_hash": "blake2b:" + digest.hexdigest(),
+        "id_prefix": source.id_prefix,
+    }
+
+
+def shard_provenance(
+    encoder: InferenceEncoder,
+    encoder_type: str,
+    model_file: Optional[str],
+    source: CtxSource,
+    shard_id: int,
+    num_shards: int,
+) -> dict:
+    """The record of shard `shard_id` of `num_shards` of `source`, embedded by `encoder`."""
+    return {
+        "format": FORMAT,
+        "version": VERSION,
+        "shard_id": int(shard_id),
+        "num_shards": int(num_shards),
+        "encoder_type": encoder_type,
+        "model": model_record(encoder, model_file),
+        "passages": passages_identity(source),
+    }
+
+
+def model_record(encoder: InferenceEncoder, model_file: Optional[str] = None) -> dict:
+    return {
+        "checkpoint": os.path.abspath(model_file) if model_file else None,
+        "weights": encoder.weights,
+        "encoder_params": encoder.spec.checkpoint_params(),
+    }
+
+
+def write_provenance(shard: PathLike, record: dict) -> None:
+    with atomic_output(sidecar_path(shard)) as temp_name, open(temp_name, "w", encoding="utf-8") as file:
+        json.dump(record, file, indent=2, sort_keys=True)
+
+
+def remove_provenance(shard: PathLike) -> None:
+    """Before a shard is rewritten: a crash between the new shard and its record then leaves no stale record."""
+    sidecar_path(shard).unlink(missing_ok=True)
+
+
+def read_provenance(shard: PathLike) -> Optional[dict]:
+    """The shard's record, or None when it has none; a record that is not one is an error naming it."""
+    path = sidecar_path(shard)
+    if not path.is_file():
+        return None
+    try:
+        record = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise ShardProvenanceError(f"{path}: unreadable provenance record ({e}); delete it to re-embed {shard}") from e
+    if not isinstance(record, dict) or record.get("format") != FORMAT:
+        raise ShardProvenanceError(f"{path} is not a shard provenance record; delete it to re-embed {shard}")
+    return record
+
+
+def _flatten(record: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in record.items():
+        if isinstance(value, dict):
+            flat.update(_flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
+
+
+class Difference(NamedTuple):
+    field: str  # dotted, e.g. model.encoder_params.encoder.pooling
+    first: object
+    second: object
+
+    def __str__(self) -> str:
+        return f"{self.field} differs ({self.first!r} vs {self.second!r})"
+
+
+def differing_field(first: dict, second: dict, keys: Optional[Iterable[str]] = None,
+                    ignore: Iterable[str] = ()) -> Optional[Difference]:
+    """The first dotted field (of `keys`, or of all but `ignore`) whose values differ."""
+    a, b = _flatten(first), _flatten(second)
+    ignored = set(ignore)
+    names = list(keys) if keys is not None else sorted(set(a) | set(b))
+    for name in names:
+        if name not in ignored and a.get(name) != b.get(name):
+            return Difference(name, a.get(name), b.get(name))
+    return None
+
+
+def reuse_refusal(shard: PathLike, record: dict) -> Optional[str]:
+    """Why the complete shard at `shard` cannot be reused for `record`; None when it can."""
+    saved = read_provenance(shard)
+    if saved is None:
+        return f"it has no provenance record ({sidecar_path(shard).name})"
+    changed = differing_field(saved, record, ignore=("model.checkpoint",))
+    return None if changed is None else f"{changed.field} changed from {changed.first!r} to {changed.second!r}"
+
+
+_MIXING_IGNORED = ("shard_id", "format", "version") + _LOCATION_KEYS
+
+
+def check_shard_sets(shard_sets: Sequence[Sequence[PathLike]]) -> Optional[tuple[Path, dict]]:
+    """Refuse shards of different provenance: within a set (one passages source) they must agree on all but the
+    shard id and file locations, across sets on the model. Returns a (shard, record) of the shards' model, or
+    None when no shard has a record."""
+    reference: Optional[tuple[Path, dict]] = None
+    unrecorded: list[Path] = []
+    for shards in shard_sets:
+        first: Optional[tuple[Path, dict]] = None
+        for shard in map(Path, shards):
+            record = read_provenance(shard)
+            if record is None:
+                unrecorded.append(shard)
+                continue
+            if first is None:
+                first = (shard, record)
+                if reference is not None:
+                    _refuse_difference(reference, first, keys=MODEL_KEYS, what="come from different models")
+                    continue
+                reference = first
+            else:
+                _refuse_difference(first, (shard, record), ignore=_MIXING_IGNORED, what="were made differently")
+    if unrecorded:
+        log = logger.warning if reference is not None else logger.info
+        log("%d shard(s) have no provenance record (e.g. DPR's released shards), used as they are: %s%s",
+            len(unrecorded), ", ".join(map(str, unrecorded[:3])), " ..." if len(unrecorded) > 3 else "")
+    return reference
+
+
+def _refuse_difference(first: tuple[Path, dict], second: tuple[Path, dict], what: str,
+                       keys: Optional[Iterable[str]] = None, ignore: Iterable[str] = ()) -> None:
+    changed = differing_field(first[1], second[1], keys=keys, ignore=ignore)
+    if changed is not None:
+        raise ShardProvenanceError(
+            f"embedding shards {first[0]} and {second[0]} {what}: {changed}. Mixing them would search stale "
+            "vectors; re-embed the stale shards (generate_dense_embeddings.py re-embeds any shard whose record "
+            "differs) or name only shards of one run in encoded_ctx_files"
+        )
+
+
+def check_question_encoder(encoder: InferenceEncoder, shards_model: tuple[Path, dict]) -> None:
+    """Refuse to search the shards with questions encoded by another model or with other vector settings."""
+    shard, record = shards_model
+    changed = differing_field(record, {"model": model_record(encoder)}, keys=MODEL_KEYS)
+    if changed is not None:
+        raise ShardProvenanceError(
+            f"the question encoder is not the model that embedded {shard}: {changed} (shard vs questions). Give "
+            "the model_file and encoder settings the passages were embedded with, or re-embed the passages"
+        )
