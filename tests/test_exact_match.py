@@ -1,3 +1,5 @@
+import unicodedata
+
 import pytest
 
 from dpr.evaluation.exact_match import exact_match_score, max_exact_match, normalize_answer
@@ -29,3 +31,12 @@ def test_max_exact_match():
     assert max_exact_match("1,000", ["one thousand", "1000"])
     assert not max_exact_match("1000", ["one thousand"])
     assert not max_exact_match("anything", [])
+
+
+def test_combining_marks_belong_to_their_word():
+    """As DPR (the `regex` package): in NFD, "España" keeps its final "a" (the standard `re` took it for the
+    article "a" after the combining tilde)."""
+    decomposed = unicodedata.normalize("NFD", "España")
+    assert normalize_answer(decomposed) == unicodedata.normalize("NFD", "españa")
+    assert exact_match_score(decomposed, unicodedata.normalize("NFD", "españa"))
+    assert not exact_match_score(decomposed, unicodedata.normalize("NFD", "españ"))

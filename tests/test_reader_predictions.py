@@ -39,7 +39,9 @@ def test_best_spans_hand_checked():
     end = np.array([0.0, 0, 5, 0, 4, 0])
     # (1,2)=10 wins; the 5s all contain or lie inside it; (2,4) overlaps it partly (allowed), (3,4) and (4,4)
     # lie inside (2,4); (5,5) is free
-    assert best_spans(start, end, max_answer_length=3, top_spans=3) == [(1, 2, 10.0), (2, 4, 4.0), (5, 5, 4.0)]
+    spans = best_spans(start, end, max_answer_length=3, top_spans=3)
+    assert [span[:3] for span in spans] == [(1, 2, 10.0), (2, 4, 4.0), (5, 5, 4.0)]
+    assert all((span.logit_start, span.logit_end) == span[:2] for span in spans)  # no tokens: nothing widened
 
 
 def test_best_spans_are_never_nested_and_respect_the_length_limit():
@@ -48,14 +50,35 @@ def test_best_spans_are_never_nested_and_respect_the_length_limit():
         start, end = rng.normal(size=30), rng.normal(size=30)
         spans = best_spans(start, end, max_answer_length=4, top_spans=10)
         assert len(spans) == 10
-        assert [s for *_, s in spans] == sorted((s for *_, s in spans), reverse=True)
-        for i, (s, e, score) in enumerate(spans):
+        assert [span.score for span in spans] == sorted((span.score for span in spans), reverse=True)
+        for i, (s, e, score, _, _) in enumerate(spans):
             assert 0 <= e - s < 4 and score == pytest.approx(start[s] + end[e])
-            for s2, e2, _ in spans[:i]:
+            for s2, e2, *_ in spans[:i]:
                 assert not (s <= s2 and e2 <= e) and not (s2 <= s and e <= e2)
         candidates = [(i, j) for i in range(30) for j in range(i, min(i + 4, 30))]
         best = max(candidates, key=lambda ij: start[ij[0]] + end[ij[1]])
         assert spans[0][:2] == best
+
+
+def test_spans_of_one_word_are_one_answer_after_widening():
+    """DPR compares a span with the accepted spans once they are widened: "##a" after "p" adds nothing new."""
+    tokens = ["p", "##a", "##r", "is", "c", "##a"]
+    start = np.array([5.0, 4, 0, 0, 3, 0])
+    end = np.array([5.0, 4, 0, 0, 0, 3])
+    spans = best_spans(start, end, max_answer_length=1, top_spans=10, tokens=tokens)
+    # raw (0,0) -> "par" (0,2); (1,1) lies inside it; raw (4,4) -> "ca" (4,5); (5,5) lies inside that; then "is"
+    assert [span[:2] for span in spans] == [(0, 2), (4, 5), (3, 3)]
+    assert [(span.logit_start, span.logit_end, span.score) for span in spans] == [(0, 0, 10.0), (4, 4, 3.0),
+                                                                                  (3, 3, 0.0)]
+    assert len({span[:2] for span in spans}) == len(spans)
+
+
+def test_question_nbest_never_repeats_a_span_of_a_passage(tokenizer):
+    p = passage(tokenizer, "paris is the capital")
+    start, end, relevance = logits_for([p], len(p.sequence_ids), [(0, 1, 1), (0, 2, 2)], [0.0])
+    nbest = question_nbest([p], start, end, relevance, tokenizer, max_answer_length=1)
+    assert answer_text(nbest[0], tokenizer) == "paris" and answer_text(nbest[1], tokenizer) != "paris"
+    assert len({(span.start, span.end) for span in nbest}) == len(nbest)
 
 
 def test_spans_widen_to_whole_words():

@@ -1,9 +1,14 @@
-"""Exact-match scoring of reader answers with DPR's (SQuAD-style) answer normalisation."""
-import re
+"""Exact-match scoring of reader answers with DPR's (SQuAD-style) answer normalisation.
+
+The article rule uses the `regex` package, as DPR does: its word boundaries follow Unicode, so a combining mark
+belongs to its word (the standard `re` sees a boundary after it and cuts the final "a" of an NFD "España").
+"""
 import string
 from typing import Iterable
 
-_ARTICLES = re.compile(r"\b(a|an|the)\b")
+import regex
+
+_ARTICLES = regex.compile(r"\b(a|an|the)\b")
 _PUNCTUATION = frozenset(string.punctuation)
 
 

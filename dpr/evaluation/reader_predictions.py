@@ -1,8 +1,9 @@
 """Answers from the reader's logits (DPR's span selection), the prediction file, and exact match.
 
 Per question, passages are visited in descending relevance; in each, every span of at most max_answer_length
-tokens is scored start + end, and the best spans that neither contain nor lie inside an already accepted one
-are kept (partial overlaps are allowed), each widened to whole words over `##` subwords. For a threshold n of
+tokens is scored start + end, and the best spans are accepted in score order, each widened to whole words over
+`##` subwords; as in DPR, a span that contains or lies inside an already accepted (widened) span is passed over, so
+two subword spans of one word give one answer (partial overlaps are allowed). For a threshold n of
 eval_top_docs the answer is the best span of the most relevant passage among the first n retrieved. An
 extension (off by default, DPR #28) instead picks, among those passages, the span with the highest
 relevance logit + log p(start) + log p(end).
@@ -10,7 +11,7 @@ relevance logit + log p(start) + log p(end).
 import json
 import logging
 from dataclasses import dataclass
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Dict, List, NamedTuple, Optional, Sequence, Tuple
 
 import numpy as np
 from transformers import PreTrainedTokenizerBase
@@ -35,22 +36,32 @@ class SpanPrediction:
     combined_score: float  # relevance logit + log p(start | passage) + log p(end | passage)
 
 
+class ScoredSpan(NamedTuple):
+    start: int  # inclusive token indices, widened to whole words when the tokens are known
+    end: int
+    score: float  # start_logits[logit_start] + end_logits[logit_end]
+    logit_start: int  # the span the logits scored, before widening
+    logit_end: int
+
+
 def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, max_answer_length: int,
-               top_spans: int = TOP_SPANS_PER_PASSAGE) -> List[Tuple[int, int, float]]:
-    """Up to top_spans (start, end, score) spans, best first, with end - start < max_answer_length and none
-    containing or contained in a better one. Equal scores keep (start, end) order."""
+               top_spans: int = TOP_SPANS_PER_PASSAGE, tokens: Optional[Sequence[str]] = None) -> List[ScoredSpan]:
+    """Up to top_spans spans, best first, with end - start < max_answer_length, each widened to whole words over
+    `tokens` (when given) and none containing or contained in a better one once that one is widened. Equal scores
+    keep (start, end) order."""
     length = len(start_logits)
     starts = np.repeat(np.arange(length), max_answer_length)
     ends = starts + np.tile(np.arange(max_answer_length), length)
     inside = ends < length
     starts, ends = starts[inside], ends[inside]
     scores = start_logits[starts] + end_logits[ends]
-    accepted: List[Tuple[int, int, float]] = []
+    accepted: List[ScoredSpan] = []
     for k in np.argsort(-scores, kind="stable"):
         s, e = int(starts[k]), int(ends[k])
-        if any((s <= s2 and e2 <= e) or (s2 <= s and e <= e2) for s2, e2, _ in accepted):
+        if any((s <= span.start and span.end <= e) or (span.start <= s and e <= span.end) for span in accepted):
             continue
-        accepted.append((s, e, float(scores[k])))
+        wide_s, wide_e = extend_to_words(tokens, s, e) if tokens is not None else (s, e)
+        accepted.append(ScoredSpan(wide_s, wide_e, float(scores[k]), s, e))
         if len(accepted) == top_spans:
             break
     return accepted
@@ -90,10 +101,9 @@ def question_nbest(passages: Sequence[ReaderPassage], start_logits: np.ndarray, 
         log_p_start, log_p_end = _log_softmax(starts), _log_softmax(ends)
         tokens = tokenizer.convert_ids_to_tokens(ctx_ids.tolist())
         relevance = float(relevance_logits[index])
-        for s, e, score in best_spans(starts, ends, max_answer_length):
-            combined = relevance + float(log_p_start[s] + log_p_end[e])
-            s, e = extend_to_words(tokens, s, e)
-            nbest.append(SpanPrediction(s, e, score, relevance, index, ctx_ids, combined))
+        for span in best_spans(starts, ends, max_answer_length, tokens=tokens):
+            combined = relevance + float(log_p_start[span.logit_start] + log_p_end[span.logit_end])
+            nbest.append(SpanPrediction(span.start, span.end, span.score, relevance, index, ctx_ids, combined))
     return nbest
 
 
