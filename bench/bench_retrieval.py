@@ -5,13 +5,18 @@
    model, passages, batch size and maximum sequence length, in fp32 and in bf16 (bf16 autocast here, the model
    cast to bf16 for ST). ST gets `title [SEP] text`, which tokenizes to the same ids as the pair encoding here.
    Runs alternate; the best of `--repeats` is reported for each.
-2. questions/s of answer validation (calculate_matches) for the NQ test questions, 100 passages each
-   (random passages of the collection: the matching work does not depend on which).
+2. questions/s of answer validation: DPR's per-question algorithm (tests/qa_validation_reference.py) against
+   calculate_matches, 100 passages per question, `match=string` and `match=regex`, on
+   - the 3,610 NQ test questions, each with 100 random passages of squad_open + WikiText (no NQ passages here);
+   - the 1,427 squad_open dev questions with their BM25 top 100 over the same passages (real answer hits);
+   - both again with every retrieval its own passage id ("unshared": nothing to gain from passages shared
+     between questions, the worst case for calculate_matches);
+   and the peak memory validation allocates.
 3. search questions/s of flat and HNSW (DPR's settings) over the real embeddings from 1 and over `--synthetic`
    random vectors of the same dimension, with build time and index bytes per vector (serialized index size).
 
-    python bench/bench_retrieval.py --passages ../shared/data/squad_open/psgs.tsv \
-        --nq_questions ../shared/data/qas/nq-test.qa.csv --out bench_retrieval.json
+    python bench/bench_retrieval.py --passages ../shared/data/squad_open/psgs.tsv --out bench_retrieval.json
+    python bench/bench_retrieval.py --sections validation
 """
 import argparse
 import csv
@@ -22,7 +27,9 @@ import platform
 import sys
 import tempfile
 import time
+import tracemalloc
 from pathlib import Path
+from typing import Optional
 
 import faiss
 import numpy as np
@@ -38,6 +45,15 @@ from dpr.evaluation.qa_validation import calculate_matches  # noqa: E402
 from dpr.indexing.faiss_indexers import create_indexer  # noqa: E402
 from dpr.indexing.generate_embeddings import generate_dense_embeddings  # noqa: E402
 from dpr.models.hf_encoder import resolve_pretrained_path  # noqa: E402
+from tests.qa_validation_reference import (  # noqa: E402
+    Workload,
+    read_passages,
+    reference_calculate_matches,
+    squad_bm25_workload,
+)
+
+
+SECTIONS = ("embedding", "validation", "search")
 
 
 def write_subset(passages_file: str, n: int, folder: Path) -> tuple[Path, list]:
@@ -102,17 +118,78 @@ def bench_embedding(args, folder: Path) -> dict:
             "embeddings": str(folder / "fp32" / "psgs_0.npz")}
 
 
-def bench_validation(args, rng) -> dict:
-    passages = {p.id: (p.text, p.title) for p in iter_passages(args.passages)}
-    samples = read_qa_file(args.nq_questions)[: args.validation_questions]
+def random_candidates(data_dir: Path, qas_file: str, n_questions: Optional[int], n_docs: int, rng) -> Workload:
+    """NQ questions with `n_docs` random passages of squad_open + WikiText each (there are no NQ passages here)."""
+    passages = read_passages(data_dir / "squad_open" / "psgs_plus_wikitext2.tsv")
+    samples = read_qa_file(data_dir / "qas" / qas_file)[:n_questions]
     ids = list(passages)
-    closest = [(list(rng.choice(ids, 100, replace=False)), np.zeros(100, np.float32)) for _ in samples]
-    answers = [s.answers for s in samples]
-    out = {"questions": len(samples), "docs_per_question": 100}
+    closest = [([ids[i] for i in rng.choice(len(ids), n_docs, replace=False)], [0.0] * n_docs) for _ in samples]
+    return passages, [sample.answers for sample in samples], closest
+
+
+def unshared(workload: Workload) -> Workload:
+    """The same texts, but every retrieval its own passage id: no passage is shared between questions."""
+    passages, answers, closest = workload
+    own_passages, own_closest = {}, []
+    for question, (doc_ids, scores) in enumerate(closest):
+        own_ids = [f"{question}:{rank}" for rank in range(len(doc_ids))]
+        own_passages.update(zip(own_ids, (passages[doc_id] for doc_id in doc_ids)))
+        own_closest.append((own_ids, scores))
+    return own_passages, answers, own_closest
+
+
+def peak_allocated_mb(run) -> float:
+    """Peak of the memory Python allocates during run() (tracemalloc; a separate, untimed call)."""
+    tracemalloc.start()
+    run()
+    peak = tracemalloc.get_traced_memory()[1]
+    tracemalloc.stop()
+    return peak / 2**20
+
+
+def bench_validation(args, rng) -> dict:
+    """questions/s of DPR's per-question algorithm (the reference) and of calculate_matches, runs interleaved.
+
+    Every variant's hits are checked against the reference's before timing. Passage texts (the same in all
+    variants) are held by the workload, as the retriever holds them; the peak counts only what validation allocates.
+    """
+    data_dir = Path(args.data_dir)
+    nq_random = random_candidates(data_dir, "nq-test.qa.csv", args.validation_questions, 100, rng)
+    squad_bm25 = squad_bm25_workload(data_dir, args.validation_questions or 10**9, 100)
+    workloads = {"nq_test_random": nq_random, "nq_test_random_unshared": unshared(nq_random),
+                 "squad_dev_bm25": squad_bm25, "squad_dev_bm25_unshared": unshared(squad_bm25)}
+    cases = [(name, "string") for name in workloads] + [("nq_test_random", "regex"), ("squad_dev_bm25", "regex")]
+    variants = {"dpr_per_question": lambda p, a, c, m: reference_calculate_matches(p, a, c, m)[1]}
     for workers in sorted({1, args.validation_workers}):
-        start = time.perf_counter()
-        calculate_matches(passages, answers, closest, workers, "string")
-        out[f"questions_per_s_{workers}_workers"] = len(samples) / (time.perf_counter() - start)
+        variants[f"ours_{workers}_workers"] = (
+            lambda p, a, c, m, workers=workers: calculate_matches(p, a, c, workers, m).questions_doc_hits)
+    seconds: dict[str, dict[str, list]] = {f"{name}/{match}": {} for name, match in cases}
+    expected = {}
+    for repeat in range(args.validation_repeats):
+        for name, match in cases:
+            passages, answers, closest = workloads[name]
+            for variant, run in variants.items():
+                start = time.perf_counter()
+                hits = run(passages, answers, closest, match)
+                seconds[f"{name}/{match}"].setdefault(variant, []).append(time.perf_counter() - start)
+                assert hits == expected.setdefault((name, match), hits), f"{variant} differs on {name}/{match}"
+    out = {}
+    for name, match in cases:
+        passages, answers, closest = workloads[name]
+        case_seconds = seconds[f"{name}/{match}"]
+        best = {variant: min(runs) for variant, runs in case_seconds.items()}
+        out[f"{name}/{match}"] = {
+            "questions": len(answers), "docs_per_question": len(closest[0][0]),
+            "distinct_passages": len({doc_id for doc_ids, _ in closest for doc_id in doc_ids}),
+            "questions_per_s": {variant: len(answers) / value for variant, value in best.items()},
+            "speedup_vs_dpr": {variant: best["dpr_per_question"] / value for variant, value in best.items()},
+            "seconds": case_seconds,
+        }
+    passages, answers, closest = workloads["nq_test_random_unshared"]
+    out["peak_allocated_mb_nq_test_random_unshared"] = {
+        "ours_1_workers": peak_allocated_mb(lambda: calculate_matches(passages, answers, closest, 1)),
+        "passage_texts": sum(len(text) for text, _title in passages.values()) / 2**20,
+    }
     return out
 
 
@@ -152,8 +229,12 @@ def bench_search(args, embeddings: str, rng) -> dict:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--passages", default=str(REPO.parent / "shared/data/squad_open/psgs.tsv"))
-    parser.add_argument("--nq_questions", default=str(REPO.parent / "shared/data/qas/nq-test.qa.csv"))
+    parser.add_argument("--passages", default=str(REPO.parent / "shared/data/squad_open/psgs.tsv"),
+                        help="the passages of the embedding and search benchmarks")
+    parser.add_argument("--data_dir", default=str(REPO.parent / "shared/data"),
+                        help="the shared data (squad_open/, qas/) that the validation benchmark reads")
+    parser.add_argument("--sections", nargs="+", choices=SECTIONS, default=list(SECTIONS),
+                        help="what to run (search needs embedding: it searches the embedded passages)")
     parser.add_argument("--model", default="minilm")
     parser.add_argument("--n_passages", type=int, default=2000)
     parser.add_argument("--batch_size", type=int, default=64)
@@ -161,20 +242,26 @@ def main() -> None:
     parser.add_argument("--num_workers", type=int, default=2, help="tokenizer workers of generate_dense_embeddings")
     parser.add_argument("--repeats", type=int, default=2)
     parser.add_argument("--validation_workers", type=int, default=2)
-    parser.add_argument("--validation_questions", type=int, help="only the first N NQ questions (default: all)")
+    parser.add_argument("--validation_questions", type=int, help="only the first N questions (default: all)")
+    parser.add_argument("--validation_repeats", type=int, default=2)
     parser.add_argument("--n_queries", type=int, default=2000)
     parser.add_argument("--synthetic", type=int, default=20000, help="random vectors for the index benchmark")
     parser.add_argument("--out", help="write the results as JSON here too")
     args = parser.parse_args()
+    if "search" in args.sections and "embedding" not in args.sections:
+        parser.error("--sections search needs embedding too: it searches the embedded passages")
 
     rng = np.random.default_rng(0)
     with tempfile.TemporaryDirectory() as tmp:
         machine = (f"{platform.machine()}, {os.cpu_count()} CPUs, torch {torch.__version__} "
                    f"({torch.get_num_threads()} threads), faiss {faiss.__version__}")
         results = {"machine": machine, "load_average_at_start": os.getloadavg()}
-        results["embedding"] = bench_embedding(args, Path(tmp))
-        results["validation"] = bench_validation(args, rng)
-        results["search"] = bench_search(args, results["embedding"].pop("embeddings"), rng)
+        if "embedding" in args.sections:
+            results["embedding"] = bench_embedding(args, Path(tmp))
+        if "validation" in args.sections:
+            results["validation"] = bench_validation(args, rng)
+        if "search" in args.sections:
+            results["search"] = bench_search(args, results["embedding"].pop("embeddings"), rng)
         results["load_average_at_end"] = os.getloadavg()
     text = json.dumps(results, indent=2)
     print(text)

@@ -55,7 +55,10 @@ class SimpleTokenizer:
 _TOKENIZER = SimpleTokenizer()
 # str.lower is context free except for capital sigma, which becomes final 'ς' or 'σ' by its neighbours; folding
 # both to 'σ' makes the lowercase form of a substring a substring of the lowercase form of the whole.
-_SIGMA_FOLD = str.maketrans("ς", "σ")
+
+
+def _fold_sigma(lowercase_text: str) -> str:
+    return lowercase_text.replace("ς", "σ")
 
 
 def _nfd(text: str) -> str:
@@ -63,7 +66,9 @@ def _nfd(text: str) -> str:
 
 
 def _key_from_nfd(nfd_text: str) -> str:
-    return " " + " ".join(_TOKENIZER.words(nfd_text, uncased=True)) + " "
+    # Lowercasing the joined tokens equals lowercasing each token: a space is neither cased nor case-ignorable, so
+    # it ends the context that decides a capital sigma's form.
+    return " " + " ".join(_TOKENIZER.words(nfd_text)).lower() + " "
 
 
 def token_key(text: str) -> str:
@@ -84,7 +89,7 @@ class _StringAnswer:
 def _string_answer(answer: str) -> Optional[_StringAnswer]:
     """None for an answer without tokens: it never matches (DPR's loop would match it everywhere)."""
     key = token_key(answer)
-    tokens = {token.translate(_SIGMA_FOLD) for token in key.split()}
+    tokens = {_fold_sigma(token) for token in key.split()}
     return _StringAnswer(key, tuple(sorted(tokens, key=len, reverse=True))) if tokens else None
 
 
@@ -142,7 +147,7 @@ class _AnswerMatcher:
         text = _nfd(text)
         if self.match_type == "regex":
             return [any(pattern.search(text) for pattern in self.question_answers[q]) for q in questions]
-        folded = text.lower().translate(_SIGMA_FOLD)
+        folded = _fold_sigma(text.lower())
         text_key = None  # tokenized only when some answer passes the cheap test
         found = []
         for q in questions:
@@ -264,8 +269,7 @@ def calculate_matches(
     for doc_id, text in zip(groups.doc_ids, texts):
         if text is None:
             logger.warning("no text for passage %s: counted as a miss", doc_id)
-    question_of_position = np.repeat(np.arange(len(closest_docs)), np.diff(groups.offsets))
-    questions_in_order = question_of_position[groups.order]
+    questions_in_order = np.repeat(np.arange(len(closest_docs)), np.diff(groups.offsets))[groups.order]
     task_bounds = [(first, min(first + _PASSAGES_PER_TASK, len(texts)))
                    for first in range(0, len(texts), _PASSAGES_PER_TASK)]
 
