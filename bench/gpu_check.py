@@ -57,7 +57,7 @@ from dpr.data.tensorizer import Tensorizer  # noqa: E402
 from dpr.models.biencoder import BiEncoder, nll_loss  # noqa: E402
 from dpr.models.example_dropout import example_keep_mask, example_keys  # noqa: E402
 from dpr.models.hf_encoder import encode, encoder_from_config  # noqa: E402
-from dpr.training.flops import FlopsCounter  # noqa: E402
+from dpr.training.flops import ModelFlops  # noqa: E402
 from dpr.training.grad_cache import GradCache, RandState, Tower, full_batch_step  # noqa: E402
 from dpr.training.optim import build_optimizer  # noqa: E402
 from dpr.foundation.precision import Precision, make_precision  # noqa: E402
@@ -328,7 +328,7 @@ def dropout_call_cost(s: Sizes, device) -> dict:
 def timed_steps(model, optimizer, batch, precision: Precision, cache: bool, s: Sizes, example_dropout: bool,
                 device, cap_s: float) -> dict:
     """One warm-up step, then up to s.steps timed steps (fewer when they pass cap_s)."""
-    flops = FlopsCounter(model, device, precision.name)
+    flops = ModelFlops.of_biencoder(model, device, precision.name)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
 
@@ -341,16 +341,15 @@ def timed_steps(model, optimizer, batch, precision: Precision, cache: bool, s: S
     start, steps = time.perf_counter(), 0
     while steps < s.steps and (steps == 0 or time.perf_counter() - start < cap_s):
         step()
-        flops.add_batch(batch)
         steps += 1
         synchronize(device)
     seconds = (time.perf_counter() - start) / steps
     questions = batch.question_ids.shape[0]
-    tflops = flops.flops / steps / seconds / 1e12
+    tflops, mfu = flops.utilisation(flops.of_biencoder_batch(batch), seconds)
     return {"precision": precision.name, "cache": cache, "example_dropout": example_dropout,
             "questions": questions, "passages": batch.context_ids.shape[0], "steps": steps,
             "s_per_step": seconds, "questions_per_s": questions / seconds, "tflops": tflops,
-            "mfu_percent": 100.0 * tflops / flops.peak if flops.peak else None,
+            "mfu_percent": mfu,
             "max_memory_gib": torch.cuda.max_memory_allocated(device) / 2**30 if device.type == "cuda" else None}
 
 

@@ -47,9 +47,9 @@ MIX_1, MIX_2 = _int64(0xBF58476D1CE4E5B9), _int64(0x94D049BB133111EB)
 CALL_SHIFT = 32  # counters are (call << 32) + canonical index: up to 2^32 elements per row of one call
 
 
-def _mix_(z: torch.Tensor) -> torch.Tensor:
-    """mix of the module doc, in place on int64 `z`; one more int64 buffer of z's size lives during the call."""
-    shifted = torch.bitwise_right_shift(z, 30).bitwise_and_((1 << 34) - 1)  # a logical shift of the 64 bits
+def _mix_(z: torch.Tensor, shifted: torch.Tensor) -> torch.Tensor:
+    """mix of the module doc, in place on int64 `z`, with `shifted` (z's shape) as scratch."""
+    torch.bitwise_right_shift(z, 30, out=shifted).bitwise_and_((1 << 34) - 1)  # a logical shift of the 64 bits
     z.bitwise_xor_(shifted).mul_(MIX_1)
     torch.bitwise_right_shift(z, 27, out=shifted).bitwise_and_((1 << 37) - 1)
     return z.bitwise_xor_(shifted).mul_(MIX_2)
@@ -57,7 +57,8 @@ def _mix_(z: torch.Tensor) -> torch.Tensor:
 
 def example_keys(seeds: Sequence[int]) -> torch.Tensor:
     """The int64 keys of example seeds (mixed, so that nearby seeds draw unrelated masks)."""
-    return _mix_(torch.tensor([_int64(int(s) + GOLDEN) for s in seeds], dtype=torch.int64))
+    keys = torch.tensor([_int64(int(s) + GOLDEN) for s in seeds], dtype=torch.int64)
+    return _mix_(keys, torch.empty_like(keys))
 
 
 def _row_keys() -> Optional[torch.Tensor]:
@@ -77,12 +78,29 @@ def example_seeds(seeds: Optional[Sequence[int]], device: torch.device, max_leng
     keys = example_keys(seeds)
     if torch.device(device).type == "cuda":  # pinned and non-blocking: no stream synchronisation per chunk
         keys = keys.pin_memory().to(device, non_blocking=True)
-    previous = _row_keys(), getattr(_active, "max_length", None), getattr(_active, "calls", 0)
-    _active.keys, _active.max_length, _active.calls = keys, max_length, 0
+    previous = _row_keys(), getattr(_active, "max_length", None), getattr(_active, "calls", 0), _scratch_buffer()
+    _active.keys, _active.max_length, _active.calls, _active.scratch = keys, max_length, 0, None
     try:
         yield
     finally:
-        _active.keys, _active.max_length, _active.calls = previous
+        _active.keys, _active.max_length, _active.calls, _active.scratch = previous
+
+
+def _scratch_buffer() -> Optional[torch.Tensor]:
+    return getattr(_active, "scratch", None)
+
+
+def _int64_scratch(shape: Tuple[int, ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Two int64 tensors of `shape` for the draw. Inside `example_seeds` their memory is kept for the rest of the
+    block and reused by every dropout call of the forward pass: on CPU a fresh allocation this large is fresh
+    pages, and faulting them in cost as much as the hash itself."""
+    numel = math.prod(shape)
+    buffer = _scratch_buffer()
+    if buffer is None or buffer.numel() < 2 * numel or buffer.device != device:
+        buffer = torch.empty(2 * numel, dtype=torch.int64, device=device)
+        if _row_keys() is not None:
+            _active.scratch = buffer
+    return buffer[:numel].view(shape), buffer[numel : 2 * numel].view(shape)
 
 
 def _canonical_index_times_golden(shape: Tuple[int, ...], sequence_dims: Sequence[int], max_length: int,
@@ -105,12 +123,13 @@ def _canonical_index_times_golden(shape: Tuple[int, ...], sequence_dims: Sequenc
 def example_keep_mask(shape: Tuple[int, ...], keys: torch.Tensor, call: int, p: float, max_length: int,
                       sequence_dims: Sequence[int] = (1,)) -> torch.Tensor:
     """Bool mask of `shape` [rows, ...]: True where row r's element is kept by dropout call `call` (`keys` from
-    `example_keys`; `sequence_dims` are the dims of `shape` that run over token positions). At most two int64
-    buffers of the mask's shape live during the draw."""
+    `example_keys`; `sequence_dims` are the dims of `shape` that run over token positions). Two int64 buffers of
+    the mask's shape are the draw's working memory."""
     row_dims = [d - 1 for d in sequence_dims if 0 < d < len(shape)]
     index = _canonical_index_times_golden(tuple(shape[1:]), row_dims, max_length, keys.device)
     start = keys + _int64((call << CALL_SHIFT) * GOLDEN)
-    h = _mix_(start.view((-1,) + (1,) * (len(shape) - 1)) + index)
+    z, shifted = _int64_scratch(tuple(shape), keys.device)
+    h = _mix_(torch.add(start.view((-1,) + (1,) * (len(shape) - 1)), index, out=z), shifted)
     # u = ((h + 2^63) mod 2^64) / 2^64 >= p  <=>  h, read as a signed int64, >= ceil(p * 2^64) - 2^63
     return h >= math.ceil(Fraction(p) * (1 << 64)) - (1 << 63)
 
@@ -126,7 +145,8 @@ def example_dropout(x: torch.Tensor, p: float, training: bool, sequence_dims: Tu
     call = _active.calls
     _active.calls += 1
     keep = example_keep_mask(tuple(x.shape), keys, call, p, _active.max_length, sequence_dims)
-    return (x * keep).mul_(1.0 / (1.0 - p))
+    # where, not x * keep: a bool factor would be copied to x's dtype first; backward keeps only the bool mask
+    return torch.where(keep, x, 0.0).mul_(1.0 / (1.0 - p))
 
 
 class ExampleDropout(nn.Dropout):
