@@ -1,20 +1,53 @@
-"""Preprocess a retriever-results JSON into reader samples, with GC-DPR's flags, e.g.
+"""Preprocess a retriever-results JSON into reader samples {out_file}.{k}.pkl / .npz, tokenized as train_reader.py
+tokenizes: the configuration (conf/preprocess_reader_data.yaml) extends train_reader's, so both use the same
+encoder, sequence length and lower-casing unless told otherwise. Hydra overrides and GC-DPR's flags both work, e.g.
 
+    python preprocess_reader_data.py retriever_results=retriever-train.json out_file=data/reader-train \
+        is_train_set=true encoder=minilm encoder.sequence_length=350 num_workers=2
     python preprocess_reader_data.py --retriever_results retriever-train.json --out_file data/reader-train \
         --is_train_set --pretrained_model_cfg minilm --do_lower_case --sequence_length 350 --num_workers 2
 """
-from dpr.data.reader_data import preprocess_file
-from dpr.options.reader_flags import parse_preprocessing_args
+import logging
+import os
+
+import hydra
+from omegaconf import DictConfig
+
+from dpr.data.reader_data import SampleFileError, SampleFileOptions, preprocess_retriever_results
+from dpr.options.legacy_flags import config_top_level_keys
+from dpr.options.reader_flags import rewrite_preprocessing_sys_argv
 from dpr.foundation.errors import user_errors_in_one_line
 from dpr.foundation.logging import setup_logging
 
+CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
+CONFIG_NAME = "preprocess_reader_data"
+
+logger = logging.getLogger(__name__)
+
+
+def run_preprocessing(cfg: DictConfig) -> list:
+    if not cfg.retriever_results or not cfg.out_file:
+        raise SampleFileError("retriever_results and out_file are required, e.g. retriever_results=dev.json "
+                              "out_file=reader/dev")
+    options = SampleFileOptions.from_config(cfg)
+    if not cfg.is_train_set and options.gold_passages_src and not options.gold_passages_src_dev:
+        logger.warning("gold_passages_src is for training sets (is_train_set=true); an evaluation set uses "
+                       "gold_passages_src_dev, which is not set")
+    return preprocess_retriever_results(cfg.retriever_results, cfg.out_file, cfg.is_train_set, options)
+
+
+@hydra.main(config_path=CONFIG_DIR, config_name=CONFIG_NAME, version_base=None)  # absolute: also when imported
+def preprocess(cfg: DictConfig) -> None:
+    setup_logging()
+    with user_errors_in_one_line():
+        run_preprocessing(cfg)
+
 
 def main() -> None:
-    setup_logging()
-    args = parse_preprocessing_args()
-    with user_errors_in_one_line():
-        preprocess_file(args.retriever_results, args.out_file, args.is_train_set, args.pretrained_model_cfg,
-                        args.do_lower_case, args.sequence_length, args.gold_passages, args.num_workers, args.formats)
+    keys = config_top_level_keys(CONFIG_DIR, CONFIG_NAME) + config_top_level_keys(CONFIG_DIR,
+                                                                                  "extractive_reader_train_cfg")
+    rewrite_preprocessing_sys_argv(keys)
+    preprocess()
 
 
 if __name__ == "__main__":

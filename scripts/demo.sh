@@ -75,10 +75,10 @@ run "$PYTHON" dense_retriever.py model_file="$MODEL" qa_dataset=$SAMPLE/train.qa
 # 5. Reader samples from the dense results, tokenized as the reader reads them (DPR's pickles).
 run "$PYTHON" preprocess_reader_data.py --retriever_results "$RUN/retrieval/train.json" --is_train_set \
     --out_file "$RUN/reader_data/train" --pretrained_model_cfg minilm --do_lower_case --sequence_length 128 \
-    --num_workers 2 --output_format pkl
+    --num_workers 2 --output_format pkl hydra.run.dir="$RUN/logs/preprocess_train"
 run "$PYTHON" preprocess_reader_data.py --retriever_results "$RUN/retrieval/dev.json" \
     --out_file "$RUN/reader_data/dev" --pretrained_model_cfg minilm --do_lower_case --sequence_length 128 \
-    --num_workers 2 --output_format pkl
+    --num_workers 2 --output_format pkl hydra.run.dir="$RUN/logs/preprocess_dev"
 
 # 6. The reader: one epoch (40 steps of 4 questions x 2 passages; a high learning rate for so short a run), then
 #    EM on the dev questions with the answer taken from the top 1 and the top 5 retrieved passages.

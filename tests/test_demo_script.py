@@ -11,7 +11,8 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
-from dpr.options.reader_flags import parse_preprocessing_args
+from dpr.options.legacy_flags import config_top_level_keys, translate_argv
+from dpr.options.reader_flags import PREPROCESSING_FLAGS, PREPROCESSING_GC_DEFAULTS, gc_preprocessing_argv
 
 REPO = Path(__file__).resolve().parents[1]
 DEMO = REPO / "scripts" / "demo.sh"
@@ -21,6 +22,7 @@ HYDRA_CONFIGS = {
     "generate_dense_embeddings.py": "gen_embs",
     "dense_retriever.py": "dense_retriever",
     "train_reader.py": "extractive_reader_train_cfg",
+    "preprocess_reader_data.py": "preprocess_reader_data",
 }
 
 
@@ -33,9 +35,10 @@ def check_command(argv, run_dir):
     for arg in args:
         for path in re.findall(r"data/sample/[\w.\-]+", arg):
             assert (REPO / path).is_file(), path
-    if script == "preprocess_reader_data.py":
-        parse_preprocessing_args(args)
-        return
+    if script == "preprocess_reader_data.py":  # GC-DPR's flags, as the script rewrites them
+        keys = config_top_level_keys(str(REPO / "conf"), "preprocess_reader_data") + config_top_level_keys(
+            str(REPO / "conf"), "extractive_reader_train_cfg")
+        args = translate_argv(gc_preprocessing_argv(args), PREPROCESSING_FLAGS, PREPROCESSING_GC_DEFAULTS, keys)
     # a multirun sweep (shard_id=0,1) composes as its first value
     overrides = [re.sub(r"^([\w.]+)=([^\[,]+),.*$", r"\1=\2", arg) for arg in args if arg != "-m"]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):

@@ -26,8 +26,10 @@ from typing import Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from dpr.data.data_files import DataFileError, expand_glob, open_text
 from dpr.data.tensorizer import Tensorizer
 from dpr.models.hf_encoder import load_tokenizer
+from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output
 from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
 
@@ -36,6 +38,10 @@ logger = logging.getLogger(__name__)
 Span = Tuple[int, int]
 SAMPLE_FORMATS = ("pkl", "npz")
 NPZ_FORMAT_NAME = "dpr-reader-samples"
+
+
+class SampleFileError(UserInputError, ValueError):
+    """A reader sample file, or format, that cannot be used; the message names it."""
 
 
 @dataclass(eq=False)
@@ -115,8 +121,10 @@ class GoldPassages:
 
 
 def load_gold_passages(path: str) -> GoldPassages:
-    with open(path, encoding="utf-8") as f:
-        records = json.load(f)["data"]
+    records = _read_json(path)
+    if not isinstance(records, dict) or not isinstance(records.get("data"), list):
+        raise DataFileError(f"{path}: a gold passages file holds {{\"data\": [...]}}")
+    records = records["data"]
     by_question: Dict[str, ReaderPassage] = {}
     canonical: Dict[str, str] = {}
     for record in records:
@@ -295,9 +303,8 @@ def convert_retriever_results(
     ceil(N / num_workers) questions each, in up to num_workers processes. Returns the files written."""
     unknown = set(formats) - set(SAMPLE_FORMATS)
     if unknown or not formats:
-        raise ValueError(f"sample file formats must be among {SAMPLE_FORMATS}, got {list(formats)}")
-    with open(retriever_results, encoding="utf-8") as f:
-        samples = json.load(f)
+        raise SampleFileError(f"sample file formats must be among {SAMPLE_FORMATS}, got {list(formats)}")
+    samples = _read_retriever_results(retriever_results)
     gold = load_gold_passages(gold_passages_src) if gold_passages_src else None
     chunk_size = max(1, math.ceil(len(samples) / max(1, num_workers)))
     tasks = [
@@ -322,13 +329,62 @@ def convert_retriever_results(
     return paths
 
 
-def preprocess_file(retriever_results: str, out_file: str, is_train: bool, pretrained_model_cfg: str,
-                    do_lower_case: bool, sequence_length: int, gold_passages_src: Optional[str] = None,
-                    num_workers: int = 16, formats: Sequence[str] = SAMPLE_FORMATS) -> List[str]:
-    """convert_retriever_results with the tokenizer of a pretrained model (preprocess_reader_data.py)."""
-    tensorizer = Tensorizer(load_tokenizer(pretrained_model_cfg, do_lower_case), sequence_length)
-    return convert_retriever_results(is_train, retriever_results, out_file, tensorizer, gold_passages_src,
-                                     num_workers, formats)
+def _read_json(path: str):
+    with open_text(path) as f:
+        try:
+            return json.load(f)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+
+
+def _read_retriever_results(path: str) -> List[dict]:
+    records = _read_json(path)
+    if not isinstance(records, list):
+        raise DataFileError(f"{path}: expected a JSON list of retriever results, found {type(records).__name__}")
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("question"), str):
+            raise DataFileError(f"{path}: record {index} is not a retriever result (an object with a 'question')")
+    return records
+
+
+@dataclass(frozen=True)
+class SampleFileOptions:
+    """The configuration that shapes reader sample files, read from the same keys by train_reader.py (which
+    preprocesses a results JSON on first use) and preprocess_reader_data.py (whose configuration extends
+    train_reader's), so that both tokenize alike: the tokenizer, the sequence length, the gold passages files
+    (of training sets, of evaluation sets), the processes and the file formats."""
+
+    pretrained_model_cfg: str
+    do_lower_case: bool
+    sequence_length: int
+    gold_passages_src: Optional[str]
+    gold_passages_src_dev: Optional[str]
+    num_workers: int
+    formats: Tuple[str, ...]
+
+    @classmethod
+    def from_config(cls, cfg) -> "SampleFileOptions":
+        return cls(
+            pretrained_model_cfg=str(cfg.encoder.pretrained_model_cfg),
+            do_lower_case=bool(cfg.do_lower_case),
+            sequence_length=int(cfg.encoder.sequence_length),
+            gold_passages_src=cfg.gold_passages_src or None,
+            gold_passages_src_dev=cfg.gold_passages_src_dev or None,
+            num_workers=int(cfg.num_workers),
+            formats=tuple(cfg.sample_formats),
+        )
+
+    def gold_passages(self, is_train: bool) -> Optional[str]:
+        return self.gold_passages_src if is_train else self.gold_passages_src_dev
+
+
+def preprocess_retriever_results(retriever_results: str, out_file: str, is_train: bool,
+                                 options: SampleFileOptions) -> List[str]:
+    """convert_retriever_results with the tokenizer, length and gold passages the options name."""
+    tensorizer = Tensorizer(load_tokenizer(options.pretrained_model_cfg, options.do_lower_case),
+                            options.sequence_length)
+    return convert_retriever_results(is_train, retriever_results, out_file, tensorizer,
+                                     options.gold_passages(is_train), options.num_workers, options.formats)
 
 
 def _log_stats(stats: PreprocessingStats, is_train: bool) -> None:
@@ -382,7 +438,7 @@ def load_samples(paths: Sequence[str]) -> List[ReaderSample]:
 def _sample_format(path: str) -> str:
     fmt = path.rsplit(".", 1)[-1]
     if fmt not in SAMPLE_FORMATS:
-        raise ValueError(f"{path}: reader sample files end in .pkl or .npz")
+        raise SampleFileError(f"{path}: reader sample files end in .pkl or .npz")
     return fmt
 
 
@@ -399,7 +455,7 @@ def sample_files(paths: Sequence[str]) -> List[str]:
 def cached_sample_files(prefix: str) -> List[str]:
     """The files a preprocessing run with this out_file prefix wrote, if any."""
     pattern = glob.escape(prefix) + ".*"
-    return sample_files([p for p in glob.glob(pattern) if p[len(prefix) + 1 :].split(".")[0].isdigit()])
+    return sample_files([p for p in expand_glob(pattern) if p[len(prefix) + 1 :].split(".")[0].isdigit()])
 
 
 def _chunk_order(path: str):
@@ -438,7 +494,7 @@ def _read_npz(f) -> List[ReaderSample]:
         meta = json.loads(data["meta"].tobytes().decode("utf-8"))
         lengths, tokens = data["lengths"], data["tokens"].astype(np.int64)
     if meta.get("format") != NPZ_FORMAT_NAME:
-        raise ValueError(f"not a reader samples file (format {meta.get('format')!r})")
+        raise SampleFileError(f"not a reader samples file (format {meta.get('format')!r})")
     ends = np.cumsum(lengths)
     row = 0
     samples = []

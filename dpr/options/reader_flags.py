@@ -1,9 +1,9 @@
-"""GC-DPR's command lines for the reader: train_reader.py's flags as hydra overrides (through the shared
-tables of legacy_flags), and preprocess_reader_data.py's argparse options."""
-import argparse
-from typing import Dict, List, Optional
+"""GC-DPR's command lines for the reader as hydra overrides, through the shared tables of legacy_flags:
+train_reader.py's flags, and preprocess_reader_data.py's (whose configuration extends train_reader's)."""
+import sys
+from typing import Dict, Iterable, List, Optional, Sequence
 
-from dpr.options.legacy_flags import CUDA_FLAGS, ENCODER_FLAGS, TRAINING_FLAGS, Flag
+from dpr.options.legacy_flags import CUDA_FLAGS, ENCODER_FLAGS, TRAINING_FLAGS, Flag, rewrite_sys_argv
 
 # The bi-encoder's gradient-cache flags have no meaning for the reader.
 _BIENCODER_ONLY = ("grad_cache", "q_chunk_size", "ctx_chunk_size")
@@ -43,35 +43,54 @@ READER_GC_DEFAULTS: Dict[str, str] = {
 }
 
 
-def preprocessing_arg_parser() -> argparse.ArgumentParser:
-    """preprocess_reader_data.py's options, as GC-DPR's, plus the output formats. `--gold_passages` (the
-    README's spelling, ambiguous under GC-DPR's prefix matching) is accepted for --gold_passages_src."""
-    parser = argparse.ArgumentParser(
-        description="Turn a retriever-results JSON into reader samples {out_file}.{k}.pkl / .npz", allow_abbrev=False
-    )
-    parser.add_argument("--retriever_results", required=True, help="retriever results JSON (dense_retriever.py)")
-    parser.add_argument("--out_file", required=True, help="output prefix: files {out_file}.{k}.{pkl,npz}")
-    parser.add_argument("--is_train_set", action="store_true", help="training samples (positives and negatives)")
-    parser.add_argument("--gold_passages_src", "--gold_passages", help="gold passages info JSON of the training set")
-    parser.add_argument("--gold_passages_src_dev", help="gold passages info JSON of an evaluation set")
-    parser.add_argument("--num_workers", type=int, default=16, help="processes (and output files)")
-    parser.add_argument("--output_format", choices=("pkl", "npz", "both"), default="both",
-                        help="pkl: DPR's pickles; npz: read without unpickling; both (default)")
-    parser.add_argument("--pretrained_model_cfg", default="bert-base-uncased",
-                        help="tokenizer: a model hub name, a local directory, or minilm")
-    parser.add_argument("--encoder_model_type", default="hf_bert", help="accepted for compatibility")
-    parser.add_argument("--pretrained_file", help="accepted for compatibility")
-    parser.add_argument("--sequence_length", type=int, default=512, help="the reader's sequence length")
-    parser.add_argument("--do_lower_case", action="store_true",
-                        help="lowercase the text (as GC-DPR, off unless given: pass it for uncased models)")
-    return parser
+PREPROCESSING_FLAGS: Dict[str, Flag] = {
+    **ENCODER_FLAGS,
+    "retriever_results": Flag("retriever_results"),
+    "out_file": Flag("out_file"),
+    "is_train_set": Flag("is_train_set", "switch"),
+    "gold_passages_src": Flag("gold_passages_src"),
+    "gold_passages_src_dev": Flag("gold_passages_src_dev"),
+    "num_workers": Flag("num_workers"),
+    # ours (GC-DPR writes pickles only): pkl, npz, both; the sample_formats key
+    "output_format": Flag("sample_formats", "nargs"),
+}
+
+# GC-DPR's argparse defaults of preprocess_reader_data.py where they differ from the hydra configuration's: the
+# same as train_reader.py's, so GC-DPR's two commands tokenize alike.
+PREPROCESSING_GC_DEFAULTS: Dict[str, str] = {
+    key: READER_GC_DEFAULTS[key] for key in ("encoder.sequence_length", "do_lower_case")
+}
+
+_GOLD_FLAGS = ("--gold_passages", "--gold_passages_src")
 
 
-def parse_preprocessing_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    args = preprocessing_arg_parser().parse_args(argv)
-    args.formats = ("pkl", "npz") if args.output_format == "both" else (args.output_format,)
-    # GC-DPR's two gold files: the first for a training set, the second (when given) for an evaluation set
-    args.gold_passages = args.gold_passages_src
-    if not args.is_train_set and args.gold_passages_src_dev:
-        args.gold_passages = args.gold_passages_src_dev
-    return args
+def gc_preprocessing_argv(argv: Sequence[str]) -> List[str]:
+    """GC-DPR's preprocess_reader_data.py arguments in the form translate_argv reads.
+
+    GC-DPR uses --gold_passages_src (or the README's --gold_passages) for whichever set it preprocesses; here a
+    training set's gold file is gold_passages_src and an evaluation set's gold_passages_src_dev, so for an
+    evaluation set without --gold_passages_src_dev the flag names the latter. `--output_format both` is both
+    formats.
+    """
+    is_train = "--is_train_set" in argv
+    has_dev_gold = any(arg.partition("=")[0] == "--gold_passages_src_dev" for arg in argv)
+    out: List[str] = []
+    for arg in argv:
+        name, equals, value = arg.partition("=")
+        if name in _GOLD_FLAGS:
+            name = "--gold_passages_src" if is_train or has_dev_gold else "--gold_passages_src_dev"
+            out.append(name + equals + value)
+        elif arg == "both" and out and out[-1] == "--output_format":
+            out += ["pkl", "npz"]
+        elif name == "--output_format" and value == "both":
+            out += ["--output_format=pkl", "npz"]
+        else:
+            out.append(arg)
+    return out
+
+
+def rewrite_preprocessing_sys_argv(config_keys: Iterable[str], argv: Optional[List[str]] = None) -> None:
+    """preprocess_reader_data.py's sys.argv[1:] in hydra's form, before @hydra.main reads it."""
+    argv = sys.argv if argv is None else argv
+    argv[1:] = gc_preprocessing_argv(argv[1:])
+    rewrite_sys_argv(PREPROCESSING_FLAGS, PREPROCESSING_GC_DEFAULTS, config_keys, argv)
