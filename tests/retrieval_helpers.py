@@ -1,7 +1,7 @@
 """A small passage collection, question file and bi-encoder checkpoint for the embedding and retrieval tests."""
 import csv
 from pathlib import Path
-from typing import List
+from typing import List, Optional
 
 import torch
 
@@ -49,19 +49,20 @@ def tiny_model(folder: Path, seed: int = 0) -> str:
     return tiny_bert_dir(folder, dropout=0.0, seed=seed)
 
 
-def write_biencoder_checkpoint(path: Path, question_model_dir: str, ctx_model_dir: str) -> str:
-    """A DPR-format checkpoint whose question and ctx halves are two different tiny models."""
+def write_biencoder_checkpoint(path: Path, question_model_dir: str, ctx_model_dir: str, **spec_fields) -> str:
+    """A DPR-format checkpoint whose question and ctx halves are two different tiny models, its encoder_params
+    written as the trainer writes them (`EncoderSpec.checkpoint_params`, with `spec_fields` set)."""
     from transformers import BertModel
 
     from dpr.foundation.checkpoints import CheckpointState, save_checkpoint
+    from dpr.models.encoder_spec import EncoderSpec
 
     state = {}
     for prefix, model_dir in (("question_model.", question_model_dir), ("ctx_model.", ctx_model_dir)):
         weights = BertModel.from_pretrained(model_dir).state_dict()
         state.update({prefix + key: value for key, value in weights.items()})
-    params = {"encoder": {"pretrained_model_cfg": ctx_model_dir, "sequence_length": SEQUENCE_LENGTH,
-                          "projection_dim": 0}, "do_lower_case": True}
-    save_checkpoint(str(path), CheckpointState(state, None, None, 0, 0, params))
+    spec = EncoderSpec(ctx_model_dir, sequence_length=SEQUENCE_LENGTH, **spec_fields)
+    save_checkpoint(str(path), CheckpointState(state, None, None, 0, 0, spec.checkpoint_params()))
     return str(path)
 
 
@@ -95,14 +96,20 @@ def retriever_config(model_dir: str, qa_file: str, ctx_file: str, embeddings: st
     return compose_config([f"{key}={value}" for key, value in overrides.items()], "dense_retriever")
 
 
-def encode_directly(model_dir: str, texts: List[str], titles: List[str]) -> torch.Tensor:
-    """[CLS] vectors of title/text pairs, fixed padding, one batch: the reference the pipeline must equal."""
+def encode_directly(model_dir: str, texts: List[str], titles: Optional[List[str]] = None,
+                    pooling: str = "cls") -> torch.Tensor:
+    """Vectors of title/text pairs (or texts alone), fixed padding, one batch, straight from transformers: the
+    [CLS] vector, or the mean of the non-padding token vectors. The reference the pipeline must equal."""
     from transformers import AutoTokenizer, BertModel
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     model = BertModel.from_pretrained(model_dir).eval()
-    encoded = tokenizer(titles, texts, truncation=True, max_length=SEQUENCE_LENGTH, padding="max_length",
+    pairs = (titles, texts) if titles is not None else (texts,)
+    encoded = tokenizer(*pairs, truncation=True, max_length=SEQUENCE_LENGTH, padding="max_length",
                         return_tensors="pt")
     with torch.no_grad():
-        out = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"])
-    return out.last_hidden_state[:, 0, :]
+        hidden = model(input_ids=encoded["input_ids"], attention_mask=encoded["attention_mask"]).last_hidden_state
+    if pooling == "cls":
+        return hidden[:, 0, :]
+    mask = encoded["attention_mask"].unsqueeze(-1).float()
+    return (hidden * mask).sum(dim=1) / mask.sum(dim=1)

@@ -8,14 +8,14 @@ import numpy as np
 import pytest
 import torch
 
-from dpr.data.embeddings_io import shard_path, write_embeddings
+from dpr.data.embeddings_io import EmbeddingFiles, shard_path, write_embeddings
 from dpr.data.passages import load_passages
 from dpr.evaluation.qa_validation import top_k_hits_from_results
 from dpr.indexing import faiss_indexers
-from dpr.indexing.configured_index import create_configured_indexer
+from dpr.indexing.configured_index import create_configured_indexer, estimate_vector_count
 from dpr.indexing.dense_retriever import results_path, run_dense_retriever
 from dpr.indexing.hybrid import fuse_scores, hybrid_results
-from dpr.indexing.faiss_indexers import InsufficientMemoryError, index_exists
+from dpr.indexing.faiss_indexers import InsufficientMemoryError, create_indexer, index_exists
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.options.legacy_flags import config_top_level_keys, translate_argv
 from dpr.options.retriever_flags import DENSE_RETRIEVER_FLAGS, DENSE_RETRIEVER_GC_DEFAULTS
@@ -119,6 +119,20 @@ def test_hnsw_settings_reach_the_indexer():
     cfg = compose_config(["indexer=hnsw_sq", "hnsw_store_n=16", "hnsw_ef_search=300"], "dense_retriever")
     indexer = create_configured_indexer(cfg)
     assert (indexer.kind, indexer.store_n, indexer.ef_search, indexer.ef_construction) == ("hnsw_sq", 16, 300, 200)
+
+
+def test_memory_is_checked_once_with_the_configured_indexer_settings(data, tmp_path, monkeypatch):
+    checks = []
+    monkeypatch.setattr(faiss_indexers, "ensure_memory", lambda required, what, available=None: checks.append(
+        (required, what)))
+    run(data, tmp_path / "default.json", indexer="hnsw")
+    run(data, tmp_path / "small.json", indexer="hnsw", hnsw_store_n=8)
+    assert len(checks) == 2 and all("hnsw index of" in what for _, what in checks)  # one check per build
+    (default, _), (small, _) = checks
+    count, dim = estimate_vector_count(EmbeddingFiles(data["embs"]).paths)
+    assert (count, dim) == (23, 32)
+    assert default == create_indexer("hnsw").estimate_memory(count, dim)
+    assert small == create_indexer("hnsw", store_n=8).estimate_memory(count, dim) < default
 
 
 def test_gc_query_split_encodes_once_then_searches_without_the_model(data, tmp_path):

@@ -105,6 +105,16 @@ def test_exported_biencoder_gives_this_repository_vectors(tmp_path, base_dir, pr
     assert tokenizer(TEXTS)["input_ids"] == AutoTokenizer.from_pretrained(base_dir)(TEXTS)["input_ids"]
 
 
+def test_export_refuses_a_model_pooled_otherwise_than_by_cls(tmp_path, base_dir):
+    checkpoint = make_biencoder_checkpoint(tmp_path / "dpr_biencoder.1", base_dir)
+    ckpt = load_checkpoint(str(checkpoint))
+    ckpt.encoder_params["encoder"]["pooling"] = "mean"
+    save_checkpoint(str(checkpoint), ckpt)
+    with pytest.raises(hf_dpr.ExportError, match=r"pooling=mean.*\[CLS\] vector only"):
+        hf_dpr.export_biencoder(str(checkpoint), str(tmp_path / "hf"))
+    assert not (tmp_path / "hf").exists()
+
+
 def test_export_import_round_trip_keeps_weights(tmp_path, base_dir):
     checkpoint = make_biencoder_checkpoint(tmp_path / "dpr_biencoder.1", base_dir, projection_dim=8)
     hf_dpr.export_biencoder(str(checkpoint), str(tmp_path / "hf"))

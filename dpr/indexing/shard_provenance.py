@@ -155,10 +155,10 @@ class Difference(NamedTuple):
 
 def differing_field(first: dict, second: dict, keys: Optional[Iterable[str]] = None,
                     ignore: Iterable[str] = ()) -> Optional[Difference]:
-    """The first dotted field (of `keys`, or of all but `ignore`) whose values differ."""
+    """The first dotted field (of `keys`, or of all but `ignore`, the model's first) whose values differ."""
     a, b = _flatten(first), _flatten(second)
     ignored = set(ignore)
-    names = list(keys) if keys is not None else sorted(set(a) | set(b))
+    names = list(keys) if keys is not None else sorted(set(a) | set(b), key=lambda name: (name not in MODEL_KEYS, name))
     for name in names:
         if name not in ignored and a.get(name) != b.get(name):
             return Difference(name, a.get(name), b.get(name))
