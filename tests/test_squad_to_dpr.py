@@ -1,6 +1,7 @@
 """SQuAD-to-DPR conversion: §1.6 schema, answer-free negatives, TSV/CSV round trips, the article split."""
 import ast
 import csv
+import gzip
 import json
 import subprocess
 import sys
@@ -8,7 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from dpr.interop.squad_to_dpr import convert_squad, split_articles
+from dpr.data.data_files import DataFileError
+from dpr.interop.squad_to_dpr import convert_squad, read_squad, split_articles
 from dpr.evaluation.qa_validation import has_answer
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -163,3 +165,16 @@ def test_real_squad_dev(shared_data, tmp_path):
         check_answers_and_negatives(sample, max_hard=5)
     assert sum(len(sample["hard_negative_ctxs"]) == 5 for sample in samples) > 0.9 * len(samples)
     assert len(read_qas(written["dev.qa.csv"])) == 1427
+
+
+def test_bom_and_gzip_and_non_squad_files(squad_file, tmp_path):
+    with_bom = tmp_path / "bom.json"
+    with_bom.write_bytes(b"\xef\xbb\xbf" + squad_file.read_bytes())  # as some editors save it
+    assert read_squad(with_bom) == read_squad(squad_file)
+    compressed = tmp_path / "squad.json.gz"
+    compressed.write_bytes(gzip.compress(squad_file.read_bytes()))
+    assert read_squad(compressed) == read_squad(squad_file)
+    not_squad = tmp_path / "list.json"
+    not_squad.write_text("[]")
+    with pytest.raises(DataFileError, match=r"list\.json: not a SQuAD file"):
+        read_squad(not_squad)

@@ -17,15 +17,15 @@ import csv
 import json
 import logging
 import random
-import unicodedata
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Iterable, Iterator
 
 import numpy as np
 
+from dpr.data.data_files import DataFileError, open_text
 from dpr.data.resources import resolve_data_path
-from dpr.evaluation.qa_validation import SimpleTokenizer
+from dpr.evaluation.qa_validation import token_key
 from dpr.indexing.bm25 import BM25Index, passage_text
 
 logger = logging.getLogger(__name__)
@@ -55,8 +55,14 @@ def clean_text(text: str) -> str:
 
 def read_squad(path: str | Path) -> tuple[list[Paragraph], list[Question]]:
     """Paragraphs (ids 1..n in file order) and their questions; titles get spaces for underscores."""
-    with open(path, encoding="utf-8") as source:
-        articles = json.load(source)["data"]
+    with open_text(path) as source:
+        try:
+            squad = json.load(source)
+        except json.JSONDecodeError as e:
+            raise DataFileError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
+    if not isinstance(squad, dict) or not isinstance(squad.get("data"), list):
+        raise DataFileError(f"{path}: not a SQuAD file (expected {{\"data\": [articles]}})")
+    articles = squad["data"]
     paragraphs: list[Paragraph] = []
     questions: list[Question] = []
     for article_index, article in enumerate(articles):
@@ -82,15 +88,11 @@ class AnswerMatcher:
     """DPR's ``has_answer`` (string mode) against pre-tokenised passages: fast over many candidate passages."""
 
     def __init__(self, texts: list[str]):
-        self._tokenizer = SimpleTokenizer()
-        self._passage_keys = [self._key(text) for text in texts]
-
-    def _key(self, text: str) -> str:
         # Space-delimited tokens: a token-sequence match becomes a substring test.
-        return " " + " ".join(self._tokenizer.words(unicodedata.normalize("NFD", text), uncased=True)) + " "
+        self._passage_keys = [token_key(text) for text in texts]
 
     def answer_keys(self, answers: list[str]) -> list[str]:
-        return [key for key in (self._key(answer) for answer in answers) if key.strip()]
+        return [key for key in (token_key(answer) for answer in answers) if key.strip()]
 
     def contains(self, passage: int, answer_keys: list[str]) -> bool:
         return any(key in self._passage_keys[passage] for key in answer_keys)
@@ -205,7 +207,7 @@ def convert_squad(squad_file: str, output_dir: str | Path, split_name: str = "tr
     [squad_path] = resolve_data_path(squad_file)
     paragraphs, questions = read_squad(squad_path)
     if not paragraphs:
-        raise ValueError(f"{squad_path} holds no paragraphs")
+        raise DataFileError(f"{squad_path} holds no paragraphs")
     logger.info("Read %d questions over %d paragraphs from %s", len(questions), len(paragraphs), squad_path)
     output = Path(output_dir)
     output.mkdir(parents=True, exist_ok=True)
