@@ -54,7 +54,7 @@ def assert_same_gradients(expected, actual, rtol=1e-4):
         torch.testing.assert_close(actual[name], g, rtol=rtol, atol=1e-6 * largest, msg=name)
 
 
-def run(model, batch, grad_cache, q_chunk=None, ctx_chunk=None, loss_scale=1.0):
+def run(model, batch, grad_cache, q_chunk=None, ctx_chunk=None, backward_weight=1.0):
     model.zero_grad(set_to_none=True)
     t = towers(model, batch, q_chunk or 10**6, ctx_chunk or 10**6)
 
@@ -62,9 +62,9 @@ def run(model, batch, grad_cache, q_chunk=None, ctx_chunk=None, loss_scale=1.0):
         return nll_loss(q, ctx, positive_indices)
 
     if grad_cache:
-        loss, correct = GradCache(loss_fn)(t, loss_scale, positive_indices=batch.positive_indices)
+        loss, correct = GradCache(loss_fn)(t, backward_weight, positive_indices=batch.positive_indices)
     else:
-        loss, correct = full_batch_step(t, loss_fn, loss_scale, positive_indices=batch.positive_indices)
+        loss, correct = full_batch_step(t, loss_fn, backward_weight, positive_indices=batch.positive_indices)
     return float(loss), correct, gradients(model)
 
 

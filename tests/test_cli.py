@@ -10,7 +10,7 @@ import torch
 
 from tests.fixtures import write_retriever_json
 from tests.tiny_models import tiny_bert_dir
-from tests.training_helpers import STEP_LINE
+from tests.training_helpers import records_file
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "train_dense_encoder.py")
@@ -35,8 +35,9 @@ def run(args, cwd, launcher=(sys.executable,), expect_ok=True):
     return proc.returncode, output
 
 
-def steps(output):
-    return [(int(m.group(1)), float(m.group(2)), float(m.group(4))) for m in STEP_LINE.finditer(output)]
+def steps(output_dir):
+    """(step, loss, grad_norm) of each optimizer update, from the records file the run wrote."""
+    return [(r["step"], r["loss"], r["grad_norm"]) for r in records_file(output_dir, "step")]
 
 
 def test_gc_dpr_command_line(data, tmp_path):
@@ -48,8 +49,9 @@ def test_gc_dpr_command_line(data, tmp_path):
         "--num_train_epochs", "1", "--seed", "12345", "--grad_cache", "--q_chunk_size", "2", "--ctx_chunk_size", "3",
         "--log_batch_step", "1",
     ], tmp_path)
-    assert [s[0] for s in steps(output)] == [1, 2]
-    assert "Gradient cache: on, chunks q=2 ctx=3" in output and "NLL Validation" in output
+    assert [s[0] for s in steps(out)] == [1, 2]
+    assert "Gradient cache: on, chunks q=2 ctx=3" in output
+    assert [r["metric"] for r in records_file(out, "validation")] == ["nll_loss"]
     state = torch.load(out / "dpr_biencoder.0", weights_only=True)
     assert state["encoder_params"]["encoder"]["sequence_length"] == 48 and state["encoder_params"]["do_lower_case"]
 
@@ -61,7 +63,7 @@ def test_hydra_command_line(data, tmp_path):
         f"encoder.pretrained_model_cfg={data['model']}", "encoder.sequence_length=48", "train.batch_size=8",
         "train.num_train_epochs=1", "train.log_batch_step=1",
     ], tmp_path)
-    assert [s[0] for s in steps(output)] == [1, 2] and (out / "dpr_biencoder.0").exists()
+    assert [s[0] for s in steps(out)] == [1, 2] and (out / "dpr_biencoder.0").exists()
 
 
 def test_bad_flag_and_bad_file_fail_clearly(data, tmp_path):
@@ -86,12 +88,12 @@ def test_two_processes_equal_one_process_with_the_global_batch(data, tmp_path):
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     _, double = run([SCRIPT, *common, "train.batch_size=4", "train.dev_batch_size=2", f"output_dir={tmp_path / 'two'}"], tmp_path, launcher=torchrun)
     assert "rank 1 of 2" in double and double.count("Total cleaned data size") == 2  # rank 0 speaks for all
-    one, two = steps(single), steps(double)
+    one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
     assert [s[0] for s in one] == [s[0] for s in two] == [1, 2]
     for a, b in zip(one, two):
         assert b[1] == pytest.approx(a[1], rel=1e-5) and b[2] == pytest.approx(a[2], rel=1e-4)
-    nll = [re.search(r"NLL Validation: loss = ([0-9]+\.[0-9]+)", o).group(1) for o in (single, double)]
-    assert float(nll[0]) == pytest.approx(float(nll[1]), rel=1e-5)
+    nll = [records_file(tmp_path / name, "validation")[0]["value"] for name in ("one", "two")]
+    assert nll[1] == pytest.approx(nll[0], rel=1e-5)
     m1 = torch.load(tmp_path / "one" / "dpr_biencoder.0", weights_only=True)["model_dict"]
     m2 = torch.load(tmp_path / "two" / "dpr_biencoder.0", weights_only=True)["model_dict"]
     for key, tensor in m1.items():

@@ -19,8 +19,8 @@ def test_cached_gradients_equal_full_batch_gradients(setup, q_chunk, ctx_chunk, 
     model_dir, samples, tensorizer = setup
     model = make_model(model_dir)
     batch = make_biencoder_batch(samples, range(6), tensorizer, hard, other, shuffle=True, seed=3, epoch=1)
-    loss_full, correct_full, grads_full = run(model, batch, grad_cache=False, loss_scale=0.125)
-    loss_gc, correct_gc, grads_gc = run(model, batch, True, q_chunk, ctx_chunk, loss_scale=0.125)
+    loss_full, correct_full, grads_full = run(model, batch, grad_cache=False, backward_weight=0.125)
+    loss_gc, correct_gc, grads_gc = run(model, batch, True, q_chunk, ctx_chunk, backward_weight=0.125)
     assert loss_gc == pytest.approx(loss_full, rel=1e-5)
     assert correct_gc == correct_full
     assert_same_gradients(grads_full, grads_gc)
@@ -97,3 +97,22 @@ def test_chunks_follow_length_order_and_results_come_back_in_input_order(setup):
     widths = [c.inputs["input_ids"].shape[1] for c in chunks]
     assert widths == sorted(widths, reverse=True) and widths[0] == int(lengths.max())
     assert sorted(torch.cat([c.rows for c in chunks]).tolist()) == list(range(batch.context_ids.shape[0]))
+
+
+def test_a_trainable_tower_the_loss_ignores_is_an_error(setup):
+    """A zero gradient would silently leave that encoder untrained; a frozen tower is fine."""
+    model_dir, samples, tensorizer = setup
+    model = make_model(model_dir)
+    batch = make_biencoder_batch(samples, range(4), tensorizer, 1, 0, shuffle=True, seed=1)
+
+    def questions_only(q, ctx, positive_indices):
+        return (q ** 2).mean(), 0
+
+    with pytest.raises(ValueError, match="tower 1 is trainable but the loss does not depend on its representations"):
+        GradCache(questions_only)(towers(model, batch, 2, 3), positive_indices=batch.positive_indices)
+    frozen_ctx = towers(model, batch, 2, 3)
+    frozen_ctx[1].requires_grad = False
+    model.zero_grad(set_to_none=True)
+    GradCache(questions_only)(frozen_ctx, positive_indices=batch.positive_indices)
+    assert any(n.startswith("question_model.") for n in gradients(model))
+    assert not any(n.startswith("ctx_model.") for n in gradients(model))

@@ -81,10 +81,11 @@ def test_a_crash_during_save_leaves_the_previous_checkpoint_intact(biencoder, tm
 def test_names_and_latest(tmp_path):
     assert checkpoints.checkpoint_path("o", "dpr_biencoder", 3) == os.path.join("o", "dpr_biencoder.3")
     assert checkpoints.checkpoint_path("o", "dpr_biencoder", 3, 120) == os.path.join("o", "dpr_biencoder.3.120")
-    for i, name in enumerate(["dpr_biencoder.0", "dpr_biencoder.1.5", "other.7"]):
+    for i, name in enumerate(["dpr_biencoder.0", "dpr_biencoder.1.5", "other.7", "dpr_biencoder.notes", "dpr_biencoder_v2.3"]):
         (tmp_path / name).write_bytes(b"x")
         os.utime(tmp_path / name, (1000 + i, 1000 + i))
-    assert checkpoints.find_latest_checkpoint(str(tmp_path), "dpr_biencoder") == str(tmp_path / "dpr_biencoder.1.5")
+    found = checkpoints.checkpoints_newest_first(str(tmp_path), "dpr_biencoder")
+    assert found == [str(tmp_path / "dpr_biencoder.1.5"), str(tmp_path / "dpr_biencoder.0")]
 
 
 def test_released_dpr_checkpoint_shape_loads(biencoder, tmp_path, caplog):

@@ -20,7 +20,8 @@ from dpr.options.reader_flags import READER_FLAGS, READER_GC_DEFAULTS
 from dpr.training.reader_trainer import ReaderTrainer
 from tests.fixtures import TOPICS
 from tests.tiny_models import tiny_bert_dir
-from tests.training_helpers import CONF_DIR, compose_config, step_records
+from dpr.training.trainer_base import RECORDS_FILE
+from tests.training_helpers import CONF_DIR, compose_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
 CONFIG = "extractive_reader_train_cfg"
@@ -75,8 +76,8 @@ def run(cfg, caplog):
     caplog.clear()
     with caplog.at_level(logging.INFO):
         trainer = ReaderTrainer(cfg)
-        best = trainer.run()
-    return trainer, best
+        result = trainer.run()
+    return trainer, result
 
 
 def logged_ems(caplog) -> list:
@@ -86,10 +87,13 @@ def logged_ems(caplog) -> list:
 def test_training_writes_checkpoints_and_keeps_the_highest_em(data, tmp_path, caplog, monkeypatch):
     """Both references keep the lowest EM; the best checkpoint here has the highest EM at the last threshold."""
     scripted = iter([{1: 10.0, 4: 40.0}, {1: 50.0, 4: 20.0}])
-    monkeypatch.setattr(ReaderTrainer, "validate", lambda self: next(scripted))
-    trainer, best = run(compose_config(overrides(data, tmp_path, train__eval_step=2), CONFIG), caplog)
-    assert [s[0] for s in step_records(caplog)] == [1, 2, 3, 4]
-    assert sorted(os.listdir(tmp_path)) == ["dpr_extractive_reader.0", "dpr_extractive_reader.0.2"]
+    monkeypatch.setattr(ReaderTrainer, "exact_match", lambda self: next(scripted))
+    trainer, result = run(compose_config(overrides(data, tmp_path, train__eval_step=2), CONFIG), caplog)
+    assert [s.step for s in result.steps] == [1, 2, 3, 4]
+    assert all(s.questions_per_s > 0 and s.tflops > 0 for s in result.steps)
+    assert sorted(os.listdir(tmp_path)) == ["dpr_extractive_reader.0", "dpr_extractive_reader.0.2", RECORDS_FILE]
+    assert [(v.metric, v.value, v.best) for v in result.validations] == [("em_top4", 40.0, True), ("em_top4", 20.0, False)]
+    best = result.best_checkpoint
     assert best == str(tmp_path / "dpr_extractive_reader.0.2")
     state = torch.load(best, weights_only=True)
     assert set(state) == {"model_dict", "optimizer_dict", "scheduler_dict", "offset", "epoch", "encoder_params"}
@@ -105,38 +109,19 @@ def trained(data, tmp_path_factory):
     """One epoch (4 updates) with a mid-epoch checkpoint after update 2; dropout reseeded per update."""
     output_dir = tmp_path_factory.mktemp("trained")
     cfg = compose_config(overrides(data, output_dir, train__eval_step=2, fully_resumable="true"), CONFIG)
-    handler, root = _Records(), logging.getLogger()
-    level = root.level
-    root.addHandler(handler)
-    root.setLevel(logging.INFO)
-    try:
-        best = ReaderTrainer(cfg).run()
-    finally:
-        root.removeHandler(handler)
-        root.setLevel(level)
-    return {"dir": output_dir, "best": best, "steps": step_records(handler)}
-
-
-class _Records(logging.Handler):
-    """Log records of a module-scoped run (caplog is function-scoped)."""
-
-    def __init__(self):
-        super().__init__(logging.INFO)
-        self.records = []
-
-    def emit(self, record):
-        self.records.append(record)
+    result = ReaderTrainer(cfg).run()
+    return {"dir": output_dir, "best": result.best_checkpoint, "steps": result.steps}
 
 
 def test_resume_mid_epoch_continues_with_the_same_losses(data, trained, tmp_path, caplog):
-    assert [s[0] for s in trained["steps"]] == [1, 2, 3, 4]
+    assert [s.step for s in trained["steps"]] == [1, 2, 3, 4]
     resumed_cfg = overrides(data, tmp_path, model_file=trained["dir"] / "dpr_extractive_reader.0.2",
                             train__eval_step=2, fully_resumable="true")
-    run(compose_config(resumed_cfg, CONFIG), caplog)
-    resumed = step_records(caplog)
-    assert [s[0] for s in resumed] == [3, 4]
+    _, result = run(compose_config(resumed_cfg, CONFIG), caplog)
+    resumed = result.steps
+    assert [s.step for s in resumed] == [3, 4]
     for a, b in zip(trained["steps"][2:], resumed):
-        assert b[1] == pytest.approx(a[1], rel=1e-5) and b[2] == pytest.approx(a[2], rel=1e-6)
+        assert b.loss == pytest.approx(a.loss, rel=1e-5) and b.lr == pytest.approx(a.lr, rel=1e-6)
 
 
 def test_inference_prints_the_em_of_its_prediction_file(data, trained, tmp_path, caplog):

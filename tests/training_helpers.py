@@ -1,13 +1,11 @@
-"""Compose the real hydra configuration in-process and run the trainer on it."""
-import logging
-import re
+"""Compose the real hydra configuration in-process and run the trainers on it."""
+import json
 from pathlib import Path
 from typing import List
 
 from hydra import compose, initialize_config_dir
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
-STEP_LINE = re.compile(r"Step: (\d+)/\d+, loss=([-\d.e+]+), lr=([-\d.e+]+), grad_norm=([-\d.e+na]+)")
 
 
 def compose_config(overrides: List[str], config_name: str = "biencoder_train_cfg"):
@@ -34,21 +32,17 @@ def tiny_overrides(model_dir: str, train: str, dev: str, output_dir: str, **extr
     return [f"{k}={v}" for k, v in values.items()]
 
 
-def step_records(caplog) -> List[tuple]:
-    """(step, loss, lr, grad_norm) of every per-step log line captured."""
-    out = []
-    for record in caplog.records:
-        m = STEP_LINE.search(record.getMessage())
-        if m:
-            out.append((int(m.group(1)), float(m.group(2)), float(m.group(3)), float(m.group(4))))
-    return out
-
-
-def run_trainer(cfg, caplog):
+def run_trainer(cfg):
+    """(trainer, TrainingRun) of a bi-encoder run."""
     from dpr.training.biencoder_trainer import BiEncoderTrainer
 
-    caplog.clear()
-    with caplog.at_level(logging.INFO):
-        trainer = BiEncoderTrainer(cfg)
-        best = trainer.run()
-    return trainer, best, step_records(caplog)
+    trainer = BiEncoderTrainer(cfg)
+    return trainer, trainer.run()
+
+
+def records_file(output_dir, kind: str) -> List[dict]:
+    """The records of one kind ("step" or "validation") a run wrote to output_dir/training_records.jsonl."""
+    from dpr.training.trainer_base import RECORDS_FILE
+
+    lines = (Path(output_dir) / RECORDS_FILE).read_text().splitlines()
+    return [r for r in map(json.loads, lines) if r.pop("kind") == kind]

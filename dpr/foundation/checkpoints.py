@@ -6,11 +6,12 @@ omegaconf DictConfig in encoder_params: those few omegaconf classes are admitted
 carrying any other object is refused instead of run (unless the user says they trust it).
 """
 import collections
-import glob
+import errno
 import logging
 import os
 import pickle
 import re
+import shutil
 import typing
 from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional
@@ -46,6 +47,15 @@ class CheckpointError(UserInputError):
     """A checkpoint file that is missing, unreadable, or holds objects a checkpoint should not."""
 
 
+class UnreadableCheckpointError(CheckpointError):
+    """A checkpoint file that is empty, truncated or not a checkpoint at all (as opposed to one that is refused for
+    what it holds)."""
+
+
+class CheckpointWriteError(UserInputError):
+    """A checkpoint that could not be written (a full disk, mostly); older checkpoints are intact."""
+
+
 @dataclass
 class CheckpointState:
     model_dict: Dict[str, torch.Tensor]
@@ -63,19 +73,48 @@ def checkpoint_path(output_dir: str, name: str, epoch: int, offset: int = 0) -> 
 
 
 def save_checkpoint(path: str, state: CheckpointState) -> str:
-    """Write to a temporary file in the same folder, then rename: a crash mid-save leaves older files intact."""
-    with atomic_output(path) as temp_name, open(temp_name, "wb") as f:
-        torch.save(asdict(state), f)
+    """Write to a temporary file in the same folder, then rename: a crash mid-save leaves older files intact.
+    A failed write (torch reports a full disk as "[enforce fail at inline_container.cc] unexpected pos") is a
+    CheckpointWriteError naming the file, the cause and the free space."""
+    try:
+        with atomic_output(path) as temp_name, open(temp_name, "wb") as f:
+            torch.save(asdict(state), f)
+    except (OSError, RuntimeError) as e:
+        raise CheckpointWriteError(
+            f"could not write checkpoint {path}: {_write_failure_cause(e, os.path.dirname(path) or '.', state)}; "
+            "older checkpoints are intact"
+        ) from e
     logger.info("Saved checkpoint at %s", path)
     return path
 
 
-def find_latest_checkpoint(output_dir: Optional[str], name: str) -> Optional[str]:
-    """The newest `{name}*` file in output_dir, as DPR resumes from it when no model_file is given."""
+def _write_failure_cause(error: BaseException, folder: str, state: CheckpointState) -> str:
+    free = shutil.disk_usage(folder).free
+    needed = _tensor_bytes(asdict(state))
+    if getattr(error, "errno", None) == errno.ENOSPC or free < needed:
+        return (f"no space left on device ({free / 2**20:.0f} MB free in {folder}, the checkpoint needs about "
+                f"{needed / 2**20:.0f} MB): free some space or choose another output_dir")
+    return f"{_first_line(error)} ({free / 2**20:.0f} MB free in {folder})"
+
+
+def _tensor_bytes(value: Any) -> int:
+    if isinstance(value, torch.Tensor):
+        return value.numel() * value.element_size()
+    if isinstance(value, dict):
+        return sum(_tensor_bytes(v) for v in value.values())
+    if isinstance(value, (list, tuple)):
+        return sum(_tensor_bytes(v) for v in value)
+    return 0
+
+
+def checkpoints_newest_first(output_dir: Optional[str], name: str) -> List[str]:
+    """The checkpoints `{name}`, `{name}.{epoch}` and `{name}.{epoch}.{offset}` in output_dir, newest first: DPR
+    resumes from the newest when no model_file is given."""
     if not output_dir or not os.path.isdir(output_dir):
-        return None
-    files = [f for f in glob.glob(os.path.join(output_dir, glob.escape(name) + "*")) if os.path.isfile(f)]
-    return max(files, key=os.path.getmtime) if files else None
+        return []
+    pattern = re.compile(re.escape(name) + r"(\.\d+)*")
+    files = [os.path.join(output_dir, f) for f in os.listdir(output_dir) if pattern.fullmatch(f)]
+    return sorted((f for f in files if os.path.isfile(f)), key=os.path.getmtime, reverse=True)
 
 
 def load_checkpoint(path: str, trust: bool = False) -> CheckpointState:
@@ -86,14 +125,14 @@ def load_checkpoint(path: str, trust: bool = False) -> CheckpointState:
     if not os.path.isfile(path):
         raise CheckpointError(f"checkpoint {path} does not exist")
     if os.path.getsize(path) == 0:
-        raise CheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or write?")
+        raise UnreadableCheckpointError(f"checkpoint {path} is empty (0 bytes): an interrupted copy or write?")
     try:
         with torch.serialization.safe_globals(DPR_CHECKPOINT_GLOBALS):
             raw = torch.load(path, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         refused = _REFUSED_GLOBAL.search(str(e))
         if refused is None:
-            raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint: {_first_line(e)}") from e
+            raise UnreadableCheckpointError(f"checkpoint {path} is truncated or not a checkpoint: {_first_line(e)}") from e
         what = refused.group(1)
         if not trust:
             raise CheckpointError(
@@ -103,10 +142,10 @@ def load_checkpoint(path: str, trust: bool = False) -> CheckpointState:
         logger.warning("%s holds %s; unpickling it fully because trust_checkpoint=true", path, what)
         raw = torch.load(path, map_location="cpu", weights_only=False)
     except (RuntimeError, EOFError, OSError, ValueError) as e:  # torch's zip reader raises RuntimeError
-        raise CheckpointError(f"checkpoint {path} is truncated or not a checkpoint: {_first_line(e)}") from e
+        raise UnreadableCheckpointError(f"checkpoint {path} is truncated or not a checkpoint: {_first_line(e)}") from e
     if not isinstance(raw, dict) or "model_dict" not in raw:
         found = sorted(raw)[:8] if isinstance(raw, dict) else type(raw).__name__
-        raise CheckpointError(f"{path} is not a DPR checkpoint: no model_dict (found {found})")
+        raise UnreadableCheckpointError(f"{path} is not a DPR checkpoint: no model_dict (found {found})")
     return CheckpointState(
         model_dict=raw["model_dict"],
         optimizer_dict=raw.get("optimizer_dict"),

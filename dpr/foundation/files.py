@@ -1,11 +1,18 @@
-"""Files that appear under their final name only when complete."""
+"""Files that appear under their final name only when complete, and the folders they are written to."""
+import glob
 import os
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Union
+from typing import Iterator, Tuple, Union
+
+from dpr.foundation.errors import UserInputError
 
 TEMP_SUFFIX = ".tmp"
+
+
+class UnwritableDirectoryError(UserInputError):
+    """An output folder that cannot be created or written to."""
 
 
 def _umask() -> int:
@@ -18,7 +25,8 @@ def _umask() -> int:
 def atomic_output(path: Union[str, Path]) -> Iterator[str]:
     """A temporary path beside `path` to write to; when the block ends normally it is synced and renamed to
     `path`, so a crash never leaves a partial file under the final name (nor damages an older one). The file gets
-    the permissions of an ordinarily created one (mkstemp's are owner-only)."""
+    the permissions of an ordinarily created one (mkstemp's are owner-only). A killed process leaves its
+    temporary `.{name}.XXXXXXXX.tmp` behind: `remove_stale_temporaries` clears them."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     descriptor, temp_name = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
@@ -33,3 +41,30 @@ def atomic_output(path: Union[str, Path]) -> Iterator[str]:
         if os.path.exists(temp_name):
             os.unlink(temp_name)
         raise
+
+
+def remove_stale_temporaries(folder: Union[str, Path], name_prefix: str) -> Tuple[int, int]:
+    """Remove the temporaries `atomic_output` left in `folder` for files named `{name_prefix}*` when their write
+    was killed; returns (files removed, bytes freed). Only for a folder no other process is writing such files to."""
+    pattern = os.path.join(glob.escape(str(folder)), "." + glob.escape(name_prefix) + "*" + TEMP_SUFFIX)
+    count, size = 0, 0
+    for path in glob.glob(pattern):
+        if os.path.isfile(path):
+            size += os.path.getsize(path)
+            os.unlink(path)
+            count += 1
+    return count, size
+
+
+def ensure_writable_directory(path: Union[str, Path], option: str) -> None:
+    """Create `path` if need be and prove that a file can be written there, so that a run fails at its start,
+    not at its first save; the error names the option that set the folder."""
+    try:
+        os.makedirs(path, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(dir=path, prefix=".write_test.", suffix=TEMP_SUFFIX)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as e:
+        raise UnwritableDirectoryError(
+            f"{option}={path} is not a folder this process can write to ({e.strerror or e}): choose another {option}"
+        ) from e

@@ -11,6 +11,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from dpr.models.encoder_spec import EncoderSpec
 from dpr.models.hf_encoder import build_encoder, encode
 
 logger = logging.getLogger(__name__)
@@ -51,15 +52,18 @@ def token_type_ids(input_ids: torch.Tensor, sep_token_id: int) -> torch.Tensor:
     return (positions.unsqueeze(0) > first_sep.unsqueeze(1)).long()
 
 
-def build_reader(encoder_cfg, sep_token_id: Optional[int] = None, pretrained: bool = True) -> Reader:
-    """The Reader an `encoder` config describes (no projection: the heads read the hidden states)."""
+def build_reader(spec: EncoderSpec, sep_token_id: Optional[int] = None, load_pretrained: bool = True) -> Reader:
+    """The Reader an encoder spec describes (no projection: the heads read the hidden states). `sep_token_id`
+    is needed when `spec.token_type_ids`; `load_pretrained=False` skips reading weights a checkpoint will replace."""
+    if spec.token_type_ids and sep_token_id is None:
+        raise ValueError("encoder.token_type_ids needs the tokenizer's [SEP] id")
     encoder = build_encoder(
-        encoder_cfg.pretrained_model_cfg,
+        spec.pretrained_model_cfg,
         projection_dim=0,
-        dropout=encoder_cfg.get("dropout") or 0.0,
-        pretrained=pretrained and encoder_cfg.get("pretrained", True),
+        dropout=spec.dropout or 0.0,
+        pretrained=load_pretrained and spec.pretrained,
     )
-    return Reader(encoder, encoder.config.hidden_size, sep_token_id)
+    return Reader(encoder, encoder.config.hidden_size, sep_token_id if spec.token_type_ids else None)
 
 
 def reader_loss(

@@ -13,6 +13,8 @@ from typing import Iterable, List, Optional
 import torch
 import torch.distributed as dist
 
+from dpr.foundation.devices import process_device
+
 logger = logging.getLogger(__name__)
 
 
@@ -34,25 +36,19 @@ class DistributedContext:
 
 def init_distributed(local_rank: Optional[int] = None, no_cuda: bool = False) -> DistributedContext:
     """Join the process group torchrun (or torch.distributed.launch) describes in the environment; a single
-    process otherwise. CUDA devices use NCCL, CPU runs gloo."""
+    process otherwise. The device is `process_device`'s; CUDA devices use NCCL, CPU runs gloo."""
     env_local_rank = os.environ.get("LOCAL_RANK")
-    if env_local_rank is not None:
-        local_rank = int(env_local_rank)
-    if local_rank is None:
-        local_rank = -1
-    use_cuda = torch.cuda.is_available() and not no_cuda
+    local_rank = int(env_local_rank) if env_local_rank is not None else (-1 if local_rank is None else local_rank)
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
+    device = process_device(no_cuda, local_rank)
+    if device.type == "cuda" and device.index is not None:
+        torch.cuda.set_device(device)
     if local_rank >= 0 and world_size > 1:
-        if use_cuda:
-            torch.cuda.set_device(local_rank)
-            device = torch.device("cuda", local_rank)
-        else:
-            device = torch.device("cpu")
         if not dist.is_initialized():
-            dist.init_process_group(backend="nccl" if use_cuda else "gloo")
+            dist.init_process_group(backend="nccl" if device.type == "cuda" else "gloo")
         ctx = DistributedContext(dist.get_rank(), local_rank, dist.get_world_size(), device)
     else:
-        ctx = DistributedContext(device=torch.device("cuda") if use_cuda else torch.device("cpu"))
+        ctx = DistributedContext(device=device)
     logger.info(
         "Initialized host %s as rank %d of %d, local rank %d, device %s",
         os.uname().nodename, ctx.rank, ctx.world_size, ctx.local_rank, ctx.device,

@@ -1,10 +1,11 @@
-"""Achieved model FLOPs and model FLOPs utilisation (MFU) for the training logs, as nanoGPT reports them.
+"""Model FLOPs and model FLOPs utilisation (MFU) for the training logs, as nanoGPT reports them.
 
 Model FLOPs per sequence of T tokens: 6·N·T + 12·layers·hidden·T² for a trained encoder (forward and backward;
 N = non-embedding parameters), a third of that for a frozen one. The gradient cache's extra forward pass is
-not counted: MFU measures useful work.
+not counted: MFU measures useful work. The reader's small heads are left out.
 """
-from typing import Optional
+from dataclasses import dataclass
+from typing import Optional, Sequence, Tuple
 
 import torch
 
@@ -16,33 +17,45 @@ def _non_embedding_params(model: torch.nn.Module) -> int:
     return sum(p.numel() for name, p in model.named_parameters() if "embeddings" not in name and "pooler" not in name)
 
 
-class FlopsCounter:
-    def __init__(self, biencoder, device: torch.device, precision: str, peak_tflops: Optional[float] = None):
-        self.towers = []
-        trainable = biencoder.trainable_towers()
-        for model, trains in zip((biencoder.question_model, biencoder.ctx_model), trainable):
-            cfg = model.config
-            self.towers.append((_non_embedding_params(model), cfg.num_hidden_layers * cfg.hidden_size, 3 if trains else 1))
+@dataclass(frozen=True)
+class EncoderCost:
+    params: int  # non-embedding parameters
+    layers_hidden: int  # layers x hidden size
+    passes: int  # 3 when trained (forward and backward), 1 when frozen
+
+    @classmethod
+    def of(cls, model: torch.nn.Module, trains: bool) -> "EncoderCost":
+        cfg = model.config
+        return cls(_non_embedding_params(model), cfg.num_hidden_layers * cfg.hidden_size, 3 if trains else 1)
+
+    def flops(self, rows: int, width: int) -> float:
+        return self.passes * rows * (2 * self.params * width + 4 * self.layers_hidden * width * width)
+
+
+class ModelFlops:
+    """The model FLOPs of sequences through the encoders a trainer runs, and the device's peak for MFU."""
+
+    def __init__(self, encoders: Sequence[Tuple[torch.nn.Module, bool]], device: torch.device, precision: str,
+                 peak_tflops: Optional[float] = None):
+        self.encoders = [EncoderCost.of(model, trains) for model, trains in encoders]
         self.peak = peak_tflops
         if self.peak is None and device.type == "cuda" and precision in ("fp16", "bf16"):
             name = torch.cuda.get_device_name(device)
             self.peak = next((v for k, v in PEAK_TFLOPS_16BIT.items() if k in name), None)
-        self.flops = 0.0
 
-    def _sequence_flops(self, tower: int, rows: int, width: int) -> float:
-        params, layers_hidden, passes = self.towers[tower]
-        return passes * rows * (2 * params * width + 4 * layers_hidden * width * width)
+    @classmethod
+    def of_biencoder(cls, biencoder, device: torch.device, precision: str,
+                     peak_tflops: Optional[float] = None) -> "ModelFlops":
+        towers = zip((biencoder.question_model, biencoder.ctx_model), biencoder.trainable_towers())
+        return cls(list(towers), device, precision, peak_tflops)
 
-    def add_batch(self, batch) -> None:
-        self.flops += self._sequence_flops(0, *batch.question_ids.shape)
-        self.flops += self._sequence_flops(1, *batch.context_ids.shape)
+    def of_sequences(self, encoder: int, rows: int, width: int) -> float:
+        return self.encoders[encoder].flops(rows, width)
 
-    def reset(self) -> None:
-        self.flops = 0.0
+    def of_biencoder_batch(self, batch) -> float:
+        return self.of_sequences(0, *batch.question_ids.shape) + self.of_sequences(1, *batch.context_ids.shape)
 
-    def report(self, seconds: float) -> str:
-        tflops = self.flops / max(seconds, 1e-9) / 1e12
-        text = f"tflops={tflops:.3f}"
-        if self.peak:
-            text += f", mfu={100.0 * tflops / self.peak:.2f}%"
-        return text
+    def utilisation(self, flops: float, seconds: float) -> Tuple[float, Optional[float]]:
+        """(achieved TFLOPS, MFU in percent of the peak, or None when the peak is unknown)."""
+        tflops = flops / max(seconds, 1e-9) / 1e12
+        return tflops, (100.0 * tflops / self.peak if self.peak else None)

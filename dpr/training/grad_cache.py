@@ -16,6 +16,11 @@ Chunks are formed from length-sorted rows, so each chunk pads only to its own lo
 cached gradients are put back into the original order, so the loss never sees the sorting.
 
 `full_batch_step` is the ordinary step with the same interface, for comparison and for small batches.
+
+Two factors act on the gradients here and are kept apart: `backward_weight` multiplies the loss before the
+backward pass (the trainer's gradient compensation over accumulation steps, see dpr/training/trainer_base.py), and
+the fp16 `grad_scaler` multiplies it once more to keep fp16 gradients from underflowing (undone by `unscale_`
+before clipping). A dataset's loss weight (DPR's loss_scale_factors) is part of the loss function itself.
 """
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
@@ -113,15 +118,27 @@ class GradCache:
         return reps, state
 
     def build_cache(
-        self, representations: Sequence[torch.Tensor], loss_scale: float = 1.0, **loss_kwargs
-    ) -> Tuple[torch.Tensor, Any, List[torch.Tensor]]:
-        """The loss on detached fp32 representations and its gradient with respect to each of them. The cached
-        gradients include `loss_scale` but never the fp16 loss scale: that is applied once, in the surrogate."""
-        leaves = [r.detach().float().requires_grad_() for r in representations]
+        self,
+        representations: Sequence[torch.Tensor],
+        backward_weight: float = 1.0,
+        trainable: Optional[Sequence[bool]] = None,
+        **loss_kwargs,
+    ) -> Tuple[torch.Tensor, Any, List[Optional[torch.Tensor]]]:
+        """The loss on detached fp32 representations and its gradient with respect to each trainable one (None
+        for the others). The cached gradients include `backward_weight` but never the GradScaler's factor: that
+        is applied once, in the surrogate. A trainable tower the loss does not depend on is an error, not a
+        silent zero gradient."""
+        trainable = list(trainable) if trainable is not None else [True] * len(representations)
+        leaves = [r.detach().float().requires_grad_(wants) for r, wants in zip(representations, trainable)]
         loss, aux = self.loss_fn(*leaves, **loss_kwargs)
-        (loss * loss_scale).backward()
-        grads = [leaf.grad if leaf.grad is not None else torch.zeros_like(leaf) for leaf in leaves]
-        return loss.detach(), aux, grads
+        (loss * backward_weight).backward()
+        for index, (leaf, wants) in enumerate(zip(leaves, trainable)):
+            if wants and leaf.grad is None:
+                raise ValueError(
+                    f"tower {index} is trainable but the loss does not depend on its representations: "
+                    "no gradient would reach its encoder (pass requires_grad=False for a frozen tower)"
+                )
+        return loss.detach(), aux, [leaf.grad for leaf in leaves]
 
     def forward_backward(self, tower: Tower, chunk: Chunk, rand_state: RandState, cached_grad: torch.Tensor) -> None:
         with rand_state.restored(), self.autocast():
@@ -131,8 +148,9 @@ class GradCache:
             surrogate = self.grad_scaler.scale(surrogate)
         surrogate.backward()
 
-    def __call__(self, towers: Sequence[Tower], loss_scale: float = 1.0, **loss_kwargs) -> Tuple[torch.Tensor, Any]:
-        """One batch: gradients accumulate into the parameters' .grad; returns (loss, aux) of the loss function."""
+    def __call__(self, towers: Sequence[Tower], backward_weight: float = 1.0, **loss_kwargs) -> Tuple[torch.Tensor, Any]:
+        """One batch: the gradients of `backward_weight` x loss accumulate into the parameters' .grad; returns
+        (loss, aux) of the loss function, unweighted."""
         chunked = [split(t) for t in towers]
         states: List[List[RandState]] = []
         representations = []
@@ -140,7 +158,8 @@ class GradCache:
             reps_and_states = [self.forward_no_grad(tower, c) for c in chunks]
             states.append([s for _, s in reps_and_states])
             representations.append(_unsort([r for r, _ in reps_and_states], chunks, tower.rows))
-        loss, aux, grads = self.build_cache(representations, loss_scale, **loss_kwargs)
+        trainable = [t.requires_grad for t in towers]
+        loss, aux, grads = self.build_cache(representations, backward_weight, trainable, **loss_kwargs)
         for tower, chunks, tower_states, grad in zip(towers, chunked, states, grads):
             if not tower.requires_grad:
                 continue
@@ -162,7 +181,7 @@ def _unsort(chunk_reps: List[torch.Tensor], chunks: List[Chunk], rows: int) -> t
 def full_batch_step(
     towers: Sequence[Tower],
     loss_fn: LossFn,
-    loss_scale: float = 1.0,
+    backward_weight: float = 1.0,
     autocast: Callable[[], ContextManager] = nullcontext,
     grad_scaler: Optional[torch.amp.GradScaler] = None,
     **loss_kwargs,
@@ -171,8 +190,6 @@ def full_batch_step(
     with autocast():
         representations = [t.encode(t.inputs) for t in towers]
     loss, aux = loss_fn(*[r.float() for r in representations], **loss_kwargs)
-    scaled = loss * loss_scale
-    if grad_scaler is not None:
-        scaled = grad_scaler.scale(scaled)
-    scaled.backward()
+    weighted = loss * backward_weight
+    (grad_scaler.scale(weighted) if grad_scaler is not None else weighted).backward()
     return loss.detach(), aux

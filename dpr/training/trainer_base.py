@@ -1,58 +1,345 @@
-"""What the bi-encoder and reader trainers share: finding and resuming checkpoints, the optimizer step, and the
-encoder settings saved with a checkpoint.
+"""The training loop both trainers run, and what they share around it: the settings, the encoder spec, finding
+and resuming checkpoints, the optimizer step, step logging and records, validation and the best checkpoint.
 
-A subclass sets `cfg`, `dist`, `model`, `optimizer`, `params` (the trainable parameters) and `precision`.
+A trainer supplies its batches (`epoch_batches`), the forward-backward pass of one (`train_step`), when to
+validate (`validation_due`) and its validation (`validate`, a value and whether higher is better); the loop is
+here, once.
+
+The gradient rule, one for both trainers. Every process backpropagates
+
+    loss x backward_weight,   backward_weight = gradient_compensation / gradient_accumulation_steps
+
+and the optimizer step sums the gradients of all processes (one all-reduce). `gradient_compensation` is
+1 / R for a reference world of R processes, whose DDP mean the gradient reproduces:
+- bi-encoder: each process's loss is the loss of the global batch (its gradient reaching the local rows only),
+  so the sum is the global-batch gradient; R = `train.grad_compensation_ref_world` (GC-DPR's 8: the gradient
+  of DPR's 8-GPU run at any number of processes; null or 0: R = 1, the plain global-batch gradient);
+- reader: each process's loss is the sum over its own questions (DPR's); R = the number of processes, as DDP
+  averages DPR's reader gradients.
+Two other factors are kept apart from it: a dataset's loss weight (DPR's `loss_scale_factors`, part of the
+bi-encoder's loss) and fp16's GradScaler factor (applied once in the backward pass, removed before clipping).
 """
+import dataclasses
+import json
 import logging
 import os
-from typing import Optional
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from omegaconf import OmegaConf
+from omegaconf import DictConfig
+from tqdm import tqdm
 
+from dpr.data.batching import GlobalBatch
 from dpr.foundation import checkpoints
-from dpr.foundation.checkpoints import CheckpointState
-from dpr.training.distributed import all_reduce_gradients, broadcast_parameters
-from dpr.training.optim import build_optimizer, parse_adam_betas
+from dpr.foundation.checkpoints import CheckpointError, CheckpointState, UnreadableCheckpointError
+from dpr.foundation.errors import UserInputError
+from dpr.foundation.files import ensure_writable_directory, remove_stale_temporaries
 from dpr.foundation.precision import make_precision
+from dpr.foundation.seed import set_seed
+from dpr.foundation.tensorboard import ScalarLog
+from dpr.models.encoder_spec import EncoderSpec
+from dpr.training.distributed import all_reduce_gradients, broadcast_parameters, init_distributed
+from dpr.training.flops import ModelFlops
+from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
 
 logger = logging.getLogger(__name__)
 
+RECORDS_FILE = "training_records.jsonl"
+
+
+class ConfigError(UserInputError, ValueError):
+    """A configuration value that cannot work, named with the way out."""
+
+
+# Keys of DPR's configurations for machinery this repository does not have: accepted at DPR's default, so that
+# DPR's command lines work, and an error naming the key and the way out when set to anything else.
+UNSUPPORTED_KEYS: Dict[str, Tuple[Any, str]] = {
+    "device": (None, "the device follows torchrun's LOCAL_RANK and no_cuda"),
+    "distributed_world_size": (None, "launch with torchrun --nproc_per_node N; the world size comes from torchrun"),
+    "distributed_port": (None, "SLURM and TCP initialisation are not supported: launch with torchrun"),
+    "distributed_init_method": (None, "SLURM and TCP initialisation are not supported: launch with torchrun"),
+    "n_gpu": (None, "one process per GPU under torchrun (DataParallel is not supported)"),
+    "special_tokens": (None, "replacing [unusedN] vocabulary entries is not supported"),
+    "multi_q_encoder": (False, "one question encoder is trained"),
+    "local_shards_dataloader": (False, "every process reads the data and takes its own slice of each batch"),
+}
+
+
+def check_unsupported_keys(cfg: DictConfig) -> None:
+    for key, (default, way_out) in UNSUPPORTED_KEYS.items():
+        if key in cfg and cfg.get(key) != default and not (default is False and cfg.get(key) is None):
+            raise ConfigError(f"{key}={cfg.get(key)} is not supported ({way_out}): leave {key} at {default}")
+
+
+@dataclass(frozen=True)
+class TrainSettings:
+    """What the loop reads of `cfg.train` (both trainers' keys of the same name), resolved once."""
+
+    batch_size: int  # per process
+    dev_batch_size: int
+    gradient_accumulation_steps: int
+    num_train_epochs: int
+    learning_rate: float
+    adam_eps: float
+    adam_betas: Tuple[float, float]
+    weight_decay: float
+    max_grad_norm: float  # 0: no clipping
+    warmup_steps: int
+    log_batch_step: int
+    train_rolling_loss_step: int
+    peak_tflops: Optional[float]
+
+    @classmethod
+    def from_config(cls, train: DictConfig) -> "TrainSettings":
+        settings = cls(
+            batch_size=int(train.batch_size),
+            dev_batch_size=int(train.dev_batch_size),
+            gradient_accumulation_steps=int(train.gradient_accumulation_steps),
+            num_train_epochs=int(train.num_train_epochs),
+            learning_rate=float(train.learning_rate),
+            adam_eps=float(train.adam_eps),
+            adam_betas=parse_adam_betas(train.adam_betas),
+            weight_decay=float(train.weight_decay),
+            max_grad_norm=float(train.max_grad_norm or 0.0),
+            warmup_steps=int(train.warmup_steps),
+            log_batch_step=int(train.log_batch_step),
+            train_rolling_loss_step=int(train.train_rolling_loss_step),
+            peak_tflops=float(train.peak_tflops) if train.get("peak_tflops") else None,
+        )
+        for key in ("batch_size", "dev_batch_size", "gradient_accumulation_steps", "log_batch_step",
+                    "train_rolling_loss_step"):
+            if getattr(settings, key) < 1:
+                raise ConfigError(f"train.{key}={getattr(settings, key)} must be >= 1")
+        return settings
+
+
+@dataclass(frozen=True)
+class CheckpointSettings:
+    """Where checkpoints go, which one to start from and what of it to restore."""
+
+    output_dir: Optional[str]
+    file_name: str
+    model_file: Optional[str]
+    trust: bool
+    ignore_offset: bool
+    ignore_optimizer: bool
+    ignore_lr: bool
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "CheckpointSettings":
+        return cls(
+            output_dir=cfg.output_dir or None,
+            file_name=cfg.checkpoint_file_name,
+            model_file=cfg.model_file or None,
+            trust=bool(cfg.get("trust_checkpoint", False)),
+            ignore_offset=bool(cfg.get("ignore_checkpoint_offset", False)),
+            ignore_optimizer=bool(cfg.get("ignore_checkpoint_optimizer", False)),
+            ignore_lr=bool(cfg.get("ignore_checkpoint_lr", False)),
+        )
+
+
+@dataclass(frozen=True)
+class BatchResult:
+    """What a trainer's forward-backward pass of one batch reports."""
+
+    loss: float
+    questions: int  # in the global batch
+    correct: Optional[int] = None  # questions whose positive scored highest, where the trainer counts them
+    model_flops: float = 0.0  # of this process (dpr/training/flops.py)
+
+
+@dataclass(frozen=True)
+class Validation:
+    """A trainer's validation: the value the best checkpoint is chosen by, and more scalars for TensorBoard."""
+
+    metric: str
+    value: float
+    higher_is_better: bool
+    scalars: Dict[str, float] = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    """One optimizer update."""
+
+    epoch: int
+    step: int  # updates completed, counted from the start of training (resumes continue the count)
+    total_steps: int
+    loss: float  # mean over the update's batches
+    lr: float  # after the update
+    grad_norm: float  # before clipping
+    questions_per_s: float
+    seconds: float  # of the update's forward-backward passes and optimizer step
+    tflops: float  # achieved model TFLOPS of this process
+    mfu: Optional[float]  # percent of the device's peak; None when the peak is unknown
+
+
+@dataclass(frozen=True)
+class ValidationRecord:
+    """One validation (and the checkpoint saved with it)."""
+
+    epoch: int
+    offset: int  # batch index in the epoch; 0 at the end of an epoch
+    step: int
+    metric: Optional[str]  # None: no dev data, a checkpoint only
+    value: Optional[float]
+    seconds: float
+    checkpoint: Optional[str]  # on the main process
+    best: bool
+
+
+@dataclass
+class TrainingRun:
+    best_checkpoint: Optional[str]
+    steps: List[StepRecord]
+    validations: List[ValidationRecord]
+
+
+@dataclass
+class _Window:
+    """Sums over a stretch of batches."""
+
+    loss: float = 0.0
+    batches: int = 0
+    questions: int = 0
+    correct: Optional[int] = None
+    flops: float = 0.0
+
+    def add(self, result: BatchResult) -> None:
+        self.loss += result.loss
+        self.batches += 1
+        self.questions += result.questions
+        self.flops += result.model_flops
+        if result.correct is not None:
+            self.correct = (self.correct or 0) + result.correct
+
+    @property
+    def mean_loss(self) -> float:
+        return self.loss / max(1, self.batches)
+
 
 class Trainer:
-    def _prepare_model(self) -> None:
+    """A subclass resolves (and checks) its own settings, calls `super().__init__(cfg, trains)`, then reads its
+    data, builds `self.model` from `self.spec` and calls `self._prepare_model(...)`."""
+
+    def __init__(self, cfg: DictConfig, trains: bool):
+        self.cfg = cfg
+        check_unsupported_keys(cfg)
+        self.settings = TrainSettings.from_config(cfg.train)
+        self.ckpt_settings = CheckpointSettings.from_config(cfg)
+        # Resolved (and validated) before anything is read: a bad encoder setting fails in a second.
+        self.spec = EncoderSpec.from_config(cfg.encoder, cfg.do_lower_case)
+        self.dist = init_distributed(cfg.get("local_rank"), cfg.get("no_cuda", False))
+        self.device = self.dist.device
+        if not self.dist.is_main:
+            logging.getLogger("dpr").setLevel(logging.WARNING)  # one process speaks for all
+        set_seed(cfg.seed)
+        output_dir = self.ckpt_settings.output_dir
+        if trains:
+            if not output_dir:
+                raise ConfigError("output_dir is required for training (checkpoints are written there)")
+            if self.dist.is_main:
+                ensure_writable_directory(output_dir, "output_dir")
+                self._remove_stale_temporaries()
+        self.checkpoint_file, self.checkpoint = self._find_checkpoint()
+        if self.checkpoint is not None:
+            self.spec = self.spec.with_checkpoint_params(self.checkpoint.encoder_params)
+        self.backward_weight = self.gradient_compensation() / self.settings.gradient_accumulation_steps
+        self.scalars = ScalarLog(os.path.join(output_dir, "tensorboard") if output_dir else None,
+                                 enabled=self.dist.is_main)
+        self.records_file = os.path.join(output_dir, RECORDS_FILE) if output_dir and trains else None
+        self.best: Optional[ValidationRecord] = None
+        self.step_records: List[StepRecord] = []
+        self.validation_records: List[ValidationRecord] = []
+
+    # ---------------------------------------------------------------- what a trainer supplies
+    def gradient_compensation(self) -> float:
+        """1 / the reference world (module docstring); DPR's DDP mean over the processes unless overridden."""
+        return 1.0 / self.dist.world_size
+
+    def has_training_data(self) -> bool:
+        raise NotImplementedError
+
+    def epoch_batches(self, epoch: int) -> Sequence[GlobalBatch]:
+        raise NotImplementedError
+
+    def train_step(self, batch: GlobalBatch, epoch: int, update: int) -> BatchResult:
+        """Forward and backward of this process's share of `batch`, gradients weighted by self.backward_weight
+        accumulated into .grad; `update` is the number of optimizer updates completed before it."""
+        raise NotImplementedError
+
+    def validation_due(self, epoch_update: int, update: int, updates_per_epoch: int) -> bool:
+        """Whether to validate (and save) after this update, counted in the epoch and overall."""
+        raise NotImplementedError
+
+    def validate(self, epoch: int) -> Optional[Validation]:
+        """The dev-set validation; None without dev data."""
+        raise NotImplementedError
+
+    def evaluate(self) -> List[Validation]:
+        """What a run without training data does."""
+        raise NotImplementedError
+
+    def describe_setup(self, batches_per_epoch: int, total_updates: int) -> str:
+        raise NotImplementedError
+
+    # ---------------------------------------------------------------- set-up
+    def _remove_stale_temporaries(self) -> None:
+        count, size = remove_stale_temporaries(self.ckpt_settings.output_dir, self.ckpt_settings.file_name)
+        if count:
+            logger.info("Removed %d temporary checkpoint file(s) of interrupted saves (%.1f MB) from %s",
+                        count, size / 2**20, self.ckpt_settings.output_dir)
+
+    def _find_checkpoint(self) -> Tuple[Optional[str], Optional[CheckpointState]]:
+        """model_file, or else the newest readable checkpoint in output_dir: an unreadable one (an interrupted
+        copy, a 0-byte file) is passed over with a warning; one refused for what it holds stops the run."""
+        s = self.ckpt_settings
+        if s.model_file:
+            if not os.path.isfile(s.model_file):
+                raise CheckpointError(f"model_file={s.model_file} does not exist")
+            return s.model_file, checkpoints.load_checkpoint(s.model_file, trust=s.trust)
+        candidates = checkpoints.checkpoints_newest_first(s.output_dir, s.file_name)
+        for path in candidates:
+            try:
+                state = checkpoints.load_checkpoint(path, trust=s.trust)
+            except UnreadableCheckpointError as e:
+                logger.warning("Passing over %s: %s", path, e)
+                continue
+            logger.info("Resuming from the newest readable checkpoint in output_dir: %s", path)
+            return path, state
+        if candidates:
+            raise CheckpointError(
+                f"no checkpoint in {s.output_dir} is readable ({', '.join(candidates)}): remove them to start "
+                "afresh, or set model_file"
+            )
+        return None, None
+
+    def _prepare_model(self, encoders: Sequence[Tuple[torch.nn.Module, bool]]) -> None:
         """Load the resumed checkpoint's weights into self.model, start every process from rank 0's weights, and
-        build the precision and the optimizer of the trainable parameters."""
-        cfg, t = self.cfg, self.cfg.train
+        build the precision, the optimizer of the trainable parameters and the FLOPs count of `encoders`
+        ((encoder, whether it trains) pairs of the model)."""
+        s = self.settings
         if self.checkpoint is not None:
             checkpoints.load_model_state(self.model, self.checkpoint.model_dict)
         broadcast_parameters(self.model)
-        self.precision = make_precision(self.device, cfg.get("fp16", False), cfg.get("bf16", False))
-        self.optimizer = build_optimizer(self.model, t.learning_rate, t.adam_eps, t.weight_decay, parse_adam_betas(t.adam_betas))
+        self.precision = make_precision(self.device, self.cfg.get("fp16", False), self.cfg.get("bf16", False))
+        self.optimizer = build_optimizer(self.model, s.learning_rate, s.adam_eps, s.weight_decay, s.adam_betas)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
+        self.flops = ModelFlops(encoders, self.device, self.precision.name, s.peak_tflops)
 
-    def _find_checkpoint(self) -> Optional[CheckpointState]:
-        path = self.cfg.model_file or checkpoints.find_latest_checkpoint(
-            self.cfg.output_dir, self.cfg.checkpoint_file_name
-        )
-        if not path:
-            return None
-        if not os.path.isfile(path):
-            raise FileNotFoundError(f"model_file {path} does not exist")
-        if not self.cfg.model_file:
-            logger.info("Resuming from the newest checkpoint in output_dir: %s", path)
-        return checkpoints.load_checkpoint(path, trust=bool(self.cfg.get("trust_checkpoint", False)))
-
-    def _restore_training_state(self):
+    def _restore_training_state(self) -> Tuple[int, int, int]:
         """(start epoch, start batch, completed updates) from the checkpoint being resumed, restoring the
         optimizer state unless told not to."""
-        cfg, ckpt = self.cfg, self.checkpoint
-        if ckpt is None or cfg.get("ignore_checkpoint_offset", False):
+        s, ckpt = self.ckpt_settings, self.checkpoint
+        if ckpt is None or s.ignore_offset:
             return 0, 0, 0
-        if ckpt.optimizer_dict and not cfg.get("ignore_checkpoint_optimizer", False):
+        if ckpt.optimizer_dict and not s.ignore_optimizer:
             self.optimizer.load_state_dict(ckpt.optimizer_dict)
         completed = 0
-        if ckpt.scheduler_dict and not cfg.get("ignore_checkpoint_lr", False):
+        if ckpt.scheduler_dict and not s.ignore_lr:
             completed = int(ckpt.scheduler_dict.get("last_epoch", 0))
         if ckpt.offset == 0:
             epoch, batch = ckpt.epoch + 1, 0
@@ -61,13 +348,67 @@ class Trainer:
         logger.info("Resuming at epoch %d, batch %d, after %d optimizer updates", epoch, batch, completed)
         return epoch, batch, completed
 
+    # ---------------------------------------------------------------- the loop
+    def run(self) -> TrainingRun:
+        """Train (or, without training data, evaluate); returns the best checkpoint and the records."""
+        if not self.has_training_data():
+            return self._evaluate_only()
+        s = self.settings
+        global_batch = s.batch_size * self.dist.world_size
+        batches_per_epoch = len(self.epoch_batches(0))
+        if batches_per_epoch == 0:
+            raise ConfigError(f"the training data is smaller than one global batch of {global_batch} "
+                              f"(train.batch_size={s.batch_size} x {self.dist.world_size} processes)")
+        self.updates_per_epoch = max(1, batches_per_epoch // s.gradient_accumulation_steps)
+        self.total_updates = self.updates_per_epoch * s.num_train_epochs
+        start_epoch, start_batch, self.update = self._restore_training_state()
+        self.scheduler = build_scheduler(self.optimizer, s.warmup_steps, self.total_updates, self.update)
+        logger.info("%s", self.describe_setup(batches_per_epoch, self.total_updates))
+        self.model.train()
+        for epoch in range(start_epoch, s.num_train_epochs):
+            self._train_epoch(epoch, start_batch if epoch == start_epoch else 0)
+        best = self.best.checkpoint if self.best else None
+        logger.info("Training finished. Best validation checkpoint %s", best)
+        self.scalars.close()
+        return TrainingRun(best, self.step_records, self.validation_records)
+
+    def _train_epoch(self, epoch: int, first: int) -> None:
+        s = self.settings
+        batches = self.epoch_batches(epoch)
+        epoch_window, rolling, pending = _Window(), _Window(), _Window()
+        progress = tqdm(total=len(batches), initial=first, desc=f"epoch {epoch}", unit="batch",
+                        disable=not (self.dist.is_main and sys.stderr.isatty()))
+        timer = time.perf_counter()
+        for i in range(first, len(batches)):
+            result = self.train_step(batches[i], epoch, self.update)
+            for window in (epoch_window, rolling, pending):
+                window.add(result)
+            progress.update(1)
+            if (i + 1) % s.gradient_accumulation_steps == 0:
+                grad_norm = self.optimizer_step(self.scheduler)
+                self.update += 1
+                self._record_step(epoch, pending, grad_norm, time.perf_counter() - timer)
+                pending = _Window()
+                epoch_update = (i + 1) // s.gradient_accumulation_steps
+                if self.validation_due(epoch_update, self.update, self.updates_per_epoch) and i + 1 < len(batches):
+                    self._validate_and_save(epoch, i + 1)
+                timer = time.perf_counter()  # throughput counts training only
+            if rolling.batches == s.train_rolling_loss_step:
+                logger.info("Avg. loss per last %d batches: %f", rolling.batches, rolling.mean_loss)
+                rolling = _Window()
+        progress.close()
+        logger.info("Av Loss per epoch=%f", epoch_window.mean_loss)
+        if epoch_window.correct is not None:
+            logger.info("epoch total correct predictions=%d", epoch_window.correct)
+        self._validate_and_save(epoch, 0)
+
     def optimizer_step(self, scheduler) -> float:
         """All-reduce, unscale, clip, step; returns the total gradient norm before clipping."""
         all_reduce_gradients(self.params)
         scaler = self.precision.grad_scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
-        max_norm = self.cfg.train.max_grad_norm or float("inf")
+        max_norm = self.settings.max_grad_norm or float("inf")
         grad_norm = float(torch.nn.utils.clip_grad_norm_(self.params, max_norm))
         if scaler is not None:
             scaler.step(self.optimizer)
@@ -78,9 +419,76 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         return grad_norm
 
-    def encoder_params(self) -> dict:
-        return {"do_lower_case": bool(self.cfg.do_lower_case), "encoder": OmegaConf.to_container(self.cfg.encoder, resolve=True)}
+    def _record_step(self, epoch: int, window: _Window, grad_norm: float, seconds: float) -> None:
+        tflops, mfu = self.flops.utilisation(window.flops, seconds)
+        record = StepRecord(
+            epoch=epoch, step=self.update, total_steps=self.total_updates, loss=window.mean_loss,
+            lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm,
+            questions_per_s=window.questions / max(seconds, 1e-9), seconds=seconds, tflops=tflops, mfu=mfu,
+        )
+        self.step_records.append(record)
+        if record.step % self.settings.log_batch_step == 0 or record.step == 1:
+            logger.info(
+                "Epoch: %d: Step: %d/%d, loss=%f, lr=%.6e, grad_norm=%.6f, questions/s=%.1f, time=%.0fms, "
+                "tflops=%.3f%s",
+                epoch, record.step, record.total_steps, record.loss, record.lr, record.grad_norm,
+                record.questions_per_s, 1000 * record.seconds, record.tflops,
+                f", mfu={record.mfu:.2f}%" if record.mfu is not None else "",
+            )
+        for name in ("loss", "lr", "grad_norm", "questions_per_s"):
+            self.scalars.add(f"train/{name}", getattr(record, name), record.step)
+        self._write_record("step", record)
 
+    def _validate_and_save(self, epoch: int, offset: int) -> None:
+        start = time.perf_counter()
+        validation = self.validate(epoch)
+        seconds = time.perf_counter() - start
+        if validation is not None:
+            logger.info("Validation took %.1f s", seconds)
+            self.scalars.add(f"dev/{validation.metric}", validation.value, self.update)
+            for name, value in validation.scalars.items():
+                self.scalars.add(f"dev/{name}", value, self.update)
+        path, best = None, False
+        if self.dist.is_main:
+            path = self.save(epoch, offset, self.scheduler)
+            best = validation is not None and self._is_better(validation)
+        record = ValidationRecord(
+            epoch=epoch, offset=offset, step=self.update, metric=validation.metric if validation else None,
+            value=validation.value if validation else None, seconds=seconds, checkpoint=path, best=best,
+        )
+        if best:
+            self.best = record
+            logger.info("New Best validation checkpoint %s", path)
+        self.validation_records.append(record)
+        self._write_record("validation", record)
+        self.model.train()
+
+    def _is_better(self, validation: Validation) -> bool:
+        """Better than the best so far; a new metric (the bi-encoder's switch from NLL to average rank) starts a
+        new tracker, as values of different metrics do not compare."""
+        best = self.best
+        if best is None or best.metric != validation.metric:
+            return True
+        return validation.value > best.value if validation.higher_is_better else validation.value < best.value
+
+    def _write_record(self, kind: str, record) -> None:
+        """One JSON line per record in output_dir, for plots and tools that should not parse the log."""
+        if self.records_file and self.dist.is_main:
+            with open(self.records_file, "a") as f:
+                f.write(json.dumps({"kind": kind, **dataclasses.asdict(record)}) + "\n")
+
+    def _evaluate_only(self) -> TrainingRun:
+        ckpt = self.checkpoint
+        records = []
+        for validation in self.evaluate():
+            records.append(ValidationRecord(
+                epoch=ckpt.epoch if ckpt else 0, offset=ckpt.offset if ckpt else 0, step=0,
+                metric=validation.metric, value=validation.value, seconds=0.0, checkpoint=self.checkpoint_file,
+                best=False,
+            ))
+        return TrainingRun(None, [], records)
+
+    # ---------------------------------------------------------------- checkpoints
     def save(self, epoch: int, offset: int, scheduler) -> str:
         """A checkpoint named `{checkpoint_file_name}.{epoch}[.{offset}]` in output_dir."""
         state = CheckpointState(
@@ -89,7 +497,7 @@ class Trainer:
             scheduler_dict=scheduler.state_dict(),
             offset=offset,
             epoch=epoch,
-            encoder_params=self.encoder_params(),
+            encoder_params=self.spec.checkpoint_params(),
         )
-        path = checkpoints.checkpoint_path(self.cfg.output_dir, self.cfg.checkpoint_file_name, epoch, offset)
+        path = checkpoints.checkpoint_path(self.ckpt_settings.output_dir, self.ckpt_settings.file_name, epoch, offset)
         return checkpoints.save_checkpoint(path, state)
