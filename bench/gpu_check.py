@@ -22,16 +22,24 @@ The batches are synthetic token ids (questions of 12-40 tokens, passages of 160-
 data and no model download (bert-base is BertConfig() with random weights).
 
 Imports: torch, transformers, numpy, sentence-transformers and the dpr modules for models, batches, the
-gradient cache, precision and FLOPs, none of which imports hydra, omegaconf, faiss or bm25s
-(tests/test_gpu_check.py runs it with those imports blocked). A machine without network that needs them for
-other commands gets them as wheels in the ignored folder wheels/ of the repository; here:
+gradient cache, precision and FLOPs. Those import omegaconf and hydra (dpr/models/encoder_spec.py,
+dpr/foundation/errors.py), which the GPU machine lacks; faiss and bm25s are not imported (tests/test_gpu_check.py
+runs the script with those two blocked). A machine without network gets the packages as wheels in the ignored
+folder wheels/ of the repository. Here:
 
-    pip download --only-binary=:all: --dest wheels hydra-core omegaconf antlr4-python3-runtime faiss-cpu bm25s
+    pip wheel --no-deps -w wheels antlr4-python3-runtime==4.9.3
+    pip download --no-deps --only-binary=:all: --dest wheels --python-version 3.12 \
+        --platform manylinux_2_28_x86_64 hydra-core==1.3.8 omegaconf==2.3.1 faiss-cpu==1.15.1 bm25s==0.3.16
 
-(add `--python-version 3.12 --platform manylinux2014_x86_64` when this machine's Python or platform differs from
-the GPU machine's), and there:
+(antlr4 4.9, which hydra-core 1.3 needs, is a source archive on PyPI, so it is built into a wheel here; an
+unpinned `pip download --only-binary=:all: hydra-core omegaconf antlr4-python3-runtime` resolves to hydra-core
+0.11 and omegaconf 1.4 instead), and there:
 
-    pip install --no-index --find-links wheels hydra-core omegaconf antlr4-python3-runtime faiss-cpu bm25s
+    pip install --no-index --no-deps --target /tmp/site wheels/*.whl
+    PYTHONPATH=/tmp/site python bench/gpu_check.py --out gpu_check.json
+
+The exit status is 1 when a check fails or a section raises (its error is recorded in the JSON and the run goes
+on with the next section).
 """
 import argparse
 import gc
@@ -40,6 +48,7 @@ import platform
 import sys
 import tempfile
 import time
+import traceback
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
@@ -468,8 +477,12 @@ def run_section(results: dict, name: str, budget: Budget, minimum_s: float, sect
         results[name] = {"skipped": f"less than {minimum_s:.0f} s of the time budget left"}
         return
     start = time.perf_counter()
-    results[name] = dict(section(), seconds=time.perf_counter() - start)
-    print(f"[gpu_check] {name}: {results[name]['seconds']:.1f} s", flush=True)
+    try:
+        results[name] = dict(section(), seconds=time.perf_counter() - start)
+    except Exception:  # one broken section must not cost the others' numbers on a machine lent for minutes
+        results[name] = {"error": traceback.format_exc(limit=-4)}
+        print(results[name]["error"], file=sys.stderr, flush=True)
+    print(f"[gpu_check] {name}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
 def main(argv: Optional[List[str]] = None) -> dict:
@@ -507,12 +520,17 @@ def main(argv: Optional[List[str]] = None) -> dict:
     return results
 
 
+def all_passed(results: dict) -> bool:
+    sections = list(results["checks"].values()) + [results[n] for n in ("dropout_call", "recipe", "embedding", "no_cache")]
+    return all(section.get("passed", True) and "error" not in section for section in sections)
+
+
 def print_table(results: dict) -> None:
     print(f"\n{results['device']}, torch {results['torch']}, {results['date']}, sequence length "
           f"{results['sequence_length']}")
     print("| check | passed |\n|---|---|")
     for name, check in results["checks"].items():
-        print(f"| {name} | {check.get('passed', check.get('skipped'))} |")
+        print(f"| {name} | {check.get('passed', 'skipped' if 'skipped' in check else 'error')} |")
     steps = list(results["recipe"].get("steps", []))
     if results["no_cache"].get("largest"):
         steps.append(results["no_cache"]["largest"])
@@ -534,4 +552,4 @@ def print_table(results: dict) -> None:
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(0 if all_passed(main()) else 1)
