@@ -76,6 +76,15 @@ def test_bad_flag_and_bad_file_fail_clearly(data, tmp_path):
     assert code != 0 and re.search(r"bad.json: not valid JSON at line 1", output)
 
 
+def test_a_sequence_length_without_room_for_text_is_a_one_line_error_before_any_data_is_read(data, tmp_path):
+    """The training file does not exist: the run must stop at the config error, before reading it."""
+    code, output = run([SCRIPT, f"train_datasets=[{tmp_path / 'missing.json'}]", f"output_dir={tmp_path / 'o'}",
+                        f"encoder.pretrained_model_cfg={data['model']}", "encoder.sequence_length=0"],
+                       tmp_path, expect_ok=False)
+    assert code == 1 and output.strip().splitlines()[-1].startswith(
+        "error: encoder.sequence_length=0 leaves no room for text after [CLS] and [SEP]")
+
+
 def test_two_processes_equal_one_process_with_the_global_batch(data, tmp_path):
     """torchrun with 2 gloo processes of batch 4 against 1 process of batch 8, dropout on: same losses, gradient
     norms and weights."""

@@ -2,12 +2,14 @@
 import gzip
 import json
 import os
+from types import SimpleNamespace
 
 import pytest
 import torch
 
 from tests.fixtures import retriever_samples, write_retriever_json
 from tests.tiny_models import tiny_bert_dir
+from dpr.training.biencoder_trainer import BiEncoderTrainer
 from dpr.training.trainer_base import RECORDS_FILE
 from tests.training_helpers import compose_config, records_file, run_trainer, tiny_overrides
 
@@ -143,3 +145,35 @@ def test_a_dataset_not_downloaded_says_how_to_get_it(data, tmp_path):
     cfg = compose_config(tiny_overrides(data["model"], "nq_train", data["dev"], str(tmp_path / "out"), data_dir=str(tmp_path)))
     with pytest.raises(FileNotFoundError, match="download_data.py --resource data.retriever.nq-train"):
         run_trainer(cfg)
+
+
+def fixed_vector_batches(trainer):
+    """Encoders that return their inputs, and one dev batch of 2 questions and 3 contexts where the gold passages
+    are the most similar by angle but not by inner product: [10, 10] outscores each gold under dot only."""
+    batch = SimpleNamespace(question_ids=torch.tensor([[1.0, 0.0], [0.0, 1.0]]), question_mask=None,
+                            context_ids=torch.tensor([[1.0, 0.0], [0.0, 1.0], [10.0, 10.0]]),
+                            context_mask=torch.zeros(3, 1), positive_indices=torch.tensor([0, 1]))
+    trainer.model.encode_questions = lambda ids, mask: ids
+    trainer.model.encode_contexts = lambda ids, mask: ids
+    trainer._dev_batches = lambda hard, other: iter([batch])
+
+
+def test_the_encoder_spec_travels_through_checkpoints_and_average_rank_validation(data, tmp_path):
+    """A cosine model saves its similarity, resuming takes it from the checkpoint over the configuration, and
+    average-rank validation ranks with it (it used q @ ctx.T whatever the similarity)."""
+    first = tmp_path / "cosine"
+    cfg = compose_config(tiny_overrides(data["model"], data["train"], data["dev"], str(first), train__batch_size=8,
+                                        encoder__similarity="cosine", encoder__temperature=0.05))
+    run_trainer(cfg)
+    saved = torch.load(first / "dpr_biencoder.0", weights_only=True)["encoder_params"]["encoder"]
+    assert (saved["similarity"], saved["temperature"]) == ("cosine", 0.05)
+
+    resumed = BiEncoderTrainer(compose_config(tiny_overrides(data["model"], data["train"], data["dev"], str(tmp_path / "r"),
+                                                             model_file=str(first / "dpr_biencoder.0"))))
+    assert (resumed.spec.similarity, resumed.spec.temperature) == ("cosine", 0.05)
+    fixed_vector_batches(resumed)
+    assert resumed.validate_average_rank().value == 0.0
+
+    dot = BiEncoderTrainer(compose_config(tiny_overrides(data["model"], data["train"], data["dev"], str(tmp_path / "d"))))
+    fixed_vector_batches(dot)
+    assert dot.validate_average_rank().value == 1.0
