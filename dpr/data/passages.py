@@ -46,12 +46,16 @@ def _numbered_rows(path: PathLike) -> Iterator[Tuple[int, list]]:
             yield start, row
 
 
-def _to_passage(row: list, id_prefix: str, path: PathLike, line: int) -> Passage:
+def _check_fields(row: list, path: PathLike, line: int) -> None:
     if len(row) != 3:
         hint = ("; a tab inside a text needs the text in double quotes" if len(row) > 3
                 else "; is it a passages TSV?")
         raise DataFileError(f"{path}, line {line}: expected 3 tab-separated fields 'id<TAB>text<TAB>title', got "
                             f"{len(row)}{hint}")
+
+
+def _to_passage(row: list, id_prefix: str, path: PathLike, line: int) -> Passage:
+    _check_fields(row, path, line)
     return Passage(id_prefix + row[0], row[1].strip('"'), row[2])
 
 
@@ -113,7 +117,14 @@ def iter_passages(path: PathLike, id_prefix: str = "") -> Iterator[Passage]:
 def count_passages(path: PathLike) -> int:
     """The number of passages (CSV rows, which may span several lines when a quoted text holds newlines). Being a
     full pass, it also refuses malformed rows and repeated ids, before any passage is embedded."""
-    return sum(1 for _ in iter_passages(path))
+    unique_ids = _UniqueIdCheck([(path, "")])
+    count = 0
+    for line, row in _numbered_rows(path):  # no Passage objects: this pass only counts and checks
+        _check_fields(row, path, line)
+        unique_ids.add(row[0])
+        count += 1
+    unique_ids.check()
+    return count
 
 
 def shard_range(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
