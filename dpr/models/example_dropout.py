@@ -24,8 +24,9 @@ PyTorch's fused SDPA kernel).
 import math
 import threading
 from contextlib import contextmanager
+from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Optional, Sequence, Tuple
+from typing import Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
@@ -61,8 +62,19 @@ def example_keys(seeds: Sequence[int]) -> torch.Tensor:
     return _mix_(keys, torch.empty_like(keys))
 
 
-def _row_keys() -> Optional[torch.Tensor]:
-    return getattr(_active, "keys", None)
+@dataclass
+class _Block:
+    """The state of one `example_seeds` block."""
+
+    keys: torch.Tensor  # one per row, from example_keys
+    max_length: int
+    calls: int = 0
+    scratch: Optional[torch.Tensor] = None  # int64 working memory of the draws, reused by every call
+    indices: Dict[tuple, torch.Tensor] = field(default_factory=dict)  # canonical index * G, by row shape
+
+
+def _block() -> Optional[_Block]:
+    return getattr(_active, "block", None)
 
 
 @contextmanager
@@ -78,16 +90,12 @@ def example_seeds(seeds: Optional[Sequence[int]], device: torch.device, max_leng
     keys = example_keys(seeds)
     if torch.device(device).type == "cuda":  # pinned and non-blocking: no stream synchronisation per chunk
         keys = keys.pin_memory().to(device, non_blocking=True)
-    previous = _row_keys(), getattr(_active, "max_length", None), getattr(_active, "calls", 0), _scratch_buffer()
-    _active.keys, _active.max_length, _active.calls, _active.scratch = keys, max_length, 0, None
+    previous = _block()
+    _active.block = _Block(keys, max_length)
     try:
         yield
     finally:
-        _active.keys, _active.max_length, _active.calls, _active.scratch = previous
-
-
-def _scratch_buffer() -> Optional[torch.Tensor]:
-    return getattr(_active, "scratch", None)
+        _active.block = previous
 
 
 def _int64_scratch(shape: Tuple[int, ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:
@@ -95,18 +103,24 @@ def _int64_scratch(shape: Tuple[int, ...], device: torch.device) -> Tuple[torch.
     block and reused by every dropout call of the forward pass: on CPU a fresh allocation this large is fresh
     pages, and faulting them in cost as much as the hash itself."""
     numel = math.prod(shape)
-    buffer = _scratch_buffer()
+    block = _block()
+    buffer = block.scratch if block is not None else None
     if buffer is None or buffer.numel() < 2 * numel or buffer.device != device:
         buffer = torch.empty(2 * numel, dtype=torch.int64, device=device)
-        if _row_keys() is not None:
-            _active.scratch = buffer
+        if block is not None:
+            block.scratch = buffer
     return buffer[:numel].view(shape), buffer[numel : 2 * numel].view(shape)
 
 
 def _canonical_index_times_golden(shape: Tuple[int, ...], sequence_dims: Sequence[int], max_length: int,
                                   device: torch.device) -> torch.Tensor:
     """canonical index * GOLDEN (mod 2^64) of every element of one row of `shape` (row dims without the batch
-    dim), shaped [1, *shape] to broadcast over the rows; GOLDEN is folded into each dimension's small range."""
+    dim), shaped [1, *shape] to broadcast over the rows; GOLDEN is folded into each dimension's small range.
+    Kept for the rest of an `example_seeds` block: the layers of a forward pass repeat the same shapes."""
+    block = _block()
+    cache_key = (shape, tuple(sequence_dims), max_length, device)
+    if block is not None and cache_key in block.indices:
+        return block.indices[cache_key]
     index = torch.zeros((1,) * (len(shape) + 1), dtype=torch.int64, device=device)
     stride = 1
     for d in reversed(range(len(shape))):
@@ -117,6 +131,8 @@ def _canonical_index_times_golden(shape: Tuple[int, ...], sequence_dims: Sequenc
         stride *= max_length if d in sequence_dims else shape[d]
     if stride > 1 << CALL_SHIFT:
         raise RuntimeError(f"a row of {stride} canonical elements is more than one dropout call's 2^{CALL_SHIFT}")
+    if block is not None:
+        block.indices[cache_key] = index
     return index
 
 
@@ -137,14 +153,14 @@ def example_keep_mask(shape: Tuple[int, ...], keys: torch.Tensor, call: int, p: 
 def example_dropout(x: torch.Tensor, p: float, training: bool, sequence_dims: Tuple[int, ...] = (1,)) -> torch.Tensor:
     """F.dropout with per-row masks when `example_seeds` is active; `sequence_dims` are the dimensions of x that
     run over token positions."""
-    keys = _row_keys()
-    if not training or p == 0.0 or keys is None:
+    block = _block()
+    if not training or p == 0.0 or block is None:
         return F.dropout(x, p, training)
-    if len(keys) != x.shape[0]:
-        raise RuntimeError(f"example_seeds has {len(keys)} seeds for a batch of {x.shape[0]} rows")
-    call = _active.calls
-    _active.calls += 1
-    keep = example_keep_mask(tuple(x.shape), keys, call, p, _active.max_length, sequence_dims)
+    if len(block.keys) != x.shape[0]:
+        raise RuntimeError(f"example_seeds has {len(block.keys)} seeds for a batch of {x.shape[0]} rows")
+    call = block.calls
+    block.calls += 1
+    keep = example_keep_mask(tuple(x.shape), block.keys, call, p, block.max_length, sequence_dims)
     # where, not x * keep: a bool factor would be copied to x's dtype first; backward keeps only the bool mask
     return torch.where(keep, x, 0.0).mul_(1.0 / (1.0 - p))
 
@@ -161,7 +177,7 @@ def example_dropout_attention(module, query, key, value, attention_mask, dropout
     on the attention probabilities when dropout is on and `example_seeds` is active."""
     from transformers.integrations.sdpa_attention import sdpa_attention_forward
 
-    if dropout == 0.0 or _row_keys() is None:
+    if dropout == 0.0 or _block() is None:
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling, **kwargs)
     if scaling is None:
         scaling = query.size(-1) ** -0.5
