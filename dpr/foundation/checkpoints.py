@@ -13,7 +13,7 @@ import pickle
 import re
 import shutil
 import typing
-from dataclasses import asdict, dataclass
+from dataclasses import dataclass, fields
 from typing import Any, Dict, List, Optional
 
 import torch
@@ -76,21 +76,24 @@ def save_checkpoint(path: str, state: CheckpointState) -> str:
     """Write to a temporary file in the same folder, then rename: a crash mid-save leaves older files intact.
     A failed write (torch reports a full disk as "[enforce fail at inline_container.cc] unexpected pos") is a
     CheckpointWriteError naming the file, the cause and the free space."""
+    # A shallow dict, not dataclasses.asdict: that deep-copies every tensor (doubling the weights' memory during
+    # a save, and writing storage that tensors share once per tensor).
+    content = {f.name: getattr(state, f.name) for f in fields(state)}
     try:
         with atomic_output(path) as temp_name, open(temp_name, "wb") as f:
-            torch.save(asdict(state), f)
+            torch.save(content, f)
     except (OSError, RuntimeError) as e:
         raise CheckpointWriteError(
-            f"could not write checkpoint {path}: {_write_failure_cause(e, os.path.dirname(path) or '.', state)}; "
+            f"could not write checkpoint {path}: {_write_failure_cause(e, os.path.dirname(path) or '.', content)}; "
             "older checkpoints are intact"
         ) from e
     logger.info("Saved checkpoint at %s", path)
     return path
 
 
-def _write_failure_cause(error: BaseException, folder: str, state: CheckpointState) -> str:
+def _write_failure_cause(error: BaseException, folder: str, content: dict) -> str:
     free = shutil.disk_usage(folder).free
-    needed = _tensor_bytes(asdict(state))
+    needed = _tensor_bytes(content)
     if getattr(error, "errno", None) == errno.ENOSPC or free < needed:
         return (f"no space left on device ({free / 2**20:.0f} MB free in {folder}, the checkpoint needs about "
                 f"{needed / 2**20:.0f} MB): free some space or choose another output_dir")

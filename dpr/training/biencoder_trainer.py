@@ -14,7 +14,6 @@ from dpr.data.biencoder_batch import BiEncoderBatch, make_biencoder_batch
 from dpr.data.biencoder_data import BiEncoderSample, load_biencoder_samples
 from dpr.data.tensorizer import Tensorizer
 from dpr.models.biencoder import BiEncoder, build_biencoder, nll_loss, similarity_scores
-from dpr.models.hf_encoder import load_tokenizer
 from dpr.training.distributed import all_gather_rows, all_reduce_sum
 from dpr.training.grad_cache import GradCache, Tower, full_batch_step
 from dpr.training.trainer_base import BatchResult, ConfigError, Trainer, TrainingRun, Validation
@@ -110,8 +109,7 @@ class BiEncoderTrainer(Trainer):
         self.options = BiEncoderSettings.from_config(cfg)
         super().__init__(cfg, trains=bool(cfg.train_datasets))
         spec = self.spec
-        self.tensorizer = Tensorizer(load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case),
-                                     spec.sequence_length, spec.pad_to_max)
+        self.tensorizer = Tensorizer.for_spec(spec)
         # Data is read and checked before the model is built: a bad file fails in seconds, not minutes.
         self.train_sets = load_datasets(cfg.train_datasets, cfg, "training")
         self._check_dataset_lists(len(self.train_sets))

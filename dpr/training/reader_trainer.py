@@ -37,7 +37,6 @@ from dpr.evaluation.reader_predictions import (
     select_predictions,
     write_predictions,
 )
-from dpr.models.hf_encoder import load_tokenizer
 from dpr.models.reader import Reader, build_reader, reader_loss
 from dpr.training.distributed import barrier
 from dpr.training.trainer_base import BatchResult, ConfigError, Trainer, TrainingRun, Validation
@@ -87,8 +86,8 @@ class ReaderTrainer(Trainer):
         self.options = ReaderSettings.from_config(cfg)
         super().__init__(cfg, trains=bool(cfg.train_files))
         spec = self.spec
-        self.tokenizer = load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case)
-        self.tensorizer = Tensorizer(self.tokenizer, spec.sequence_length, spec.pad_to_max)
+        self.tensorizer = Tensorizer.for_spec(spec)
+        self.tokenizer = self.tensorizer.tokenizer
         # Data is read (and preprocessed if need be) before the model is built: a bad file fails early.
         self.train_samples = self._samples(cfg.train_files, is_train=True)
         self.dev_samples = self._samples(cfg.dev_files, is_train=False)
