@@ -177,3 +177,15 @@ def test_the_encoder_spec_travels_through_checkpoints_and_average_rank_validatio
     dot = BiEncoderTrainer(compose_config(tiny_overrides(data["model"], data["train"], data["dev"], str(tmp_path / "d"))))
     fixed_vector_batches(dot)
     assert dot.validate_average_rank().value == 1.0
+
+
+def test_the_process_device_comes_from_the_one_device_picker(monkeypatch):
+    from dpr.training import distributed
+
+    asked = []
+    monkeypatch.setattr(distributed, "process_device",
+                        lambda no_cuda, local_rank: asked.append((no_cuda, local_rank)) or torch.device("cpu"))
+    monkeypatch.setenv("LOCAL_RANK", "0")
+    monkeypatch.delenv("WORLD_SIZE", raising=False)
+    context = distributed.init_distributed(-1, no_cuda=True)
+    assert asked == [(True, 0)] and context.device == torch.device("cpu") and context.world_size == 1
