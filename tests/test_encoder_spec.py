@@ -8,14 +8,13 @@ import torch
 import torch.nn.functional as F
 
 from dpr.data.embeddings_io import read_embeddings
-from dpr.foundation.checkpoints import CheckpointError
+from dpr.foundation.checkpoints import CheckpointError, CheckpointState, save_checkpoint
 from dpr.indexing.dense_retriever import run_dense_retriever
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.models.encoder_spec import EncoderConfigError, EncoderSpec
 from dpr.models.loading import load_inference_encoder, weights_fingerprint
 from tests.fixtures import TOPICS
 from tests.retrieval_helpers import (
-    SEQUENCE_LENGTH,
     encode_directly,
     gen_embs_config,
     passages,
@@ -67,11 +66,9 @@ def test_load_inference_encoder_returns_the_checkpoint_spec_and_half(cosine):
     pretrained = load_inference_encoder(EncoderSpec(cosine["ctx"]))
     assert pretrained.spec == EncoderSpec(cosine["ctx"]) and pretrained.weights != encoder.weights
     assert pretrained.weights == weights_fingerprint(pretrained.model.state_dict())
+    reader_like = str(cosine["dir"] / "reader.cp")
+    save_checkpoint(reader_like, CheckpointState({"encoder.x": torch.zeros(1)}, None, None, 0, 0, {}))
     with pytest.raises(CheckpointError, match="no 'ctx_model"):
-        from dpr.foundation.checkpoints import CheckpointState, save_checkpoint
-
-        reader_like = str(cosine["dir"] / "reader.cp")
-        save_checkpoint(reader_like, CheckpointState({"encoder.x": torch.zeros(1)}, None, None, 0, 0, {}))
         load_inference_encoder(configured, "ctx", reader_like)
 
 

@@ -94,9 +94,6 @@ def test_shared_towers_load_back_shared_from_dpr_layout(model_dir, tmp_path):
         torch.testing.assert_close(loaded.encode_contexts(ids, mask), shared.encode_questions(ids, mask))
 
 
-@pytest.mark.xfail(strict=True, reason="dpr/foundation/checkpoints.py save_checkpoint passes the state through "
-                   "dataclasses.asdict, which deep-copies every tensor: storage shared by the two prefixes is "
-                   "written twice (and every save briefly doubles the weights' memory)")
 def test_a_shared_tower_checkpoint_stores_one_model(model_dir, tmp_path):
     shared_spec = EncoderSpec(model_dir, sequence_length=64, dropout=0.0, share_encoders=True)
     two_spec = EncoderSpec(model_dir, sequence_length=64, dropout=0.0)

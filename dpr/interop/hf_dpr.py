@@ -11,7 +11,8 @@ Both sides hold the same BERT and the same representation (last-layer [CLS] stat
     pooler.*                               (none: transformers' DPR encoders have no pooler)
     qa_outputs.* / qa_classifier.*         span_predictor.qa_outputs.* / span_predictor.qa_classifier.*
 
-The BERT pooler is unused by DPR, so export drops it and import fills it with zeros; both are reported.
+The BERT pooler is unused by DPR, so export drops it and import fills it with zeros; both are reported. A model
+trained with `encoder.pooling=mean` has no transformers DPR equivalent ([CLS] only), so its export is refused.
 """
 import copy
 import json

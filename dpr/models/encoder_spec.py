@@ -12,8 +12,6 @@ import os
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-from omegaconf import DictConfig, open_dict
-
 from dpr.foundation.errors import UserInputError
 from dpr.models.hf_encoder import MINILM_ALIASES
 
@@ -131,19 +129,3 @@ def _model_is_here(name: str) -> bool:
     """A local directory, the offline MiniLM, or a plain hub name (no slash: the hub's canonical models)."""
     return os.path.exists(name) or name.lower() in MINILM_ALIASES or "/" not in name
 
-
-def apply_encoder_params(cfg: DictConfig, params: dict) -> None:
-    """A checkpoint's encoder settings override the configuration, as in DPR; a saved model path that does not
-    exist on this machine is replaced by the configured one, with a warning."""
-    saved = dict(params.get("encoder") or {})
-    with open_dict(cfg):
-        for key, value in saved.items():
-            if key == "pretrained_model_cfg" and value != cfg.encoder.get(key):
-                if not _model_is_here(str(value)):
-                    logger.warning("checkpoint's encoder %s is not here; using %s", value, cfg.encoder.get(key))
-                    continue
-            if key in cfg.encoder and cfg.encoder.get(key) != value:
-                logger.info("Overriding encoder.%s from the checkpoint: %s -> %s", key, cfg.encoder.get(key), value)
-            cfg.encoder[key] = value
-        if "do_lower_case" in params:
-            cfg.do_lower_case = params["do_lower_case"]
