@@ -128,8 +128,8 @@ def test_questions_without_answers_are_counted_and_named_once(caplog):
     assert stats.questions_without_answers == 2
     assert stats.invalid_answers == 0
     assert stats.questions_doc_hits == [[True, False], [False, False], [False, False]]
-    assert len(warnings_naming(caplog, "question 1 has no answers")) == 1
-    assert len(warnings_naming(caplog, "question 2 has no answers")) == 1
+    assert len(warnings_naming(caplog, "question 1 (0-based) has no answers")) == 1
+    assert len(warnings_naming(caplog, "question 2 (0-based) has no answers")) == 1
 
 
 def test_invalid_regex_answers_are_counted_and_named_once(caplog):
@@ -140,8 +140,8 @@ def test_invalid_regex_answers_are_counted_and_named_once(caplog):
     assert stats.questions_without_answers == 0
     assert stats.questions_doc_hits == [[True, False], [False, False], [True, False]]
     assert len(warnings_naming(caplog, "'[Ger' is not a valid regex")) == 1
-    assert len(warnings_naming(caplog, "question 0: answer '(since'")) == 1
-    assert len(warnings_naming(caplog, "question 1: answer '(since'")) == 1
+    assert len(warnings_naming(caplog, "question 0 (0-based): answer '(since'")) == 1
+    assert len(warnings_naming(caplog, "question 1 (0-based): answer '(since'")) == 1
 
 
 def test_answers_without_tokens_are_counted_under_string_match():

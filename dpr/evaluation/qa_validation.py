@@ -53,11 +53,11 @@ class SimpleTokenizer:
 
 
 _TOKENIZER = SimpleTokenizer()
-# str.lower is context free except for capital sigma, which becomes final 'ς' or 'σ' by its neighbours; folding
-# both to 'σ' makes the lowercase form of a substring a substring of the lowercase form of the whole.
 
 
 def _fold_sigma(lowercase_text: str) -> str:
+    # str.lower is context free except for capital sigma, which becomes final 'ς' or 'σ' by its neighbours; with
+    # both as 'σ', the lowercase form of a substring is a substring of the lowercase form of the whole.
     return lowercase_text.replace("ς", "σ")
 
 
@@ -168,7 +168,7 @@ def _parse_answers(answers: Sequence[Sequence[str]], match_type: str) -> tuple[_
     for question, question_answers in enumerate(answers):
         if not question_answers:
             questions_without_answers += 1
-            logger.warning("question %d has no answers: counted as a miss", question)
+            logger.warning("question %d (0-based) has no answers: counted as a miss", question)
         parsed = []
         for answer in dict.fromkeys(question_answers):  # a repeated answer is tested and reported once
             if match_type == "regex":
@@ -176,13 +176,13 @@ def _parse_answers(answers: Sequence[Sequence[str]], match_type: str) -> tuple[_
                     parsed.append(_compile_answer(answer))
                 except Exception as error:
                     invalid_answers += 1
-                    logger.warning("question %d: answer %r is not a valid regex (%s): it never matches",
+                    logger.warning("question %d (0-based): answer %r is not a valid regex (%s): it never matches",
                                    question, answer, error)
             else:
                 string_answer = _string_answer(answer)
                 if string_answer is None:
                     invalid_answers += 1
-                    logger.warning("question %d: answer %r has no tokens: it never matches", question, answer)
+                    logger.warning("question %d (0-based): answer %r has no tokens: it never matches", question, answer)
                 else:
                     parsed.append(string_answer)
         parsed_questions.append(tuple(parsed))
