@@ -33,7 +33,7 @@ def preprocessing_config(argv):
 def test_defaults_are_train_readers():
     reader = SampleFileOptions.from_config(compose_config([], READER_CONFIG))
     assert SampleFileOptions.from_config(compose_config([], PREPROCESSING_CONFIG)) == reader
-    assert reader.sequence_length == 256  # conf/encoder/hf_bert.yaml, for both
+    assert reader.encoder.sequence_length == 256  # conf/encoder/hf_bert.yaml, for both
 
 
 def test_gc_flags_give_both_scripts_gc_dprs_defaults():

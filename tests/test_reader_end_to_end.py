@@ -160,9 +160,10 @@ def test_command_lines_preprocess_and_run_inference(data, trained, tmp_path, mon
     monkeypatch.setattr(sys, "argv", [
         "preprocess_reader_data.py", "--retriever_results", str(data["dir"] / "dev.json"), "--out_file",
         str(tmp_path / "dev"), "--gold_passages", str(gold), "--output_format", "npz", "--pretrained_model_cfg",
-        data["model"], "--do_lower_case", "--sequence_length", "80", "--num_workers", "1"])
+        data["model"], "--do_lower_case", "--sequence_length", "80", "--num_workers", "1",
+        f"hydra.run.dir={tmp_path / 'hydra'}"])
     preprocess_reader_data.main()
-    assert sorted(os.listdir(tmp_path)) == ["dev.0.npz", "gold.json"]
+    assert sorted(path.name for path in tmp_path.glob("dev*")) == ["dev.0.npz"]
     infer = [sys.executable, str(REPO_ROOT / "train_reader.py"), "--model_file", trained["best"], "--dev_file",
              str(tmp_path / "dev.*.npz"), "--pretrained_model_cfg", data["model"], "--do_lower_case",
              "--sequence_length", "80", "--eval_top_docs", "1", "3", "--passages_per_question_predict", "3",

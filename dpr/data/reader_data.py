@@ -28,10 +28,10 @@ import torch
 
 from dpr.data.data_files import DataFileError, expand_glob, open_text
 from dpr.data.tensorizer import Tensorizer
-from dpr.models.hf_encoder import load_tokenizer
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output
 from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
+from dpr.models.encoder_spec import EncoderSpec
 
 logger = logging.getLogger(__name__)
 
@@ -354,9 +354,7 @@ class SampleFileOptions:
     train_reader's), so that both tokenize alike: the tokenizer, the sequence length, the gold passages files
     (of training sets, of evaluation sets), the processes and the file formats."""
 
-    pretrained_model_cfg: str
-    do_lower_case: bool
-    sequence_length: int
+    encoder: EncoderSpec
     gold_passages_src: Optional[str]
     gold_passages_src_dev: Optional[str]
     num_workers: int
@@ -365,9 +363,7 @@ class SampleFileOptions:
     @classmethod
     def from_config(cls, cfg) -> "SampleFileOptions":
         return cls(
-            pretrained_model_cfg=str(cfg.encoder.pretrained_model_cfg),
-            do_lower_case=bool(cfg.do_lower_case),
-            sequence_length=int(cfg.encoder.sequence_length),
+            encoder=EncoderSpec.from_config(cfg.encoder, bool(cfg.do_lower_case)),
             gold_passages_src=cfg.gold_passages_src or None,
             gold_passages_src_dev=cfg.gold_passages_src_dev or None,
             num_workers=int(cfg.num_workers),
@@ -381,8 +377,7 @@ class SampleFileOptions:
 def preprocess_retriever_results(retriever_results: str, out_file: str, is_train: bool,
                                  options: SampleFileOptions) -> List[str]:
     """convert_retriever_results with the tokenizer, length and gold passages the options name."""
-    tensorizer = Tensorizer(load_tokenizer(options.pretrained_model_cfg, options.do_lower_case),
-                            options.sequence_length)
+    tensorizer = Tensorizer.for_spec(options.encoder)
     return convert_retriever_results(is_train, retriever_results, out_file, tensorizer,
                                      options.gold_passages(is_train), options.num_workers, options.formats)
 

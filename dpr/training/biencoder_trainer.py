@@ -2,7 +2,6 @@
 loop is the Trainer base's (dpr/training/trainer_base.py)."""
 import logging
 import math
-import os
 from dataclasses import dataclass
 from typing import List, Optional, Sequence, Tuple
 
@@ -12,6 +11,7 @@ from omegaconf import DictConfig, OmegaConf
 from dpr.data.batching import GlobalBatch, evaluation_batches, local_slice, training_batches
 from dpr.data.biencoder_batch import BiEncoderBatch, make_biencoder_batch
 from dpr.data.biencoder_data import BiEncoderSample, load_biencoder_samples
+from dpr.data.resources import resolve_dataset
 from dpr.data.tensorizer import Tensorizer
 from dpr.models.biencoder import BiEncoder, build_biencoder, nll_loss, similarity_scores
 from dpr.training.distributed import all_gather_rows, all_reduce_sum
@@ -22,23 +22,11 @@ logger = logging.getLogger(__name__)
 
 
 def resolve_dataset_files(names: Optional[Sequence[str]], cfg: DictConfig) -> List[List[str]]:
-    """Each entry of train_datasets / dev_datasets as a list of file patterns: a name of conf/datasets resolves
-    through its resource key, anything else is a path or glob."""
-    if not names:
-        return []
+    """The files of each entry of train_datasets / dev_datasets: a name of conf/datasets, a path, a glob or a
+    resource key."""
     if isinstance(names, str):
         names = [names]
-    resolved = []
-    for name in names:
-        entry = cfg.datasets.get(name) if cfg.get("datasets") else None
-        target = entry.file if entry is not None else name
-        if entry is None and (os.path.exists(target) or any(c in target for c in "*?[")):
-            resolved.append([target])
-            continue
-        from dpr.data.resources import resolve_data_path
-
-        resolved.append(resolve_data_path(target, cfg.get("data_dir")))
-    return resolved
+    return [resolve_dataset(name, cfg.get("datasets"), cfg.get("data_dir")).files for name in names or []]
 
 
 def load_datasets(names, cfg: DictConfig, kind: str) -> List[List[BiEncoderSample]]:

@@ -6,7 +6,6 @@ the end of each epoch; the best checkpoint is the one with the highest EM (DPR a
 Without training files it runs inference: predictions for each eval_top_docs threshold, EM logged as
 `n=<k>\tEM <value>` and, with prediction_results_file, DPR's prediction file.
 """
-import glob
 import logging
 import os
 from dataclasses import dataclass
@@ -18,14 +17,15 @@ import torch.distributed as dist
 from omegaconf import DictConfig, OmegaConf
 
 from dpr.data.batching import GlobalBatch, evaluation_batches, local_slice, training_batches
+from dpr.data.data_files import expand_glob
 from dpr.data.reader_data import (
-    ReaderPreprocessingCfg,
     ReaderSample,
+    SampleFileOptions,
     cached_sample_files,
-    convert_retriever_results,
     load_samples,
     make_eval_batch,
     make_train_batch,
+    preprocess_retriever_results,
     sample_files,
 )
 from dpr.data.tensorizer import Tensorizer
@@ -108,7 +108,7 @@ class ReaderTrainer(Trainer):
         """Sample files as given, or those of the one retriever-results JSON given: reused when a previous run
         wrote them next to it ({dir}/{name}.{k}.*), preprocessed by the main process otherwise."""
         patterns = [files] if isinstance(files, str) else list(files)
-        matched = sorted({path for pattern in patterns for path in glob.glob(pattern)})
+        matched = sorted({path for pattern in patterns for path in expand_glob(pattern)})
         if not matched:
             raise FileNotFoundError(f"no file matches {patterns}")
         found = sample_files(matched)
@@ -123,10 +123,7 @@ class ReaderTrainer(Trainer):
             logger.info("Using the preprocessed samples of %s: %s", results[0], cached)
             return cached
         if self.dist.is_main:
-            cfg = self.cfg
-            gold = cfg.gold_passages_src if is_train else cfg.gold_passages_src_dev
-            convert_retriever_results(is_train, results[0], prefix, self.tensorizer, gold, cfg.num_workers,
-                                      tuple(cfg.sample_formats), ReaderPreprocessingCfg())
+            preprocess_retriever_results(results[0], prefix, is_train, SampleFileOptions.from_config(self.cfg))
         barrier()
         return cached_sample_files(prefix)
 
