@@ -53,3 +53,19 @@ class PickledPayload:
 
     def __reduce__(self):
         return os.system, (f"touch {self.marker}",)
+
+
+def retriever_results(n: int, passages_per_question: int) -> list:
+    """DPR's retriever results JSON: each question's passages ranked from the one holding its answer."""
+    from dpr.evaluation.qa_validation import has_answer
+
+    records = []
+    for i in range(n):
+        city, country, _ = TOPICS[i % len(TOPICS)]
+        ctxs = []
+        for j in range(passages_per_question):
+            title, _, text = TOPICS[(i + j) % len(TOPICS)]
+            ctxs.append({"id": str((i + j) % len(TOPICS)), "title": title, "text": text, "score": str(9.5 - j),
+                         "has_answer": has_answer([city], text)})
+        records.append({"question": f"what is the capital of {country}?", "answers": [city], "ctxs": ctxs})
+    return records

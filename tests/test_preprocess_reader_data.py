@@ -9,12 +9,11 @@ import pytest
 
 import preprocess_reader_data
 from dpr.data.reader_data import SampleFileOptions, load_samples, sample_files
-from dpr.evaluation.qa_validation import has_answer
 from dpr.options.legacy_flags import config_top_level_keys, translate_argv
 from dpr.options.reader_flags import (PREPROCESSING_FLAGS, PREPROCESSING_GC_DEFAULTS, READER_FLAGS,
                                       READER_GC_DEFAULTS, gc_preprocessing_argv, rewrite_preprocessing_sys_argv)
 from dpr.training.reader_trainer import ReaderTrainer
-from tests.fixtures import TOPICS
+from tests.fixtures import retriever_results
 from tests.tiny_models import tiny_bert_dir
 from tests.training_helpers import CONF_DIR, compose_config
 
@@ -73,24 +72,11 @@ def test_unknown_flag_exits_with_usage(capsys):
     assert exit_info.value.code == 2 and "unknown option '--learning_rate'" in capsys.readouterr().err
 
 
-def retriever_results(n: int) -> list:
-    records = []
-    for i in range(n):
-        city, country, _ = TOPICS[i % len(TOPICS)]
-        ctxs = []
-        for j in range(4):
-            title, _, text = TOPICS[(i + j) % len(TOPICS)]
-            ctxs.append({"id": str((i + j) % len(TOPICS)), "title": title, "text": text, "score": str(9.5 - j),
-                         "has_answer": has_answer([city], text)})
-        records.append({"question": f"what is the capital of {country}?", "answers": [city], "ctxs": ctxs})
-    return records
-
-
 @pytest.fixture(scope="module")
 def results(tmp_path_factory):
     folder = tmp_path_factory.mktemp("results")
     for name, n in (("train", 6), ("dev", 4)):
-        (folder / f"{name}.json").write_text(json.dumps(retriever_results(n)))
+        (folder / f"{name}.json").write_text(json.dumps(retriever_results(n, 4)))
     return {"dir": folder, "model": tiny_bert_dir(folder / "bert")}
 
 

@@ -14,13 +14,12 @@ import torch
 import preprocess_reader_data
 
 from dpr.evaluation.exact_match import max_exact_match
-from dpr.evaluation.qa_validation import has_answer
 from dpr.options.legacy_flags import config_top_level_keys, translate_argv
 from dpr.options.reader_flags import READER_FLAGS, READER_GC_DEFAULTS
 from dpr.training.reader_trainer import ReaderTrainer
-from tests.fixtures import TOPICS
-from tests.tiny_models import tiny_bert_dir
 from dpr.training.trainer_base import RECORDS_FILE
+from tests.fixtures import TOPICS, retriever_results
+from tests.tiny_models import tiny_bert_dir
 from tests.training_helpers import CONF_DIR, compose_config
 
 REPO_ROOT = Path(__file__).resolve().parents[1]
@@ -28,25 +27,11 @@ CONFIG = "extractive_reader_train_cfg"
 EM_LINE = re.compile(r"^n=(\d+)\tEM ([\d.]+)$")
 
 
-def retriever_results(n: int) -> list:
-    """DPR's results JSON: each question's passages ranked from the one holding its answer."""
-    records = []
-    for i in range(n):
-        city, country, _ = TOPICS[i % len(TOPICS)]
-        ctxs = []
-        for j in range(5):
-            title, _, text = TOPICS[(i + j) % len(TOPICS)]
-            ctxs.append({"id": str((i + j) % len(TOPICS)), "title": title, "text": text, "score": str(9.5 - j),
-                         "has_answer": has_answer([city], text)})
-        records.append({"question": f"what is the capital of {country}?", "answers": [city], "ctxs": ctxs})
-    return records
-
-
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     folder = tmp_path_factory.mktemp("reader")
     for name, n in (("train", 16), ("dev", 6)):
-        (folder / f"{name}.json").write_text(json.dumps(retriever_results(n), indent=4))
+        (folder / f"{name}.json").write_text(json.dumps(retriever_results(n, 5), indent=4))
     return {"model": tiny_bert_dir(folder / "bert", dropout=0.1), "dir": folder}
 
 
