@@ -1,10 +1,10 @@
 """The indexes a retriever configuration (`conf/dense_retriever.yaml`) describes: the dense FAISS index, loaded from
 where it was saved or built from the embedding shards (after one memory check, with the configured indexer's own
-settings), and the BM25 index over the passage sources."""
+settings), or searched shard by shard without an index (`shard_search`); and the BM25 index over the passage
+sources."""
 import logging
 import os
 import time
-import zipfile
 from pathlib import Path
 from typing import Iterator, Optional, Sequence
 
@@ -12,9 +12,11 @@ import numpy as np
 from omegaconf import DictConfig
 
 from dpr.data.ctx_sources import CtxSource, iter_sources
-from dpr.data.embeddings_io import EmbeddingFiles, read_embeddings
+from dpr.data.embeddings_io import EmbeddingFiles
+from dpr.foundation.errors import UserInputError
 from dpr.indexing.bm25 import BM25Index, passage_text
-from dpr.indexing.faiss_indexers import DenseIndexer, create_indexer, index_exists
+from dpr.indexing.faiss_indexers import DenseIndexer, SearchResult, create_indexer, index_exists
+from dpr.indexing.shard_search import describe_shards, search_shards
 
 logger = logging.getLogger(__name__)
 
@@ -92,27 +94,40 @@ def index_location(cfg: DictConfig, blocks: Optional[ChainedBlocks]) -> Optional
 def estimate_vector_count(paths: Sequence[Path]) -> tuple[int, int]:
     """(vectors, dimension) of shard files: exact for `.npz` (array headers), for pickles scaled from the first
     pickle's vectors per byte (reading every pickle would cost a pass over all the data)."""
-    count, dim, pickles = 0, 0, []
-    for path in paths:
-        if str(path).endswith(".npz"):
-            rows, dim = _npz_vectors_shape(path)
-            count += rows
-        else:
-            pickles.append(path)
-    if pickles:
-        ids, vectors = read_embeddings(pickles[0])
-        dim = dim or vectors.shape[1]
-        per_byte = len(ids) / max(os.path.getsize(pickles[0]), 1)
-        count += round(per_byte * sum(os.path.getsize(path) for path in pickles))
-    return count, dim
+    shards = describe_shards([(paths, "")])
+    return sum(shard.vectors for shard in shards), next((shard.dim for shard in shards if shard.dim), 0)
 
 
-def _npz_vectors_shape(path: Path) -> tuple[int, int]:
-    with zipfile.ZipFile(path) as archive, archive.open("vectors.npy") as array_file:
-        version = np.lib.format.read_magic(array_file)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = read_header(array_file)
-    return shape[0], shape[1] if len(shape) > 1 else 0
+class ShardSearchOptionError(UserInputError):
+    """Options that the shard-wise search cannot honour."""
+
+
+def check_shard_search_options(cfg: DictConfig) -> None:
+    """`shard_search=true` is an exact flat search that builds no index: refuse options that ask for another."""
+    if not cfg.get("shard_search"):
+        return
+    kind = indexer_kind(cfg)
+    if kind != "flat":
+        raise ShardSearchOptionError(
+            f"shard_search=true searches exactly, as indexer=flat, but indexer={kind} was asked: drop shard_search "
+            "for a compressed index (it is built streaming the shards too), or set indexer=flat"
+        )
+    if cfg.index_path or cfg.save_or_load_index:
+        raise ShardSearchOptionError(
+            "shard_search=true reads the embedding shards and builds no index, so there is no index to save or "
+            "load: drop index_path / save_or_load_index, or shard_search"
+        )
+    budget = cfg.get("shard_search_memory_gb")
+    if budget is not None and not budget > 0:
+        raise ShardSearchOptionError(f"shard_search_memory_gb must be a positive number of GiB, got {budget!r}")
+
+
+def shard_wise_search(cfg: DictConfig, shards: ChainedBlocks, queries: np.ndarray, depth: int) -> list[SearchResult]:
+    """`shard_search=true`: the flat index's results, one group of shards (within shard_search_memory_gb) at a
+    time."""
+    budget = cfg.get("shard_search_memory_gb")
+    shard_sets = [(files.paths, files.id_prefix) for files in shards.files]
+    return search_shards(shard_sets, queries, depth, None if budget is None else int(float(budget) * 2**30))
 
 
 def build_or_load_index(cfg: DictConfig, shards: Optional[ChainedBlocks]) -> DenseIndexer:

@@ -3,8 +3,9 @@
 Flow: read the questions; check that the embedding shards come from one model and passages file, and that the
 question encoder is that model (`shard_provenance`); encode the questions in batches (or load GC-DPR's saved
 encodings) with the encoder spec the shards were made with (`encoding`); build the FAISS index from the shards,
-streamed `index_buffer` vectors at a time, or load it from `index_path` (`configured_index`); search; fuse with
-BM25 for hybrid (`hybrid`); load the texts of the retrieved passages only; mark answers with `has_answer` in
+streamed `index_buffer` vectors at a time, or load it from `index_path` (`configured_index`), and search it; or,
+with `shard_search`, search the shards a group at a time without an index (`shard_search`: the flat index's
+results in bounded memory); fuse with BM25 for hybrid (`hybrid`); load the texts of the retrieved passages only; mark answers with `has_answer` in
 worker processes; print DPR's two raw lines and a top-k table per retriever (and a side-by-side table when several
 are asked); write DPR's results JSON. With cosine similarity the vectors are L2-normalised, so the scores are
 cosines (the temperature is a training scale and changes no ranking).
@@ -36,7 +37,13 @@ from dpr.evaluation.qa_validation import (
 )
 from dpr.foundation.devices import process_device
 from dpr.foundation.precision import make_precision
-from dpr.indexing.configured_index import bm25_index, build_or_load_index, shards_of
+from dpr.indexing.configured_index import (
+    bm25_index,
+    build_or_load_index,
+    check_shard_search_options,
+    shard_wise_search,
+    shards_of,
+)
 from dpr.indexing.encoding import encode_questions, load_configured_encoder
 from dpr.indexing.faiss_indexers import DenseIndexer
 from dpr.indexing.hybrid import hybrid_results
@@ -153,10 +160,14 @@ def retrieve(cfg: DictConfig, names: Sequence[str], questions: Sequence[str],
     results: dict[str, list[RetrievedDocs]] = {}
     dense, higher_is_better = None, True
     if need_dense:
+        check_shard_search_options(cfg)
         shards = shards_of(cfg, sources)
         shards_model = check_shard_sets([files.paths for files in shards.files]) if shards is not None else None
         queries = question_vectors(cfg, questions, shards_model)
-        dense, higher_is_better = dense_search(build_or_load_index(cfg, shards), queries, depth)
+        if cfg.get("shard_search"):
+            dense = shard_wise_search(cfg, shards, queries, depth)
+        else:
+            dense, higher_is_better = dense_search(build_or_load_index(cfg, shards), queries, depth)
     bm25 = bm25_index(cfg, sources).search(list(questions), depth) if need_bm25 else None
     for name in names:
         if name == "dense":

@@ -23,6 +23,7 @@ from tqdm import tqdm
 
 from dpr.foundation.files import atomic_output
 from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
+from dpr.indexing.exact_search import ExactTopK, search_results
 
 logger = logging.getLogger(__name__)
 
@@ -304,12 +305,7 @@ class DenseIndexer(ABC):
 
         Positions FAISS leaves empty (-1, when an approximate index finds fewer than `top_docs`) are dropped.
         """
-        if self.index is None or self.index.ntotal == 0:
-            raise ValueError("the index is empty: call index_data or deserialize first")
-        queries = _as_vectors(query_vectors)
-        if queries.shape[1] != self.vector_dim:
-            raise ValueError(f"queries of dimension {queries.shape[1]} for an index of dimension {self.vector_dim}")
-        queries = self._queries_to_index_space(queries)
+        queries = self._queries_to_index_space(self._checked_queries(query_vectors))
         results: list[SearchResult] = []
         batches = range(0, len(queries), _SEARCH_BATCH)
         for start in tqdm(batches, desc="searching", unit="batch", disable=len(batches) <= 1):
@@ -318,6 +314,14 @@ class DenseIndexer(ABC):
                 found = row_positions >= 0
                 results.append(([self.index_id_to_db_id[i] for i in row_positions[found]], row_scores[found]))
         return results
+
+    def _checked_queries(self, query_vectors: np.ndarray) -> np.ndarray:
+        if self.index is None or self.index.ntotal == 0:
+            raise ValueError("the index is empty: call index_data or deserialize first")
+        queries = _as_vectors(query_vectors)
+        if queries.shape[1] != self.vector_dim:
+            raise ValueError(f"queries of dimension {queries.shape[1]} for an index of dimension {self.vector_dim}")
+        return queries
 
     def serialize(self, path: PathLike) -> None:
         """Write the index and its id map (JSON) inside directory `path`, or beside prefix `path`."""
@@ -357,7 +361,9 @@ class DenseIndexer(ABC):
 
 
 class DenseFlatIndexer(DenseIndexer):
-    """Exact inner-product search (IndexFlatIP); scores are dot products, descending."""
+    """Exact inner-product search over the vectors of an IndexFlatIP (the stored form, as DPR's); scores are dot
+    products, descending, equal scores in insertion order (`dpr.indexing.exact_search`, the order and scores of
+    the shard-wise search too)."""
 
     kind = "flat"
 
@@ -366,6 +372,14 @@ class DenseFlatIndexer(DenseIndexer):
 
     def _create_index(self, dim: int) -> faiss.Index:
         return faiss.IndexFlatIP(dim)
+
+    def search_knn(self, query_vectors: np.ndarray, top_docs: int) -> list[SearchResult]:
+        queries = self._checked_queries(query_vectors)
+        n, dim = self.index.ntotal, self.index.d
+        stored = faiss.rev_swig_ptr(faiss.downcast_index(self.index).get_xb(), n * dim).reshape(n, dim)  # a view
+        search = ExactTopK(queries, top_docs)
+        search.add(stored)
+        return search_results(*search.finish(), self.index_id_to_db_id.__getitem__)
 
 
 class DenseHNSWFlatIndexer(DenseIndexer):
