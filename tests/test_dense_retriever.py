@@ -11,12 +11,13 @@ import torch
 from dpr.data.embeddings_io import EmbeddingFiles, shard_path, write_embeddings
 from dpr.data.passages import load_passages
 from dpr.evaluation.qa_validation import top_k_hits_from_results
-from dpr.indexing import faiss_indexers
-from dpr.indexing.configured_index import create_configured_indexer, estimate_vector_count
+from dpr.indexing import exact_search, faiss_indexers
+from dpr.indexing.configured_index import ShardSearchOptionError, create_configured_indexer, estimate_vector_count
 from dpr.indexing.dense_retriever import results_path, run_dense_retriever
 from dpr.indexing.hybrid import fuse_scores, hybrid_results
 from dpr.indexing.faiss_indexers import InsufficientMemoryError, create_indexer, index_exists
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
+from dpr.indexing.shard_provenance import ShardProvenanceError
 from dpr.options.legacy_flags import config_top_level_keys, translate_argv
 from dpr.options.retriever_flags import DENSE_RETRIEVER_FLAGS, DENSE_RETRIEVER_GC_DEFAULTS
 from tests.conftest import REPO_ROOT
@@ -145,6 +146,41 @@ def test_gc_query_split_encodes_once_then_searches_without_the_model(data, tmp_p
                            str(tmp_path / "loaded.json"), q_encoding_path=q_path)
     run_dense_retriever(cfg)
     assert (tmp_path / "direct.json").read_text() == (tmp_path / "loaded.json").read_text()
+
+
+def test_shard_wise_search_gives_the_flat_index_results(data, tmp_path, monkeypatch):
+    """Tiles of 4 rows: the 2 shards (12 and 11 passages) are searched in 6 tiles, one spanning both; n_docs above
+    a shard's size. Also through GC-DPR's split: questions encoded and saved once, searched without the model."""
+    monkeypatch.setattr(exact_search, "TILE_ROWS", 4)
+    run(data, tmp_path / "flat.json")
+    run(data, tmp_path / "shards.json", shard_search=True)
+    run(data, tmp_path / "grouped.json", shard_search=True, shard_search_memory_gb=1)
+    flat = (tmp_path / "flat.json").read_text()
+    assert (tmp_path / "shards.json").read_text() == flat == (tmp_path / "grouped.json").read_text()
+    q_path = str(tmp_path / "q.pt")
+    run(data, tmp_path / "none.json", encode_q_and_save=True, q_encoding_path=q_path)
+    cfg = retriever_config("/nonexistent/model", data["qas"], data["psgs"], data["embs"],
+                           str(tmp_path / "split.json"), q_encoding_path=q_path, shard_search=True)
+    run_dense_retriever(cfg)
+    assert (tmp_path / "split.json").read_text() == flat
+
+
+@pytest.mark.parametrize("options,message", [
+    ({"indexer": "hnsw"}, "indexer=hnsw was asked"),
+    ({"index_path": "somewhere/"}, "no index to save or load"),
+    ({"shard_search_memory_gb": 0}, "positive number of GiB"),
+])
+def test_shard_search_refuses_options_it_cannot_honour(data, tmp_path, options, message):
+    with pytest.raises(ShardSearchOptionError, match=message):
+        run(data, tmp_path / "results.json", shard_search=True, **options)
+
+
+def test_shard_wise_search_checks_shard_provenance(data, tmp_path):
+    for shard_id, num_shards in ((0, 2), (2, 3)):
+        generate_dense_embeddings(gen_embs_config(data["model"], data["psgs"], tmp_path / "emb", shard_id=shard_id,
+                                                  num_shards=num_shards))
+    with pytest.raises(ShardProvenanceError, match="num_shards differs"):
+        run(data, tmp_path / "results.json", shard_search=True, encoded_ctx_files=f"['{tmp_path / 'emb_*'}']")
 
 
 def test_index_too_large_for_the_machine_fails_before_building(data, tmp_path, monkeypatch):

@@ -1,13 +1,22 @@
 """Exact search in pieces: the tiled top-k equals its definition, and the shard-wise search equals one flat index
 over all the shards (ids, scores, ties), for any shard sizes and grouping, also on squad_open with MiniLM."""
+import itertools
+
 import numpy as np
 import pytest
 
+from dpr.data.biencoder_data import normalize_question
+from dpr.data.ctx_sources import resolve_ctx_sources
 from dpr.data.embeddings_io import shard_path, write_embeddings
+from dpr.data.passages import iter_passages
 from dpr.indexing import exact_search
+from dpr.indexing.dense_retriever import load_questions, retrieve, run_dense_retriever
 from dpr.indexing.exact_search import ExactTopK, search_results
 from dpr.indexing.faiss_indexers import DenseFlatIndexer, InsufficientMemoryError
+from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.indexing.shard_search import ShardSearchBudgetError, describe_shards, plan_groups, search_shards
+from tests.retrieval_helpers import write_passages_tsv
+from tests.training_helpers import compose_config
 
 DIM = 16
 
@@ -137,3 +146,27 @@ def test_search_results_drop_empty_slots():
     scores = np.array([[3.0, -np.inf]], dtype=np.float32)
     positions = np.array([[1, exact_search.MISSING]])
     assert search_results(scores, positions, ["a", "b"].__getitem__)[0][0] == ["b"]
+
+
+def test_shard_wise_search_equals_the_flat_index_on_squad_open(shared_data, tmp_path, monkeypatch):
+    """The real collection's first 240 passages (real ids and texts) embedded by the untrained MiniLM in 3 shards,
+    the 1,427 dev questions encoded once (GC-DPR's split), 100 passages each: shard-wise = flat, scores too."""
+    squad = shared_data / "squad_open"
+    rows = [(p.id, p.text, p.title) for p in itertools.islice(iter_passages(str(squad / "psgs.tsv")), 240)]
+    psgs = write_passages_tsv(tmp_path / "psgs.tsv", rows)
+    for shard_id in range(3):
+        generate_dense_embeddings(compose_config([
+            "encoder=minilm", f"ctx_src={psgs}", f"out_file={tmp_path / 'emb'}", "out_format=npz", "num_workers=0",
+            f"shard_id={shard_id}", "num_shards=3", "batch_size=32", "bf16=true"], "gen_embs"))
+    common = ["encoder=minilm", f"qa_dataset={squad / 'dev.qa.csv'}", f"ctx_datatsets=[{psgs}]",
+              f"encoded_ctx_files=['{tmp_path / 'emb_*'}']", f"q_encoding_path={tmp_path / 'q.pt'}", "n_docs=100",
+              "bf16=true"]
+    assert run_dense_retriever(compose_config(common + ["encode_q_and_save=true"], "dense_retriever")) == {}
+    monkeypatch.setattr(exact_search, "TILE_ROWS", 64)  # tiles across the shards of 80 passages
+    results = {}
+    for shard_search in (False, True):
+        cfg = compose_config(common + [f"shard_search={shard_search}"], "dense_retriever")
+        questions = [normalize_question(sample.question) for sample in load_questions(cfg)]
+        results[shard_search] = retrieve(cfg, ["dense"], questions, resolve_ctx_sources(cfg.ctx_datatsets, cfg))
+    assert len(results[True]["dense"]) == 1427 and all(len(ids) == 100 for ids, _ in results[True]["dense"])
+    assert_same_results(results[True]["dense"], results[False]["dense"])
