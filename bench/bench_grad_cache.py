@@ -155,7 +155,7 @@ def run_interleaved(spec: dict) -> dict:
     """Rounds of one step per variant on the same batch; the first round is warm-up. Returns each variant's wall
     and CPU seconds per timed round."""
     trainer, scheduler, batches = build_trainer(spec)
-    st_model, st_loss, st_optimizer = build_sentence_transformers(spec, trainer.device)
+    _, st_loss, st_optimizer = build_sentence_transformers(spec, trainer.device)
     train_cfg = trainer.cfg.train
 
     def dpr(example_dropout: bool, ctx_chunk: int):
