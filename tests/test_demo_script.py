@@ -4,6 +4,8 @@ stubbed out, builds valid commands and writes its report."""
 import importlib.util
 import json
 import re
+import shlex
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -23,6 +25,7 @@ HYDRA_CONFIGS = {
     "dense_retriever.py": "dense_retriever",
     "train_reader.py": "extractive_reader_train_cfg",
     "preprocess_reader_data.py": "preprocess_reader_data",
+    "mine_hard_negatives.py": "mine_hard_negatives",
 }
 
 
@@ -94,8 +97,10 @@ def squad_open():
 def test_squad_open_help():
     usage = subprocess.run([sys.executable, str(SQUAD_OPEN), "--help"], capture_output=True, text=True,
                            check=True).stdout
-    for option in ("--data", "--epochs", "--max_train_questions", "--reader_train_questions", "--no_plot"):
+    for option in ("--data", "--epochs", "--max_train_questions", "--reader_train_questions", "--no_plot", "--recipe",
+                   "--dry_run", "--pooling", "--similarity", "--temperature", "--share_encoders", "--reader_recipe"):
         assert option in usage
+    assert "FULL_RECIPE_ESTIMATE" not in usage and re.search(r"Estimated wall time .* about \d", usage, re.S)
 
 
 def test_squad_open_missing_data_and_matplotlib(squad_open, tmp_path, monkeypatch):
@@ -145,8 +150,102 @@ def test_squad_open_commands_and_report(squad_open, tmp_path, monkeypatch):
     assert "train bi-encoder (gradient cache)" in report and "python train_dense_encoder.py" in report
 
 
+def full_recipe_data(tmp_path):
+    """data/sample with a distractor collection beside it."""
+    data = tmp_path / "data"
+    shutil.copytree(REPO / "data" / "sample", data)
+    shutil.copy(data / "psgs.tsv", data / "psgs_plus_wikitext2.tsv")
+    return data
+
+
+def test_squad_open_full_recipe_dry_run(squad_open, tmp_path, capsys):
+    run_dir = tmp_path / "run"
+    squad_open.main(["--recipe", "full", "--data", str(full_recipe_data(tmp_path)), "--run_dir", str(run_dir),
+                     "--bf16", "false", "--dry_run"])
+    commands = [shlex.split(line[2:]) for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
+    assert not run_dir.exists(), "a dry run writes nothing"
+    embed_and_retrieve = ["generate_dense_embeddings.py", "dense_retriever.py"] * 2
+    assert [argv[1] for argv in commands] == [
+        *embed_and_retrieve, "train_dense_encoder.py", *embed_and_retrieve, "mine_hard_negatives.py",
+        "train_dense_encoder.py", *embed_and_retrieve, "dense_retriever.py", "train_reader.py"]
+    for argv in commands:
+        check_command(argv, str(run_dir))
+    first, second = (argv for argv in commands if argv[1] == "train_dense_encoder.py")
+    for train in (first, second):  # both from the pretrained MiniLM, with DPR's batch under the gradient cache
+        for arg in ("train.batch_size=128", "train.grad_cache=true", "train.q_chunk_size=32",
+                    "train.ctx_chunk_size=16", "encoder.pooling=mean", "encoder.similarity=cosine",
+                    "encoder.temperature=0.05", "encoder.share_encoders=true", "encoder=minilm"):
+            assert arg in train
+        assert not any(arg.startswith("model_file=") for arg in train)
+    assert f"train_datasets=[{run_dir}/data/biencoder-train.json]" in first
+    mine = commands[9]
+    assert f"model_file={run_dir}/biencoder/dpr_biencoder.1" in mine
+    assert f"input_file={run_dir}/data/biencoder-train.json" in mine
+    assert f"out_file={run_dir}/data/biencoder-train-mined.json" in mine
+    assert f"train_datasets=[{run_dir}/data/biencoder-train-mined.json]" in second
+    retrievals = [argv for argv in commands if argv[1] == "dense_retriever.py"]
+    collections = [next(arg for arg in argv if arg.startswith("ctx_datatsets=")) for argv in retrievals]
+    assert [c.rsplit("/", 1)[1] for c in collections] == ["psgs.tsv]", "psgs_plus_wikitext2.tsv]"] * 3 + ["psgs.tsv]"]
+    assert f"model_file={run_dir}/biencoder_hn/dpr_biencoder.1" in retrievals[-1], "the reader reads the final model's"
+    reader = commands[-1]
+    assert "passages_per_question=3" in reader and "eval_top_docs=[1,10]" in reader
+
+
+def test_squad_open_full_recipe_report(squad_open, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    final_dev = run_dir / "trained_hn" / "dev.json"
+    final_dev.parent.mkdir(parents=True)
+    ctxs = [{"id": str(i), "title": "t", "text": "x", "score": "1", "has_answer": i == 3} for i in range(20)]
+    final_dev.write_text(json.dumps([{"question": f"q{n}", "answers": ["a"], "ctxs": ctxs} for n in range(4)]))
+    monkeypatch.setattr(squad_open.subprocess, "run", lambda command, cwd: subprocess.CompletedProcess(command, 0))
+    files = []  # each results file read gets its own accuracy: a row shows which file it came from
+
+    def accuracy_by_k(path):
+        files.append(str(path.relative_to(run_dir)))
+        return [float(len(files))] * 100, 7
+
+    monkeypatch.setattr(squad_open, "accuracy_by_k", accuracy_by_k)
+    monkeypatch.setattr(squad_open, "reader_exact_match", lambda path: ({1: 33.33, 10: 25.0}, 3))
+    squad_open.main(["--recipe", "full", "--data", str(full_recipe_data(tmp_path)), "--run_dir", str(run_dir),
+                     "--no_plot", "--bf16", "false"])
+
+    assert files == [f"{model}/{name}" for collection in ("", ".psgs_plus_wikitext2")
+                     for model, name in (("untrained", f"dev{collection}.bm25.json"),
+                                         ("untrained", f"dev{collection}.json"), ("trained", f"dev{collection}.json"),
+                                         ("trained", f"dev{collection}.hybrid.json"),
+                                         ("trained_hn", f"dev{collection}.json"),
+                                         ("trained_hn", f"dev{collection}.hybrid.json"))]
+    report = (run_dir / "squad_open.md").read_text()
+    rows = ["BM25", "MiniLM, untrained", "MiniLM, DPR-trained", "hybrid (BM25 + DPR-trained)",
+            "MiniLM, DPR-trained on mined negatives", "hybrid (BM25 + trained on mined negatives)"]
+    psgs_table, plus_table = report.split("### psgs.tsv")[1].split("### psgs_plus_wikitext2.tsv")
+    for value, name in enumerate(rows, 1):
+        assert f"| {name} | {value:.2f} | {value:.2f} |" in psgs_table
+        assert f"| {name} | {value + 6:.2f} | {value + 6:.2f} |" in plus_table
+    assert "Recipe: full. Encoder: MiniLM, mean pooling, cosine similarity at temperature 0.05, one shared tower" \
+        in report
+    assert "Second round: up to 5 hard negatives per question mined with the first model from ranks 3-30" in report
+    assert "33.33 from the top passage, 25.00 from the top 10 passages" in report
+    for stage in ("mine hard negatives with the trained encoder", "train bi-encoder on mined hard negatives",
+                  "retrieve dev (psgs_plus_wikitext2.tsv): encoder trained on mined negatives and hybrid"):
+        assert f"| {stage} |" in report
+    assert "python mine_hard_negatives.py" in report
+    assert len(json.loads((run_dir / "reader" / "dev.json").read_text())) == 4  # all dev questions, as the recipe
+
+
+def test_squad_open_explicit_options_win_over_the_recipe(squad_open):
+    args = squad_open.parse_args(["--recipe", "full", "--batch_size", "64", "--pooling", "cls", "--hn_epochs", "1",
+                                  "--reader_recipe", "short", "--reader_passages", "5"])
+    assert (args.batch_size, args.pooling, args.epochs, args.hn_epochs) == (64, "cls", 2, 1)
+    assert (args.reader_passages, args.reader_train_questions, args.similarity) == (5, 1200, "cosine")
+    short = squad_open.parse_args([])
+    assert (short.batch_size, short.pooling, short.share_encoders, short.hard_negative_round) == (16, "cls", False,
+                                                                                                  False)
+
+
 def test_squad_open_plot(squad_open, tmp_path):
     pytest.importorskip("matplotlib")
     path = tmp_path / "topk.png"
-    squad_open.plot_curves({"BM25": [50.0 + k / 10 for k in range(100)]}, 7, path)
+    curves = {"BM25": [50.0 + k / 10 for k in range(100)]}
+    squad_open.plot_curves({"psgs.tsv": curves, "psgs_plus_wikitext2.tsv": curves}, 7, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
