@@ -207,3 +207,9 @@ def test_script_reports_a_user_error_in_one_line(tmp_path):
                                capture_output=True, text=True, timeout=120)
     assert completed.returncode == 1
     assert completed.stderr.strip().splitlines()[-1].startswith("error: input_file is required")
+
+
+def test_shard_wise_search_mines_the_same(data, tmp_path):
+    _, flat = mine(data, tmp_path / "flat.json", num_hard_negatives=5)
+    _, sharded = mine(data, tmp_path / "sharded.json", num_hard_negatives=5, shard_search="true")
+    assert sharded == flat
