@@ -3,7 +3,7 @@
 Sequences are truncated to `max_length` (longest-first for title/text pairs, as DPR's tokenizer call does),
 token type ids are all zero (also for title pairs) and the attention mask is `ids != pad`. Padding is either to
 `max_length` (DPR's fixed padding) or to the longest sequence of the batch (dynamic padding, cheaper; BERT
-masks padded positions out, so the vectors are the same: tests/test_tensorizer.py proves it).
+masks padded positions out, so the vectors are the same: tests/test_biencoder_data.py proves it).
 DPR's trailing-[SEP]-on-every-padded-row quirk (DPR #210) is not reproduced: truncated rows end in [SEP] anyway.
 """
 from typing import List, Optional, Sequence, Tuple
