@@ -121,7 +121,7 @@ def test_gzipped_jsonl_and_globs_load(data, tmp_path):
 
 
 def test_empty_dataset_after_filtering_fails_before_the_model_is_built(data, tmp_path, caplog):
-    from dpr.training.trainer_base import ConfigError
+    from dpr.foundation.errors import ConfigError
 
     bad = tmp_path / "bad.json"
     bad.write_text(json.dumps([{"question": "q", "positive_ctxs": []}, {"positive_ctxs": [{"text": "t"}]}]))

@@ -12,7 +12,7 @@ from dpr.foundation import checkpoints
 from dpr.foundation.checkpoints import CheckpointError, CheckpointState, CheckpointWriteError
 from dpr.foundation.files import UnwritableDirectoryError, remove_stale_temporaries
 from dpr.training.biencoder_trainer import BiEncoderTrainer
-from dpr.training.trainer_base import ConfigError
+from dpr.foundation.errors import ConfigError
 from tests.fixtures import write_retriever_json
 from tests.tiny_models import tiny_bert_dir
 from tests.training_helpers import compose_config, run_trainer, tiny_overrides

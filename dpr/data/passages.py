@@ -17,6 +17,7 @@ from typing import Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 import numpy as np
 
 from dpr.data.data_files import DataFileError, open_text
+from dpr.foundation.errors import ConfigError
 
 logger = logging.getLogger(__name__)
 
@@ -135,7 +136,7 @@ def shard_range(n: int, shard_id: int, num_shards: int) -> tuple[int, int]:
     if n < 0:
         raise ValueError(f"n must be >= 0, got {n}")
     if num_shards < 1 or not 0 <= shard_id < num_shards:
-        raise ValueError(f"shard_id {shard_id} is not in [0, {num_shards})")
+        raise ConfigError(f"shard_id {shard_id} is not in [0, {num_shards})")
     shard_size = math.ceil(n / num_shards)
     start = min(shard_id * shard_size, n)
     return start, min(start + shard_size, n)

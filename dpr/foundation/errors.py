@@ -18,6 +18,10 @@ class UserInputError(Exception):
     the entry scripts print it as one line instead of a traceback."""
 
 
+class ConfigError(UserInputError, ValueError):
+    """A configuration value that cannot work, named with the way out."""
+
+
 class JobFailedError(CompactHydraException):
     """A job of a multirun (one shard of a cluster sweep) failed. Hydra prints this kind in one line, in the process
     that launched the jobs; the job's traceback is in the log file the message names."""

@@ -13,7 +13,7 @@ from omegaconf import DictConfig
 
 from dpr.data.ctx_sources import CtxSource, iter_sources
 from dpr.data.embeddings_io import EmbeddingFiles
-from dpr.foundation.errors import UserInputError
+from dpr.foundation.errors import ConfigError, UserInputError
 from dpr.indexing.bm25 import BM25Index, passage_text
 from dpr.indexing.faiss_indexers import DenseIndexer, SearchResult, create_indexer, index_exists
 from dpr.indexing.shard_search import describe_shards, search_shards
@@ -42,9 +42,9 @@ def embedding_files(cfg: DictConfig, sources: Sequence[CtxSource]) -> ChainedBlo
     """`encoded_ctx_files[i]` with the id prefix of `ctx_datatsets[i]`."""
     patterns = list(cfg.encoded_ctx_files or [])
     if not patterns:
-        raise ValueError("encoded_ctx_files is required to build a dense index (or give an existing index_path)")
+        raise ConfigError("encoded_ctx_files is required to build a dense index (or give an existing index_path)")
     if len(patterns) != len(sources):
-        raise ValueError(
+        raise ConfigError(
             f"encoded_ctx_files has {len(patterns)} entries but ctx_datatsets {len(sources)}: they pair up 1:1"
         )
     return ChainedBlocks([EmbeddingFiles(pattern, source.id_prefix) for pattern, source in zip(patterns, sources)])
@@ -72,7 +72,7 @@ def create_configured_indexer(cfg: DictConfig) -> DenseIndexer:
     if kind == "flat":
         return create_indexer(kind, **common)
     if not cfg.index_factory:
-        raise ValueError("indexer=factory needs index_factory, a FAISS index_factory string such as IVF4096,PQ64")
+        raise ConfigError("indexer=factory needs index_factory, a FAISS index_factory string such as IVF4096,PQ64")
     return create_indexer(
         kind,
         factory_string=cfg.index_factory,

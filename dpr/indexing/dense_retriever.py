@@ -36,6 +36,7 @@ from dpr.evaluation.qa_validation import (
     write_retrieval_results,
 )
 from dpr.foundation.devices import process_device
+from dpr.foundation.errors import ConfigError
 from dpr.foundation.precision import make_precision
 from dpr.indexing.configured_index import (
     bm25_index,
@@ -61,7 +62,7 @@ ShardsModel = Optional[tuple[Path, dict]]
 def load_questions(cfg: DictConfig) -> list[QASample]:
     """The questions of `cfg.qa_dataset`: a `cfg.datasets` name (resource key or path) or a file path."""
     if not cfg.qa_dataset:
-        raise ValueError("qa_dataset is required: a name from conf/datasets or a qas CSV / JSON-lines path")
+        raise ConfigError("qa_dataset is required: a name from conf/datasets or a qas CSV / JSON-lines path")
     entry = (cfg.get("datasets") or {}).get(cfg.qa_dataset)
     target = entry.file if entry is not None else cfg.qa_dataset
     paths = resolve_data_path(str(target), cfg.get("data_dir"))
@@ -71,7 +72,7 @@ def load_questions(cfg: DictConfig) -> list[QASample]:
 
 def _encode_with_model(cfg: DictConfig, questions: Sequence[str], shards_model: ShardsModel = None) -> np.ndarray:
     if cfg.encoder_path not in ENCODER_PATHS:
-        raise ValueError(f"encoder_path must be question_model or ctx_model, not {cfg.encoder_path!r}")
+        raise ConfigError(f"encoder_path must be question_model or ctx_model, not {cfg.encoder_path!r}")
     device = process_device(cfg.no_cuda, cfg.get("local_rank"))
     precision = make_precision(device, cfg.fp16, cfg.bf16)
     encoder = load_configured_encoder(cfg, ENCODER_PATHS[cfg.encoder_path])
@@ -89,7 +90,7 @@ def question_vectors(cfg: DictConfig, questions: Sequence[str], shards_model: Sh
         vectors = torch.load(path, map_location="cpu", weights_only=True).numpy()
         logger.info("loaded question encodings %s from %s", tuple(vectors.shape), path)
         if len(vectors) != len(questions):
-            raise ValueError(f"{path} holds {len(vectors)} question vectors for {len(questions)} questions")
+            raise ConfigError(f"{path} holds {len(vectors)} question vectors for {len(questions)} questions")
     else:
         vectors = _encode_with_model(cfg, questions, shards_model)
         if path:
@@ -120,7 +121,7 @@ def retriever_names(value) -> list[str]:
     names = list(value) if isinstance(value, (list, tuple, ListConfig)) else [value]
     unknown = [name for name in names if name not in RETRIEVERS]
     if not names or unknown:
-        raise ValueError(f"retriever must be one or a list of {RETRIEVERS}, got {value!r}")
+        raise ConfigError(f"retriever must be one or a list of {RETRIEVERS}, got {value!r}")
     return list(dict.fromkeys(names))
 
 
@@ -212,11 +213,11 @@ def run_dense_retriever(cfg: DictConfig) -> dict[str, QAMatchStats]:
     questions = [normalize_question(sample.question) for sample in samples]
     if cfg.encode_q_and_save:
         if not cfg.q_encoding_path:
-            raise ValueError("encode_q_and_save needs q_encoding_path, where the encodings are saved")
+            raise ConfigError("encode_q_and_save needs q_encoding_path, where the encodings are saved")
         save_question_vectors(_encode_with_model(cfg, questions), cfg.q_encoding_path)
         return {}
     sources = resolve_ctx_sources(cfg.ctx_datatsets, cfg)
     if not sources:
-        raise ValueError("ctx_datatsets is required: the passages' texts are needed to validate the results")
+        raise ConfigError("ctx_datatsets is required: the passages' texts are needed to validate the results")
     results = retrieve(cfg, names, questions, sources)
     return validate_and_report(cfg, samples, results, sources)

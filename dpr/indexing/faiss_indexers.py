@@ -21,6 +21,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from dpr.foundation.errors import ConfigError
 from dpr.foundation.files import atomic_output
 from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
 from dpr.indexing.exact_search import ExactTopK, search_results
@@ -203,11 +204,11 @@ def _read_meta(meta_file: Path) -> tuple[list[object], dict]:
         if head == b"{":
             meta = json.load(file)
             if meta.get("format") != META_FORMAT:
-                raise ValueError(f"{meta_file} is not an index meta file of this project")
+                raise ConfigError(f"{meta_file} is not an index meta file of this project")
             return meta.pop("ids"), meta
         ids = restricted_load(file, NUMPY_GLOBALS, "DPR index id map")
     if not isinstance(ids, list):
-        raise ValueError(f"{meta_file}: expected a pickled list of ids, got {type(ids).__name__}")
+        raise ConfigError(f"{meta_file}: expected a pickled list of ids, got {type(ids).__name__}")
     return ids, {}
 
 
@@ -352,9 +353,9 @@ class DenseIndexer(ABC):
         index = faiss.read_index(str(index_file))
         ids, meta = _read_meta(meta_file)
         if meta.get("indexer", self.kind) != self.kind:
-            raise ValueError(f"{meta_file} holds a {meta['indexer']} index, not {self.kind}")
+            raise ConfigError(f"{meta_file} holds a {meta['indexer']} index, not {self.kind}")
         if len(ids) != index.ntotal:
-            raise ValueError(f"{meta_file} has {len(ids)} ids for an index of {index.ntotal} vectors")
+            raise ConfigError(f"{meta_file} has {len(ids)} ids for an index of {index.ntotal} vectors")
         self.index, self.index_id_to_db_id = index, ids
         self._restore(meta)
         logger.info("loaded a %s index of %d vectors", self.kind, index.ntotal)
@@ -567,6 +568,6 @@ INDEXER_TYPES: dict[str, type[DenseIndexer]] = {
 def create_indexer(kind: str, **kwargs) -> DenseIndexer:
     """An indexer by DPR's config name (`flat`, `hnsw`, `hnsw_sq`) or `factory` (needs `factory_string`)."""
     if kind not in INDEXER_TYPES:
-        raise ValueError(f"unknown indexer {kind!r}; expected one of {tuple(INDEXER_TYPES)}")
+        raise ConfigError(f"unknown indexer {kind!r}; expected one of {tuple(INDEXER_TYPES)}")
     return INDEXER_TYPES[kind](**kwargs)
 

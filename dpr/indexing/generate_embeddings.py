@@ -27,6 +27,7 @@ from dpr.data.embeddings_io import is_shard_complete, shard_path, write_embeddin
 from dpr.data.passages import Passage, count_passages, iter_passage_shard, shard_range
 from dpr.data.tensorizer import Tensorizer
 from dpr.foundation.devices import process_device
+from dpr.foundation.errors import ConfigError
 from dpr.foundation.precision import make_precision
 from dpr.indexing.encoding import encode_batches, load_configured_encoder, padded_batches
 from dpr.indexing.shard_provenance import remove_provenance, reuse_refusal, shard_provenance, write_provenance
@@ -102,7 +103,7 @@ def _recording_ids(batches: Iterator[PassageBatch], ids: list) -> Iterator[Passa
 
 def _check_config(cfg: DictConfig) -> None:
     if not cfg.out_file:
-        raise ValueError("out_file is required: shards are written to {out_file}_{shard_id}")
+        raise ConfigError("out_file is required: shards are written to {out_file}_{shard_id}")
     if cfg.batch_size < 1:
         raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
 

@@ -13,10 +13,11 @@ from dpr.data.biencoder_batch import BiEncoderBatch, make_biencoder_batch
 from dpr.data.biencoder_data import BiEncoderSample, load_biencoder_samples
 from dpr.data.resources import resolve_dataset
 from dpr.data.tensorizer import Tensorizer
+from dpr.foundation.errors import ConfigError
 from dpr.models.biencoder import BiEncoder, build_biencoder, nll_loss, similarity_scores
 from dpr.training.distributed import all_gather_rows, all_reduce_sum
 from dpr.training.grad_cache import GradCache, Tower, full_batch_step
-from dpr.training.trainer_base import BatchResult, ConfigError, Trainer, TrainingRun, Validation
+from dpr.training.trainer_base import BatchResult, Trainer, TrainingRun, Validation
 
 logger = logging.getLogger(__name__)
 

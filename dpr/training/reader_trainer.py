@@ -37,9 +37,10 @@ from dpr.evaluation.reader_predictions import (
     select_predictions,
     write_predictions,
 )
+from dpr.foundation.errors import ConfigError
 from dpr.models.reader import Reader, build_reader, reader_loss
 from dpr.training.distributed import barrier
-from dpr.training.trainer_base import BatchResult, ConfigError, Trainer, TrainingRun, Validation
+from dpr.training.trainer_base import BatchResult, Trainer, TrainingRun, Validation
 
 logger = logging.getLogger(__name__)
 

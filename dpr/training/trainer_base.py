@@ -35,7 +35,7 @@ from tqdm import tqdm
 from dpr.data.batching import GlobalBatch
 from dpr.foundation import checkpoints
 from dpr.foundation.checkpoints import CheckpointError, CheckpointState, UnreadableCheckpointError
-from dpr.foundation.errors import UserInputError
+from dpr.foundation.errors import ConfigError
 from dpr.foundation.files import ensure_writable_directory, remove_stale_temporaries
 from dpr.foundation.precision import make_precision
 from dpr.foundation.seed import set_seed
@@ -48,10 +48,6 @@ from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_beta
 logger = logging.getLogger(__name__)
 
 RECORDS_FILE = "training_records.jsonl"
-
-
-class ConfigError(UserInputError, ValueError):
-    """A configuration value that cannot work, named with the way out."""
 
 
 # Keys of DPR's configurations for machinery this repository does not have: accepted at DPR's default, so that
