@@ -124,7 +124,8 @@ def main() -> None:
         for precision, variant in itertools.product(args.precisions, args.variants):
             env = {**os.environ, **(MALLOC_ENV if variant == "st_malloc_env" else {})}
             command = [sys.executable, __file__, "--variant", variant, "--precision", precision, "--folder",
-                       str(folder)] + [a for a in sys.argv[1:] if not a.startswith("--out")]
+                       str(folder), "--model", args.model, "--batch_size", str(args.batch_size),
+                       "--sequence_length", str(args.sequence_length), "--num_workers", str(args.num_workers)]
             done = subprocess.run(command, env=env, check=True, capture_output=True, text=True)
             seconds = json.loads(done.stdout.strip().splitlines()[-1])["seconds"]
             report["seconds"].setdefault(f"{variant}_{precision}", []).append(seconds)
