@@ -64,7 +64,7 @@ def keep_freed_memory() -> bool:
 
     By default a block over 128 KiB to 32 MiB is mapped afresh at every allocation and unmapped when freed, so
     every activation of every forward (tens of MiB each) starts on untouched pages: a page fault per 4 KiB, about
-    1.2 million per 400 passages of MiniLM, a quarter of the encoding time on CPU. With the blocks kept, a batch
+    1.2 million per 400 passages of MiniLM, 7-25% of the encoding time on CPU. With the blocks kept, a batch
     reuses the previous batch's pages. The process then holds its high-water mark of activations until it ends.
     Once per process; False where the C library has no mallopt (not glibc)."""
     try:
