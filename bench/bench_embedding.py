@@ -45,23 +45,13 @@ def write_subset(passages_file: str, n: int, folder: Path) -> Path:
 
 
 def run_ours(args, tsv: Path, out_file: Path, bf16: bool) -> float:
-    from hydra import compose, initialize_config_dir
+    from bench_retrieval import time_generate  # this folder is on sys.path when a bench script runs
 
     from dpr.indexing import encoding
-    from dpr.indexing.generate_embeddings import generate_dense_embeddings
 
     if args.variant == "ours_default_malloc":
         encoding.keep_freed_memory = lambda: False
-    overrides = [f"encoder.pretrained_model_cfg={args.model}", f"encoder.sequence_length={args.sequence_length}",
-                 f"ctx_src={tsv}", f"out_file={out_file}", f"batch_size={args.batch_size}",
-                 f"num_workers={args.num_workers}", "out_format=npz", f"bf16={str(bf16).lower()}"]
-    with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
-        cfg = compose(config_name="gen_embs", overrides=overrides)
-    for stale in out_file.parent.glob(out_file.name + "_*"):
-        stale.unlink()  # a complete shard would be skipped
-    started = time.perf_counter()
-    generate_dense_embeddings(cfg)
-    return time.perf_counter() - started
+    return time_generate(args, tsv, out_file, bf16)
 
 
 def run_st(args, tsv: Path, bf16: bool) -> float:
