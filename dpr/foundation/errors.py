@@ -42,7 +42,8 @@ def _multirun_job() -> Optional[HydraConfig]:
 def user_errors_in_one_line() -> Iterator[None]:
     """Turn a UserInputError into `error: <message>` and exit status 1; any other exception is a bug of ours and
     keeps its traceback. In a job of a multirun (`-m`, e.g. shards through hydra-submitit-launcher) any failure
-    becomes one line naming the job, its overrides and its log file, which holds the traceback. HYDRA_FULL_ERROR=1 or
+    becomes one line naming the job, its overrides and its log file, which holds the error (and the traceback of
+    a bug). HYDRA_FULL_ERROR=1 or
     --debug keeps every traceback."""
     try:
         yield
@@ -52,8 +53,8 @@ def user_errors_in_one_line() -> Iterator[None]:
         job = _multirun_job()
         if job is not None:
             log = Path(job.runtime.output_dir) / f"{job.job.name}.log"
-            logger.error("job %s failed", job.job.num, exc_info=not isinstance(e, UserInputError))
             what = str(e) if isinstance(e, UserInputError) else f"{type(e).__name__}: {e}"
+            logger.error("job %s failed: %s", job.job.num, what, exc_info=not isinstance(e, UserInputError))
             raise JobFailedError(
                 f"job {job.job.num} ({' '.join(job.overrides.task)}) failed: {what}; its log: {log}"
             ) from None
