@@ -73,33 +73,30 @@ def phase_shard_search(args, folder: Path, queries: np.ndarray) -> dict:
             "peak_rss_gib": peak_rss_gib(), "ids": [ids for ids, _ in results]}
 
 
-def phase_flat(args, folder: Path, queries: np.ndarray) -> dict:
-    from dpr.indexing.faiss_indexers import DenseFlatIndexer
-
+def build_and_search(indexer, folder: Path, queries: np.ndarray, k: int) -> dict:
+    """Index every shard of `folder`, then search: times, peak memory and the ids found."""
     baseline = peak_rss_gib()
-    indexer = DenseFlatIndexer(check_memory=False)
     started = time.perf_counter()
     indexer.index_data(EmbeddingFiles(str(folder / "emb_*")))
     built = time.perf_counter()
-    results = indexer.search_knn(queries, args.k)
+    results = indexer.search_knn(queries, k)
     searched = time.perf_counter()
     return {"build_s": built - started, "search_s": searched - built, "queries_per_s": len(queries) / (searched - built),
             "baseline_rss_gib": baseline, "peak_rss_gib": peak_rss_gib(), "ids": [ids for ids, _ in results]}
 
 
+def phase_flat(args, folder: Path, queries: np.ndarray) -> dict:
+    from dpr.indexing.faiss_indexers import DenseFlatIndexer
+
+    return build_and_search(DenseFlatIndexer(check_memory=False), folder, queries, args.k)
+
+
 def phase_factory(args, folder: Path, queries: np.ndarray) -> dict:
     from dpr.indexing.faiss_indexers import DenseFactoryIndexer
 
-    baseline = peak_rss_gib()
     indexer = DenseFactoryIndexer(args.factory, train_sample_size=args.train_sample, search_params=args.search_params,
                                   check_memory=False)
-    started = time.perf_counter()
-    indexer.index_data(EmbeddingFiles(str(folder / "emb_*")))
-    built = time.perf_counter()
-    results = indexer.search_knn(queries, args.k)
-    searched = time.perf_counter()
-    return {"build_s": built - started, "search_s": searched - built, "queries_per_s": len(queries) / (searched - built),
-            "baseline_rss_gib": baseline, "peak_rss_gib": peak_rss_gib(), "ids": [ids for ids, _ in results],
+    return {**build_and_search(indexer, folder, queries, args.k),
             "estimate_21m_gib": indexer.estimate_memory(21_015_324, args.dim) / 2**30}
 
 
