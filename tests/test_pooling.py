@@ -12,7 +12,8 @@ from dpr.foundation.checkpoints import CheckpointState, load_checkpoint, load_mo
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.models.biencoder import build_biencoder
 from dpr.models.encoder_spec import EncoderConfigError, EncoderSpec
-from dpr.models.hf_encoder import build_encoder, encode
+from dpr.models.hf_encoder import build_encoder, encode, first_token_last_layer
+from dpr.models.loading import load_inference_encoder
 from tests.retrieval_helpers import (
     encode_directly,
     gen_embs_config,
@@ -49,6 +50,45 @@ def test_mean_pooling_is_the_mean_of_the_unpadded_token_vectors(model_dir):
     torch.testing.assert_close(dynamic, expected, atol=2e-5, rtol=0)
     torch.testing.assert_close(fixed, expected, atol=2e-5, rtol=0)
     assert not torch.allclose(cls, expected, atol=1e-3)  # the default is DPR's [CLS], not the mean
+
+
+@pytest.mark.parametrize("texts", [TEXTS, TEXTS[:1]], ids=["padded", "no padding"])
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_first_token_last_layer_gives_the_cls_vector_of_the_whole_model(model_dir, texts, attention):
+    model = build_encoder(model_dir, projection_dim=8, dropout=0.0).eval()
+    model.config._attn_implementation = attention
+    tensorizer = Tensorizer.for_spec(EncoderSpec(model_dir, sequence_length=64))
+    ids, mask = tensorizer.pad(tensorizer.token_ids(texts))
+    with torch.no_grad():
+        full_sequence, full_cls = encode(model, ids, mask)
+        with first_token_last_layer(model) as applied:
+            sequence, cls = encode(model, ids, mask)
+        after = encode(model, ids, mask)[0]
+    assert applied and sequence.shape == (len(texts), 1, 32) and full_sequence.shape[1] > 1
+    torch.testing.assert_close(cls, full_cls, atol=1e-5, rtol=1e-5)
+    assert after.shape == full_sequence.shape  # the whole last layer once the context ends
+
+
+def test_first_token_last_layer_leaves_other_architectures_whole(model_dir):
+    model = build_encoder(model_dir, dropout=0.0).eval()
+    model.config.model_type = "some-other-model"
+    with first_token_last_layer(model) as applied:
+        assert not applied
+        assert "forward" not in vars(model.encoder.layer[-1])
+
+
+def test_inference_encoder_trims_the_last_layer_for_cls_only(model_dir):
+    ids, mask = Tensorizer.for_spec(EncoderSpec(model_dir)).tensorize(TEXTS)
+    for pooling in ("cls", "mean"):
+        encoder = load_inference_encoder(EncoderSpec(model_dir, pooling=pooling))
+        seen = []
+        hook = encoder.model.encoder.register_forward_hook(lambda m, i, out: seen.append(out.last_hidden_state.shape))
+        with torch.no_grad():
+            vectors = encoder.search_vectors(ids, mask)
+            expected = encode(encoder.model, ids, mask, pooling=pooling)[1]
+        hook.remove()
+        torch.testing.assert_close(vectors, expected, atol=1e-5, rtol=1e-5)
+        assert seen[0][1] == (1 if pooling == "cls" else ids.shape[1])
 
 
 def test_biencoder_encodes_with_the_spec_pooling(model_dir):

@@ -4,8 +4,10 @@
 The encoder is the transformers model itself, with DPR's optional `encode_proj` attached as a submodule, so its
 state dict has exactly the keys DPR checkpoints hold (`embeddings.*`, `encoder.*`, `pooler.*`, `encode_proj.*`).
 """
+import contextlib
+import functools
 import logging
-from typing import Optional, Tuple, Union
+from typing import Iterator, Optional, Tuple, Union
 
 import torch
 from torch import nn
@@ -89,6 +91,59 @@ def pool(sequence_output: torch.Tensor, attention_mask: torch.Tensor, pooling: s
         mask = attention_mask.unsqueeze(-1).to(sequence_output.dtype)
         return (sequence_output * mask).sum(dim=1) / mask.sum(dim=1).clamp(min=1)
     raise ValueError(f"unknown pooling {pooling!r} (choose cls or mean)")
+
+
+# Architectures whose layers have BERT's structure (self-attention from query/key/value, attention.output with its
+# residual, feed_forward_chunk), checked against the full forward in tests/test_hf_encoder.py.
+FIRST_TOKEN_LAYER_MODEL_TYPES = ("bert",)
+
+
+@contextlib.contextmanager
+def first_token_last_layer(model: PreTrainedModel) -> Iterator[bool]:
+    """While active, the last layer of a BERT encoder computes the first ([CLS]) position only, so
+    `last_hidden_state` is [B, 1, H]. Only the [CLS] vector depends on the last layer's [CLS] query, so it is
+    unchanged (up to float rounding), and the last layer's work (about a sixth of a 6-layer model) nearly vanishes:
+    keys and values are still computed for every position, queries, attention output and feed-forward for one.
+    Yields whether it applies (a BERT encoder, not a decoder); elsewhere the model runs whole."""
+    layers = getattr(getattr(model, "encoder", None), "layer", None)
+    applies = (
+        getattr(model.config, "model_type", None) in FIRST_TOKEN_LAYER_MODEL_TYPES
+        and not model.config.is_decoder
+        and layers is not None
+        and len(layers) > 0
+    )
+    if not applies:
+        yield False
+        return
+    last = layers[-1]
+    last.forward = functools.partial(_first_token_layer_forward, last)
+    try:
+        yield True
+    finally:
+        del last.forward  # the class's forward again
+
+
+def _first_token_layer_forward(layer, hidden_states: torch.Tensor, attention_mask=None, *args, **kwargs):
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+    from transformers.models.bert.modeling_bert import eager_attention_forward
+
+    attention = layer.attention.self
+    rows, length = hidden_states.shape[:2]
+    first = hidden_states[:, :1]
+
+    def heads(states: torch.Tensor) -> torch.Tensor:
+        return states.view(rows, states.shape[1], -1, attention.attention_head_size).transpose(1, 2)
+
+    if attention_mask is not None and attention_mask.dim() == 4 and attention_mask.shape[2] == length:
+        attention_mask = attention_mask[:, :, :1]  # the first query row of a [B, 1, T, T] mask
+    interface = ALL_ATTENTION_FUNCTIONS.get_interface(attention.config._attn_implementation, eager_attention_forward)
+    attended, _ = interface(
+        attention, heads(attention.query(first)), heads(attention.key(hidden_states)),
+        heads(attention.value(hidden_states)), attention_mask,
+        dropout=attention.dropout.p if attention.training else 0.0, scaling=attention.scaling,
+    )
+    attention_output = layer.attention.output(attended.reshape(rows, 1, -1), first)
+    return layer.feed_forward_chunk(attention_output)
 
 
 def encode(

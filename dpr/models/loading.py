@@ -1,5 +1,6 @@
 """One encoder for inference, from a DPR checkpoint or straight from a pretrained model directory, with the encoder
 spec it must be used with (the configured one, overridden by the checkpoint's saved settings as in DPR)."""
+import contextlib
 import hashlib
 import logging
 from dataclasses import dataclass
@@ -11,7 +12,9 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 from dpr.foundation import checkpoints
 from dpr.models.biencoder import search_vectors
 from dpr.models.encoder_spec import EncoderSpec
-from dpr.models.hf_encoder import encode, encoder_from_config, load_tokenizer, resolve_pretrained_path
+from dpr.models.hf_encoder import (
+    encode, encoder_from_config, first_token_last_layer, load_tokenizer, resolve_pretrained_path,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -33,8 +36,11 @@ class InferenceEncoder:
     weights: str
 
     def search_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
-        """The vectors an inner-product index searches: pooled as the spec says, L2-normalised for cosine."""
-        _, pooled = encode(self.model, input_ids, attention_mask, pooling=self.spec.pooling)
+        """The vectors an inner-product index searches: pooled as the spec says, L2-normalised for cosine. With
+        [CLS] pooling the last layer computes the [CLS] position only (`first_token_last_layer`)."""
+        last_layer = first_token_last_layer(self.model) if self.spec.pooling == "cls" else contextlib.nullcontext()
+        with last_layer:
+            _, pooled = encode(self.model, input_ids, attention_mask, pooling=self.spec.pooling)
         return search_vectors(pooled.float(), self.spec.similarity)
 
 
