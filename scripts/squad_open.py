@@ -10,7 +10,9 @@ SQuAD v1.1 dev file by `python squad_to_dpr.py --squad_file data.squad1.dev --ou
 and for the full recipe psgs_plus_wikitext2.tsv (the same passages and 2,064 WikiText-2 distractors).
 The entry scripts run as subprocesses, each command printed before it runs (--dry_run: printed only); everything
 lands in --run_dir: squad_open.md (the top-k tables, reader EM, settings, timings and commands) and
-topk_accuracy.png (accuracy against k).
+topk_accuracy.png (accuracy against k). Each finished stage is recorded in RUN_DIR/stages/; run the same command
+again with the same --run_dir after an interruption and the finished stages are skipped (a stage whose command
+changed runs again, and so does every stage after it).
 
 Two recipes set the defaults; any option given explicitly wins:
   short (default, about 30 minutes on 2 CPU cores): 800 random training questions, 1 epoch of batch 16 (gradient
@@ -161,14 +163,30 @@ class Pipeline:
     stages: List[Stage] = field(default_factory=list)
 
     def run(self, name: str, script: str, *args: str) -> None:
+        """Run one stage, unless an earlier run into the same run_dir finished this very command: a rerun after
+        an interruption (or with only later stages changed) resumes where the work stopped."""
         args = (*args, *self.common_overrides)
         command = [sys.executable, script, *args]
         shown = shlex.join(["python", script, *args])
+        record = self.run_dir / "stages" / f"{len(self.stages):02d}.json"
+        done = json.loads(record.read_text(encoding="utf-8")) if record.is_file() and not self.dry_run else None
+        if done is not None and done["command"] == shown:
+            print(f"\n= {shown}\n  (done by an earlier run in {format_seconds(done['seconds'])}: {record})", flush=True)
+            self.stages.append(Stage(name, done["seconds"], shown))
+            return
         print(f"\n+ {shown}", flush=True)
         started = time.perf_counter()
         if not self.dry_run and subprocess.run(command, cwd=REPO).returncode != 0:
             sys.exit(f"squad_open: '{name}' failed; its log is under {self.run_dir / 'logs'}")
-        self.stages.append(Stage(name, time.perf_counter() - started, shown))
+        stage = Stage(name, time.perf_counter() - started, shown)
+        self.stages.append(stage)
+        if not self.dry_run:
+            record.parent.mkdir(parents=True, exist_ok=True)
+            for later in record.parent.glob("*.json"):
+                if later.name > record.name:
+                    later.unlink()  # stages after a rerun one read its new outputs: they run again
+            record.write_text(json.dumps({"name": name, "command": shown, "seconds": stage.seconds}) + "\n",
+                              encoding="utf-8")
 
     def hydra_dir(self, name: str) -> str:
         """Where hydra keeps a step's log and resolved config (not in the repository's outputs/)."""

@@ -150,6 +150,37 @@ def test_squad_open_commands_and_report(squad_open, tmp_path, monkeypatch):
     assert "train bi-encoder (gradient cache)" in report and "python train_dense_encoder.py" in report
 
 
+def test_squad_open_rerun_skips_the_finished_stages(squad_open, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    trained_dev = run_dir / "trained" / "dev.json"
+    trained_dev.parent.mkdir(parents=True)
+    trained_dev.write_text(json.dumps([{"question": "q", "answers": ["a"], "ctxs": []}]))
+    ran, calls = [], []
+
+    def fake_run(command, cwd):
+        ran.append(command[1])
+        calls.append(command[1])
+        return subprocess.CompletedProcess(command, 0 if len(calls) != 4 else 1)  # the 4th stage fails, once
+
+    monkeypatch.setattr(squad_open.subprocess, "run", fake_run)
+    monkeypatch.setattr(squad_open, "accuracy_by_k", lambda path: ([50.0] * 100, 1))
+    monkeypatch.setattr(squad_open, "reader_exact_match", lambda path: ({1: 10.0}, 1))
+    argv = ["--data", str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot", "--bf16", "false"]
+    with pytest.raises(SystemExit, match="failed"):
+        squad_open.main(argv)
+    assert len(ran) == 4
+    ran.clear()
+    squad_open.main(argv)  # resumes at the failed stage
+    assert ran == ["generate_dense_embeddings.py", "dense_retriever.py", "dense_retriever.py", "train_reader.py"]
+    ran.clear()
+    squad_open.main(argv)
+    assert ran == []  # everything done
+    squad_open.main([*argv, "--reader_learning_rate", "2e-4"])
+    assert ran == ["train_reader.py"]  # only the changed stage
+    timings = (run_dir / "squad_open.md").read_text().split("## Timings")[1]
+    assert timings.count("| ") >= 8  # the skipped stages keep their recorded times
+
+
 def full_recipe_data(tmp_path):
     """data/sample with a distractor collection beside it."""
     data = tmp_path / "data"
