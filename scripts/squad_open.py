@@ -21,17 +21,15 @@ Two recipes set the defaults; any option given explicitly wins:
   full: all 6,534 training questions, 2 epochs of batch 128 (DPR's batch; chunks 32/16), MiniLM as it was
     pre-trained (mean pooling, cosine similarity at temperature 0.05, one shared tower); both collections; then
     hard negatives mined with the trained model (mine_hard_negatives.py, ranks 3-30, 5 per question, kept beside
-    the BM25 ones) and a second model trained on them from the pretrained MiniLM with the same settings, as DPR
-    trained its adversarial NQ model; the full reader (all training questions retrieved by the final retriever,
-    3 passages each, 1 epoch of batch 8 at learning rate 5e-5, EM on all 1,427 dev questions from the top passage
-    and the top 10).
-    Estimated wall time of the full recipe on this machine (2 CPU cores with AMX-BF16, bf16 autocast): about
-    3 hours when the cores are otherwise idle, about 6 times that at a load average of 4-5. A smoke run of it
-    (64 questions, 300 passages, load 4-5) took 43 s per bi-encoder step of 32 questions (0.75 questions/s) and
-    14.5 s per reader step of 8 x 3 passages; at a load of about 1.5 the same machine trains 4.3 questions/s
-    (docs/quickstart.md). Idle: the two bi-encoder rounds (4 epochs of 6,534 questions) about 1 h 45 min, the
-    reader (817 steps, then EM over 1,427 x 10 passages) about 55 min, the 6 embeddings, 6 dev retrievals, the
-    mining and the reader's retrieval about 15 min.
+    the BM25 ones) and a second model trained on them from the pretrained MiniLM for 1 epoch with the same
+    settings, as DPR trained its adversarial NQ model; the reader (2,000 training questions retrieved by the
+    final retriever, 3 passages each, 1 epoch of batch 8 at learning rate 5e-5, EM on 700 dev questions from the
+    top passage and the top 20).
+    Wall time measured on this machine (2 CPU cores with AMX-BF16, bf16 autocast, 2026-11-30): a bi-encoder step
+    of 128 questions takes about 35 s (median 37.8 s in the first round), so the first round (102 steps) takes
+    about 1 h 5 min and the second (51 steps) about 30 min; the reader about 20 min (243 steps of about 4 s,
+    then EM over 700 x 20 passages); the embeddings, retrievals and mining about 5 min. About 2 h in all on
+    otherwise idle cores, several times that under load (docs/quickstart.md).
 """
 import argparse
 import json
@@ -63,13 +61,13 @@ RECIPES = {
                   distractors=False, hard_negative_round=False, reader_recipe="short"),
     "full": dict(max_train_questions=0, epochs=2, batch_size=128, q_chunk_size=32, ctx_chunk_size=16,
                  learning_rate=3e-5, pooling="mean", similarity="cosine", temperature=0.05, share_encoders=True,
-                 distractors=True, hard_negative_round=True, reader_recipe="full"),
+                 distractors=True, hard_negative_round=True, hn_epochs=1, reader_recipe="full"),
 }
 READER_RECIPES = {
     "short": dict(reader_train_questions=1200, reader_dev_questions=500, reader_epochs=1, reader_batch_size=4,
                   reader_passages=2, reader_eval_passages=5, reader_learning_rate=1e-4, reader_warmup_steps=10),
-    "full": dict(reader_train_questions=0, reader_dev_questions=0, reader_epochs=1, reader_batch_size=8,
-                 reader_passages=3, reader_eval_passages=10, reader_learning_rate=5e-5, reader_warmup_steps=100),
+    "full": dict(reader_train_questions=2000, reader_dev_questions=700, reader_epochs=1, reader_batch_size=8,
+                 reader_passages=3, reader_eval_passages=20, reader_learning_rate=5e-5, reader_warmup_steps=100),
 }
 
 
@@ -112,7 +110,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          help="(recipe) one tower for questions and passages")
     mining = parser.add_argument_group("second round on hard negatives mined with the first model")
     mining.add_argument("--hard_negative_round", type=true_or_false, metavar="true|false", help="(recipe)")
-    mining.add_argument("--hn_epochs", type=int, help="epochs of the second round (default: --epochs)")
+    mining.add_argument("--hn_epochs", type=int, help="(recipe full: 1) epochs of the second round (default: --epochs)")
     mining.add_argument("--mine_rank_from", type=int, default=3,
                         help="first rank mined (the top ranks hold most false negatives)")
     mining.add_argument("--mine_rank_to", type=int, default=30)

@@ -100,7 +100,7 @@ def test_squad_open_help():
     for option in ("--data", "--epochs", "--max_train_questions", "--reader_train_questions", "--no_plot", "--recipe",
                    "--dry_run", "--pooling", "--similarity", "--temperature", "--share_encoders", "--reader_recipe"):
         assert option in usage
-    assert "FULL_RECIPE_ESTIMATE" not in usage and re.search(r"Estimated wall time .* about \d", usage, re.S)
+    assert "READER_TIME" not in usage and re.search(r"Wall time measured .* about \d", usage, re.S)
 
 
 def test_squad_open_missing_data_and_matplotlib(squad_open, tmp_path, monkeypatch):
@@ -217,9 +217,10 @@ def test_squad_open_full_recipe_dry_run(squad_open, tmp_path, capsys):
     retrievals = [argv for argv in commands if argv[1] == "dense_retriever.py"]
     collections = [next(arg for arg in argv if arg.startswith("ctx_datatsets=")) for argv in retrievals]
     assert [c.rsplit("/", 1)[1] for c in collections] == ["psgs.tsv]", "psgs_plus_wikitext2.tsv]"] * 3 + ["psgs.tsv]"]
-    assert f"model_file={run_dir}/biencoder_hn/dpr_biencoder.1" in retrievals[-1], "the reader reads the final model's"
+    assert f"model_file={run_dir}/biencoder_hn/dpr_biencoder.0" in retrievals[-1], "the reader reads the final model's"
     reader = commands[-1]
-    assert "passages_per_question=3" in reader and "eval_top_docs=[1,10]" in reader
+    assert "passages_per_question=3" in reader and "eval_top_docs=[1,20]" in reader
+    assert "train.num_train_epochs=1" in second and "train.num_train_epochs=2" in first
 
 
 def test_squad_open_full_recipe_report(squad_open, tmp_path, monkeypatch):
