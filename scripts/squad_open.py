@@ -390,7 +390,6 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     subsets = run_dir / "data"
     use_bf16 = cpu_has_bf16() if args.bf16 == "auto" else args.bf16 == "true"
     pipeline = Pipeline(run_dir, [f"bf16={str(use_bf16).lower()}"], dry_run=args.dry_run)
-    started = time.perf_counter()
     collections = [Collection(data / "psgs.tsv", True)]
     if args.distractors:
         collections.append(Collection(data / DISTRACTOR_COLLECTION, False))
@@ -456,7 +455,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  pipeline.hydra_dir("train_reader"))
     if args.dry_run:
         return
-    total = time.perf_counter() - started
+    total = sum(stage.seconds for stage in pipeline.stages)  # with the recorded times of stages a rerun skipped
     write_report(args, run_dir, pipeline, collections, retrievers, predictions, n_train, use_bf16, total)
 
 
