@@ -94,7 +94,7 @@ def pool(sequence_output: torch.Tensor, attention_mask: torch.Tensor, pooling: s
 
 
 # Architectures whose layers have BERT's structure (self-attention from query/key/value, attention.output with its
-# residual, feed_forward_chunk), checked against the full forward in tests/test_hf_encoder.py.
+# residual, feed_forward_chunk), checked against the full forward in tests/test_pooling.py.
 FIRST_TOKEN_LAYER_MODEL_TYPES = ("bert",)
 
 
