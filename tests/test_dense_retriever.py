@@ -246,3 +246,33 @@ def test_bm25_on_squad_open(shared_data, tmp_path, capsys):
     accuracy = [hits / 1427 for hits in stats.top_k_hits]
     assert 0.75 < accuracy[0] < 0.85 and 0.9 < accuracy[4] < 0.96
     assert top_k_hits_from_results(tmp_path / "bm25.json") == (stats.top_k_hits, 1427)
+
+
+def test_saved_index_refuses_the_questions_of_another_model(data, tmp_path):
+    """A saved index keeps its shards' provenance: retrieving from it with a retrained model fails in one line
+    instead of searching the old model's vectors (the index would otherwise be loaded as it is)."""
+    index_path = str(tmp_path / "index") + "/"
+    run(data, tmp_path / "built.json", index_path=index_path)
+    assert index_exists(index_path)
+    other_model = tiny_model(tmp_path / "other_bert", seed=1)
+    cfg = retriever_config(other_model, data["qas"], data["psgs"], data["embs"], str(tmp_path / "stale.json"),
+                           index_path=index_path)
+    with pytest.raises(ShardProvenanceError, match="the saved index .* holds: model.weights"):
+        run_dense_retriever(cfg)
+    run(data, tmp_path / "loaded.json", index_path=index_path)  # the model it was built with still loads it
+    assert (tmp_path / "built.json").read_text() == (tmp_path / "loaded.json").read_text()
+
+
+def test_index_saved_beside_shards_refuses_shards_of_another_model(data, tmp_path):
+    """GC-DPR's save_or_load_index keeps the index beside the shards: re-embedding the shards with another model
+    must not leave the old index in use."""
+    shards = tmp_path / "embs" / "psgs"
+    generate_dense_embeddings(gen_embs_config(data["model"], data["psgs"], shards))
+    embs = str(shards) + "_*"
+    run(data, tmp_path / "built.json", encoded_ctx_files=f"['{embs}']", save_or_load_index=True)
+    other_model = tiny_model(tmp_path / "other_bert", seed=1)
+    generate_dense_embeddings(gen_embs_config(other_model, data["psgs"], shards))  # the shards now hold new vectors
+    cfg = retriever_config(other_model, data["qas"], data["psgs"], embs, str(tmp_path / "stale.json"),
+                           save_or_load_index=True)
+    with pytest.raises(ShardProvenanceError, match="holds another model's vectors than the shards"):
+        run_dense_retriever(cfg)

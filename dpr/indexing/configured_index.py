@@ -16,6 +16,7 @@ from dpr.data.embeddings_io import EmbeddingFiles
 from dpr.foundation.errors import ConfigError, UserInputError
 from dpr.indexing.bm25 import BM25Index, passage_text
 from dpr.indexing.faiss_indexers import DenseIndexer, SearchResult, create_indexer, index_exists
+from dpr.indexing.shard_provenance import check_saved_index
 from dpr.indexing.shard_search import describe_shards, search_shards
 
 logger = logging.getLogger(__name__)
@@ -130,13 +131,17 @@ def shard_wise_search(cfg: DictConfig, shards: ChainedBlocks, queries: np.ndarra
     return search_shards(shard_sets, queries, depth, None if budget is None else int(float(budget) * 2**30))
 
 
-def build_or_load_index(cfg: DictConfig, shards: Optional[ChainedBlocks]) -> DenseIndexer:
-    """The dense index: loaded from its location when saved there, else built from the shards (then saved)."""
+def build_or_load_index(cfg: DictConfig, shards: Optional[ChainedBlocks],
+                        shards_model: Optional[tuple[Path, dict]] = None) -> DenseIndexer:
+    """The dense index: loaded from its location when saved there (and made from the same model as the shards
+    of `shards_model`, when both say), else built from the shards (then saved, with their provenance record)."""
     indexer = create_configured_indexer(cfg)
     location = index_location(cfg, shards)
     if location and index_exists(location):
         indexer.deserialize(location)
+        check_saved_index(location, indexer.provenance, shards_model)
         return indexer
+    indexer.provenance = shards_model[1] if shards_model else None
     count, dim = estimate_vector_count(shards.paths)
     indexer.ensure_fits(count, dim)  # logs the estimate; raises when the index will not fit
     started = time.perf_counter()

@@ -42,6 +42,7 @@ from dpr.indexing.configured_index import (
     bm25_index,
     build_or_load_index,
     check_shard_search_options,
+    index_location,
     shard_wise_search,
     shards_of,
 )
@@ -163,12 +164,18 @@ def retrieve(cfg: DictConfig, names: Sequence[str], questions: Sequence[str],
     if need_dense:
         check_shard_search_options(cfg)
         shards = shards_of(cfg, sources)
-        shards_model = check_shard_sets([files.paths for files in shards.files]) if shards is not None else None
+        index: Optional[DenseIndexer] = None
+        if shards is None:  # a saved index: its meta file names the model of its vectors
+            index = build_or_load_index(cfg, None)
+            shards_model = (Path(index_location(cfg, None)), index.provenance) if index.provenance else None
+        else:
+            shards_model = check_shard_sets([files.paths for files in shards.files])
         queries = question_vectors(cfg, questions, shards_model)
         if cfg.get("shard_search"):
             dense = shard_wise_search(cfg, shards, queries, depth)
         else:
-            dense, higher_is_better = dense_search(build_or_load_index(cfg, shards), queries, depth)
+            index = index or build_or_load_index(cfg, shards, shards_model)
+            dense, higher_is_better = dense_search(index, queries, depth)
     bm25 = bm25_index(cfg, sources).search(list(questions), depth) if need_bm25 else None
     for name in names:
         if name == "dense":

@@ -225,6 +225,9 @@ class DenseIndexer(ABC):
         self.check_memory = check_memory
         self.index: Optional[faiss.Index] = None
         self.index_id_to_db_id: list[object] = []
+        # the provenance record of the embedding shards the index was built from (dpr.indexing.shard_provenance),
+        # kept in the meta file so that a saved index is never searched with another model's question vectors
+        self.provenance: Optional[dict] = None
 
     @abstractmethod
     def estimate_memory(self, n: int, dim: int) -> int:
@@ -338,6 +341,7 @@ class DenseIndexer(ABC):
             "version": 1,
             "indexer": self.kind,
             **self._meta_fields(),
+            **({"provenance": self.provenance} if self.provenance is not None else {}),
             "ids": self.index_id_to_db_id,
         }
         with atomic_output(meta_file) as temp_name, open(temp_name, "w", encoding="utf-8") as file:
@@ -357,6 +361,7 @@ class DenseIndexer(ABC):
         if len(ids) != index.ntotal:
             raise ConfigError(f"{meta_file} has {len(ids)} ids for an index of {index.ntotal} vectors")
         self.index, self.index_id_to_db_id = index, ids
+        self.provenance = meta.get("provenance")
         self._restore(meta)
         logger.info("loaded a %s index of %d vectors", self.kind, index.ntotal)
 

@@ -32,6 +32,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence, Union
 from dpr.data.ctx_sources import CtxSource
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output
+from dpr.indexing.faiss_indexers import index_exists
 from dpr.models.encoder_spec import VECTOR_FIELDS
 from dpr.models.loading import InferenceEncoder
 
@@ -216,12 +217,32 @@ def _refuse_difference(first: tuple[Path, dict], second: tuple[Path, dict], what
         )
 
 
-def check_question_encoder(encoder: InferenceEncoder, shards_model: tuple[Path, dict]) -> None:
-    """Refuse to search the shards with questions encoded by another model or with other vector settings."""
-    shard, record = shards_model
-    changed = differing_field(record, {"model": model_record(encoder)}, keys=MODEL_KEYS)
+def check_saved_index(location: PathLike, index_record: Optional[dict], shards_model: Optional[tuple[Path, dict]]) -> None:
+    """Refuse a saved index built from another model's vectors than the shards it is loaded beside."""
+    if index_record is None or shards_model is None:
+        return
+    changed = differing_field(index_record, shards_model[1], keys=MODEL_KEYS)
     if changed is not None:
         raise ShardProvenanceError(
-            f"the question encoder is not the model that embedded {shard}: {changed} (shard vs questions). Give "
-            "the model_file and encoder settings the passages were embedded with, or re-embed the passages"
+            f"the saved index {location} holds another model's vectors than the shards {shards_model[0]}: "
+            f"{changed} (index vs shards). Delete the saved index to build it from these shards"
         )
+
+
+def check_question_encoder(encoder: InferenceEncoder, shards_model: tuple[Path, dict]) -> None:
+    """Refuse to search the shards, or an index saved from shards (its meta file keeps their record), with
+    questions encoded by another model or with other vector settings."""
+    where, record = shards_model
+    changed = differing_field(record, {"model": model_record(encoder)}, keys=MODEL_KEYS)
+    if changed is None:
+        return
+    if index_exists(where):
+        raise ShardProvenanceError(
+            f"the question encoder is not the model whose vectors the saved index {where} holds: {changed} (index "
+            "vs questions). Give the model_file the index was built with, or a new index_path (or delete the "
+            "saved index) to build it from the new model's shards"
+        )
+    raise ShardProvenanceError(
+        f"the question encoder is not the model that embedded {where}: {changed} (shard vs questions). Give "
+        "the model_file and encoder settings the passages were embedded with, or re-embed the passages"
+    )
