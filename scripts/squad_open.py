@@ -12,7 +12,7 @@ The entry scripts run as subprocesses, each command printed before it runs (--dr
 lands in --run_dir: squad_open.md (the top-k tables, reader EM, settings, timings and commands) and
 topk_accuracy.png (accuracy against k). Each finished stage is recorded in RUN_DIR/stages/; run the same command
 again with the same --run_dir after an interruption and the finished stages are skipped (a stage whose command
-changed runs again, and so does every stage after it).
+changed runs again from scratch, its earlier checkpoints and saved index removed, and so does every stage after it).
 
 Two recipes set the defaults; any option given explicitly wins:
   short (default, about 30 minutes on 2 CPU cores): 800 random training questions, 1 epoch of batch 16 (gradient
@@ -21,21 +21,23 @@ Two recipes set the defaults; any option given explicitly wins:
   full: all 6,534 training questions, 2 epochs of batch 128 (DPR's batch; chunks 32/16), MiniLM as it was
     pre-trained (mean pooling, cosine similarity at temperature 0.05, one shared tower); both collections; then
     hard negatives mined with the trained model (mine_hard_negatives.py, ranks 3-30, 5 per question, kept beside
-    the BM25 ones) and a second model trained on them from the pretrained MiniLM for 1 epoch with the same
-    settings, as DPR trained its adversarial NQ model; the reader (2,000 training questions retrieved by the
-    final retriever, 3 passages each, 1 epoch of batch 8 at learning rate 5e-5, EM on 700 dev questions from the
+    the BM25 ones) and the first model trained further on them for 2 epochs at learning rate 5e-5 (DPR's
+    adversarial NQ model was trained on hard negatives mined with its first model; --hn_init pretrained starts
+    this round from the pretrained MiniLM instead); the reader (2,000 training questions retrieved by the
+    final retriever, 3 passages each, 1 epoch of batch 8 at learning rate 2e-4, EM on 700 dev questions from the
     top passage and the top 20).
     Wall time measured on this machine (2 CPU cores with AMX-BF16, bf16 autocast, 2026-11-30): a bi-encoder step
-    of 128 questions takes about 35 s (median 37.8 s in the first round), so the first round (102 steps) takes
-    about 1 h 5 min and the second (51 steps) about 30 min; the reader about 20 min (243 steps of about 4 s,
-    then EM over 700 x 20 passages); the embeddings, retrievals and mining about 5 min. About 2 h in all on
-    otherwise idle cores, several times that under load (docs/quickstart.md).
+    of 128 questions takes about 35 s (median 37.8 s in the first round), so each round (102 steps) takes about
+    1 h 5 min; the reader about 20 min (243 steps of about 4 s, then EM over 700 x 20 passages); the
+    embeddings, retrievals and mining about 5 min. About 2 h 35 min in all on otherwise idle cores, several
+    times that under load (docs/quickstart.md).
 """
 import argparse
 import json
 import os
 import random
 import shlex
+import shutil
 import subprocess
 import sys
 import time
@@ -58,16 +60,17 @@ MATPLOTLIB_MISSING = ("matplotlib is needed for the plot: pip install matplotlib
 RECIPES = {
     "short": dict(max_train_questions=800, epochs=1, batch_size=16, q_chunk_size=8, ctx_chunk_size=8,
                   learning_rate=3e-5, pooling="cls", similarity="dot", temperature=1.0, share_encoders=False,
-                  distractors=False, hard_negative_round=False, reader_recipe="short"),
+                  distractors=False, hard_negative_round=False, hn_init="pretrained", reader_recipe="short"),
     "full": dict(max_train_questions=0, epochs=2, batch_size=128, q_chunk_size=32, ctx_chunk_size=16,
                  learning_rate=3e-5, pooling="mean", similarity="cosine", temperature=0.05, share_encoders=True,
-                 distractors=True, hard_negative_round=True, hn_epochs=1, reader_recipe="full"),
+                 distractors=True, hard_negative_round=True, hn_init="first_round", hn_epochs=2, hn_learning_rate=5e-5,
+                 reader_recipe="full"),
 }
 READER_RECIPES = {
     "short": dict(reader_train_questions=1200, reader_dev_questions=500, reader_epochs=1, reader_batch_size=4,
                   reader_passages=2, reader_eval_passages=5, reader_learning_rate=1e-4, reader_warmup_steps=10),
     "full": dict(reader_train_questions=2000, reader_dev_questions=700, reader_epochs=1, reader_batch_size=8,
-                 reader_passages=3, reader_eval_passages=20, reader_learning_rate=5e-5, reader_warmup_steps=100),
+                 reader_passages=3, reader_eval_passages=20, reader_learning_rate=2e-4, reader_warmup_steps=100),
 }
 
 
@@ -110,7 +113,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          help="(recipe) one tower for questions and passages")
     mining = parser.add_argument_group("second round on hard negatives mined with the first model")
     mining.add_argument("--hard_negative_round", type=true_or_false, metavar="true|false", help="(recipe)")
-    mining.add_argument("--hn_epochs", type=int, help="(recipe full: 1) epochs of the second round (default: --epochs)")
+    mining.add_argument("--hn_init", choices=("pretrained", "first_round"),
+                        help="(recipe) the second round starts from the pretrained MiniLM or from the first model")
+    mining.add_argument("--hn_epochs", type=int, help="(recipe full: 2) epochs of the second round (default: --epochs)")
+    mining.add_argument("--hn_learning_rate", type=float,
+                        help="(recipe full: 5e-5) of the second round (default: --learning_rate)")
     mining.add_argument("--mine_rank_from", type=int, default=3,
                         help="first rank mined (the top ranks hold most false negatives)")
     mining.add_argument("--mine_rank_to", type=int, default=30)
@@ -140,6 +147,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     fill_unset(args, READER_RECIPES[args.reader_recipe])
     if args.hn_epochs is None:
         args.hn_epochs = args.epochs
+    if args.hn_learning_rate is None:
+        args.hn_learning_rate = args.learning_rate
     args.data_path = Path(args.data).resolve()
     return args
 
@@ -160,31 +169,47 @@ class Pipeline:
     dry_run: bool = False
     stages: List[Stage] = field(default_factory=list)
 
-    def run(self, name: str, script: str, *args: str) -> None:
+    def run(self, name: str, script: str, *args: str, outputs: Sequence[Path] = ()) -> None:
         """Run one stage, unless an earlier run into the same run_dir finished this very command: a rerun after
-        an interruption (or with only later stages changed) resumes where the work stopped."""
+        an interruption (or with only later stages changed) resumes where the work stopped.
+
+        `outputs` are folders the stage would read back if they held an earlier run's files (checkpoints a
+        trainer resumes from, a saved index a retriever loads): they are removed before the stage runs, unless
+        the stage is this very command resuming after an interruption."""
         args = (*args, *self.common_overrides)
         command = [sys.executable, script, *args]
         shown = shlex.join(["python", script, *args])
         record = self.run_dir / "stages" / f"{len(self.stages):02d}.json"
-        done = json.loads(record.read_text(encoding="utf-8")) if record.is_file() and not self.dry_run else None
-        if done is not None and done["command"] == shown:
-            print(f"\n= {shown}\n  (done by an earlier run in {format_seconds(done['seconds'])}: {record})", flush=True)
-            self.stages.append(Stage(name, done["seconds"], shown))
+        earlier = json.loads(record.read_text(encoding="utf-8")) if record.is_file() and not self.dry_run else None
+        same_command = earlier is not None and earlier["command"] == shown
+        if same_command and earlier["seconds"] is not None:
+            print(f"\n= {shown}\n  (done by an earlier run in {format_seconds(earlier['seconds'])}: {record})",
+                  flush=True)
+            self.stages.append(Stage(name, earlier["seconds"], shown))
             return
         print(f"\n+ {shown}", flush=True)
+        if not self.dry_run:
+            if not same_command:
+                for folder in outputs:
+                    if folder.exists():
+                        print(f"  (removing {folder}: an earlier run's outputs)", flush=True)
+                        shutil.rmtree(folder)
+            record.parent.mkdir(parents=True, exist_ok=True)
+            for later in record.parent.glob("*.json"):
+                if later.name > record.name:
+                    later.unlink()  # stages after a rerun one read its new outputs: they run again
+            self._record(record, name, shown, None)  # started: an interrupted stage resumes its own outputs
         started = time.perf_counter()
         if not self.dry_run and subprocess.run(command, cwd=REPO).returncode != 0:
             sys.exit(f"squad_open: '{name}' failed; its log is under {self.run_dir / 'logs'}")
         stage = Stage(name, time.perf_counter() - started, shown)
         self.stages.append(stage)
         if not self.dry_run:
-            record.parent.mkdir(parents=True, exist_ok=True)
-            for later in record.parent.glob("*.json"):
-                if later.name > record.name:
-                    later.unlink()  # stages after a rerun one read its new outputs: they run again
-            record.write_text(json.dumps({"name": name, "command": shown, "seconds": stage.seconds}) + "\n",
-                              encoding="utf-8")
+            self._record(record, name, shown, stage.seconds)
+
+    @staticmethod
+    def _record(record: Path, name: str, command: str, seconds: Optional[float]) -> None:
+        record.write_text(json.dumps({"name": name, "command": command, "seconds": seconds}) + "\n", encoding="utf-8")
 
     def hydra_dir(self, name: str) -> str:
         """Where hydra keeps a step's log and resolved config (not in the repository's outputs/)."""
@@ -352,19 +377,23 @@ def embed_and_retrieve(pipeline: Pipeline, args: argparse.Namespace, retriever: 
                      f"retriever=[{','.join(retriever.rows)}]",
                      f"bm25_index_path={pipeline.run_dir / collection.suffixed('bm25_index')}",
                      f"index_path={model_dir / collection.suffixed('index')}/", f"out_file={collection.results(model_dir)}",
-                     pipeline.hydra_dir(collection.suffixed("retrieve_" + retriever.key)))
+                     pipeline.hydra_dir(collection.suffixed("retrieve_" + retriever.key)),
+                     outputs=[model_dir / collection.suffixed("index")])
 
 
 def train_biencoder(pipeline: Pipeline, args: argparse.Namespace, name: str, train_json: Path, n_train: int,
-                    epochs: int, output_dir: Path) -> Path:
-    """DPR training from the pretrained MiniLM with the gradient cache; returns the last epoch's checkpoint."""
+                    epochs: int, learning_rate: float, output_dir: Path, init_from: Optional[Path] = None) -> Path:
+    """DPR training with the gradient cache, from the pretrained MiniLM or from the weights of checkpoint
+    `init_from` (with a fresh optimizer and schedule); returns the last epoch's checkpoint."""
     total_steps = epochs * (n_train // args.batch_size)
-    pipeline.run(name, "train_dense_encoder.py", *encoder_overrides(args),
+    start = ([f"model_file={init_from}", "ignore_checkpoint_offset=true", "ignore_checkpoint_optimizer=true",
+              "ignore_checkpoint_lr=true"] if init_from else [])
+    pipeline.run(name, "train_dense_encoder.py", *encoder_overrides(args), *start,
                  f"train_datasets=[{train_json}]", f"train.batch_size={args.batch_size}", "train.grad_cache=true",
                  f"train.q_chunk_size={args.q_chunk_size}", f"train.ctx_chunk_size={args.ctx_chunk_size}",
-                 f"train.num_train_epochs={epochs}", f"train.learning_rate={args.learning_rate}",
+                 f"train.num_train_epochs={epochs}", f"train.learning_rate={learning_rate}",
                  f"train.warmup_steps={max(1, total_steps // 10)}", "train.log_batch_step=5",
-                 f"output_dir={output_dir}", pipeline.hydra_dir(output_dir.name))
+                 f"output_dir={output_dir}", pipeline.hydra_dir(output_dir.name), outputs=[output_dir])
     return output_dir / f"dpr_biencoder.{epochs - 1}"
 
 
@@ -403,15 +432,15 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     train_json = subsets / "biencoder-train.json"
     n_train = subset_json(data / "biencoder-train.json", train_json, args.max_train_questions, args.seed, write=write)
     model = train_biencoder(pipeline, args, "train bi-encoder (gradient cache)", train_json, n_train, args.epochs,
-                            run_dir / "biencoder")
+                            args.learning_rate, run_dir / "biencoder")
     trained = Retriever("trained", "trained encoder",
                         {"dense": "MiniLM, DPR-trained", "hybrid": "hybrid (BM25 + DPR-trained)"}, model,
                         "DPR-trained retriever")
     embed_and_retrieve(pipeline, args, trained, collections)
     retrievers = [untrained, trained]
 
-    # 3. DPR's second round: hard negatives mined with the first model, a new model trained on them (mixed with
-    # the BM25 ones) from the pretrained MiniLM.
+    # 3. DPR's second round: hard negatives mined with the first model, and a model trained on them (mixed with
+    # the BM25 ones), from the first model's weights or from the pretrained MiniLM.
     if args.hard_negative_round:
         mined_json = subsets / "biencoder-train-mined.json"
         pipeline.run("mine hard negatives with the trained encoder", "mine_hard_negatives.py", f"model_file={model}",
@@ -422,7 +451,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                      f"num_hard_negatives={args.num_hard_negatives}", "keep_existing_hard_negatives=true",
                      pipeline.hydra_dir("mine_hard_negatives"))
         model = train_biencoder(pipeline, args, "train bi-encoder on mined hard negatives", mined_json, n_train,
-                                args.hn_epochs, run_dir / "biencoder_hn")
+                                args.hn_epochs, args.hn_learning_rate, run_dir / "biencoder_hn",
+                                init_from=model if args.hn_init == "first_round" else None)
         second = Retriever("trained_hn", "encoder trained on mined negatives",
                            {"dense": "MiniLM, DPR-trained on mined negatives",
                             "hybrid": "hybrid (BM25 + trained on mined negatives)"}, model,
@@ -452,7 +482,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  f"passages_per_question_predict={args.reader_eval_passages}",
                  f"eval_top_docs=[{','.join(map(str, sorted({1, args.reader_eval_passages})))}]", "num_workers=2",
                  f"output_dir={run_dir / 'reader' / 'model'}", f"prediction_results_file={predictions}",
-                 pipeline.hydra_dir("train_reader"))
+                 pipeline.hydra_dir("train_reader"), outputs=[run_dir / "reader" / "model"])
     if args.dry_run:
         return
     total = sum(stage.seconds for stage in pipeline.stages)  # with the recorded times of stages a rerun skipped
@@ -492,8 +522,11 @@ def write_report(args: argparse.Namespace, run_dir: Path, pipeline: Pipeline, co
     if args.hard_negative_round:
         settings += (f"Second round: up to {args.num_hard_negatives} hard negatives per question mined with the first "
                      f"model from ranks {args.mine_rank_from}-{args.mine_rank_to} (no answer, no positive), kept "
-                     f"beside the BM25 ones; a new model trained on them from the pretrained MiniLM, "
-                     f"{args.hn_epochs} epoch(s), the same settings. ")
+                     f"beside the BM25 ones; "
+                     + ("the first model trained further on them" if args.hn_init == "first_round"
+                        else "a new model trained on them from the pretrained MiniLM")
+                     + f", {args.hn_epochs} epoch(s) at learning rate {args.hn_learning_rate}, otherwise the same "
+                     "settings. ")
     settings += (f"Reader ({args.reader_recipe} recipe): {args.reader_train_questions or 'all'} training questions "
                  f"retrieved by the {retrievers[-1].retriever_name}, {args.reader_epochs} epoch(s) of batch "
                  f"{args.reader_batch_size} x {args.reader_passages} passages, "

@@ -155,12 +155,22 @@ def test_squad_open_rerun_skips_the_finished_stages(squad_open, tmp_path, monkey
     trained_dev = run_dir / "trained" / "dev.json"
     trained_dev.parent.mkdir(parents=True)
     trained_dev.write_text(json.dumps([{"question": "q", "answers": ["a"], "ctxs": []}]))
-    ran, calls = [], []
+    checkpoint = run_dir / "biencoder" / "dpr_biencoder.0"
+    reader_checkpoint = run_dir / "reader" / "model" / "dpr_extractive_reader.0"
+    ran, calls, found_checkpoints = [], [], []
 
     def fake_run(command, cwd):
         ran.append(command[1])
         calls.append(command[1])
-        return subprocess.CompletedProcess(command, 0 if len(calls) != 4 else 1)  # the 4th stage fails, once
+        if command[1] == "train_dense_encoder.py":
+            found_checkpoints.append(checkpoint.is_file())
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text("epoch 0")  # what an interrupted training leaves behind
+        if command[1] == "train_reader.py":
+            found_checkpoints.append(reader_checkpoint.is_file())
+            reader_checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            reader_checkpoint.write_text("epoch 0")
+        return subprocess.CompletedProcess(command, 0 if len(calls) != 3 else 1)  # the 3rd stage fails, once
 
     monkeypatch.setattr(squad_open.subprocess, "run", fake_run)
     monkeypatch.setattr(squad_open, "accuracy_by_k", lambda path: ([50.0] * 100, 1))
@@ -168,17 +178,23 @@ def test_squad_open_rerun_skips_the_finished_stages(squad_open, tmp_path, monkey
     argv = ["--data", str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot", "--bf16", "false"]
     with pytest.raises(SystemExit, match="failed"):
         squad_open.main(argv)
-    assert len(ran) == 4
+    assert ran == ["generate_dense_embeddings.py", "dense_retriever.py", "train_dense_encoder.py"]
     ran.clear()
-    squad_open.main(argv)  # resumes at the failed stage
-    assert ran == ["generate_dense_embeddings.py", "dense_retriever.py", "dense_retriever.py", "train_reader.py"]
+    squad_open.main(argv)  # resumes at the failed stage, which finds its own checkpoint
+    assert ran == ["train_dense_encoder.py", "generate_dense_embeddings.py", "dense_retriever.py",
+                   "dense_retriever.py", "train_reader.py"]
+    assert found_checkpoints == [False, True, False]
     ran.clear()
     squad_open.main(argv)
     assert ran == []  # everything done
     squad_open.main([*argv, "--reader_learning_rate", "2e-4"])
     assert ran == ["train_reader.py"]  # only the changed stage
+    assert found_checkpoints[-1] is False  # a changed stage starts afresh, not from the earlier run's checkpoint
     timings = (run_dir / "squad_open.md").read_text().split("## Timings")[1]
     assert timings.count("| ") >= 8  # the skipped stages keep their recorded times
+    ran.clear()
+    squad_open.main([*argv, "--learning_rate", "1e-4"])
+    assert ran[0] == "train_dense_encoder.py" and found_checkpoints[-2:] == [False, False]
 
 
 def full_recipe_data(tmp_path):
@@ -202,25 +218,35 @@ def test_squad_open_full_recipe_dry_run(squad_open, tmp_path, capsys):
     for argv in commands:
         check_command(argv, str(run_dir))
     first, second = (argv for argv in commands if argv[1] == "train_dense_encoder.py")
-    for train in (first, second):  # both from the pretrained MiniLM, with DPR's batch under the gradient cache
+    for train in (first, second):  # DPR's batch under the gradient cache, MiniLM as it was pre-trained
         for arg in ("train.batch_size=128", "train.grad_cache=true", "train.q_chunk_size=32",
                     "train.ctx_chunk_size=16", "encoder.pooling=mean", "encoder.similarity=cosine",
                     "encoder.temperature=0.05", "encoder.share_encoders=true", "encoder=minilm"):
             assert arg in train
-        assert not any(arg.startswith("model_file=") for arg in train)
+    assert not any(arg.startswith("model_file=") for arg in first)  # from the pretrained MiniLM
     assert f"train_datasets=[{run_dir}/data/biencoder-train.json]" in first
     mine = commands[9]
     assert f"model_file={run_dir}/biencoder/dpr_biencoder.1" in mine
     assert f"input_file={run_dir}/data/biencoder-train.json" in mine
     assert f"out_file={run_dir}/data/biencoder-train-mined.json" in mine
     assert f"train_datasets=[{run_dir}/data/biencoder-train-mined.json]" in second
+    # the second round continues from the first model's weights, with a fresh optimizer and schedule
+    for arg in (f"model_file={run_dir}/biencoder/dpr_biencoder.1", "ignore_checkpoint_offset=true",
+                "ignore_checkpoint_optimizer=true", "ignore_checkpoint_lr=true", "train.learning_rate=5e-05"):
+        assert arg in second
     retrievals = [argv for argv in commands if argv[1] == "dense_retriever.py"]
     collections = [next(arg for arg in argv if arg.startswith("ctx_datatsets=")) for argv in retrievals]
     assert [c.rsplit("/", 1)[1] for c in collections] == ["psgs.tsv]", "psgs_plus_wikitext2.tsv]"] * 3 + ["psgs.tsv]"]
-    assert f"model_file={run_dir}/biencoder_hn/dpr_biencoder.0" in retrievals[-1], "the reader reads the final model's"
+    assert f"model_file={run_dir}/biencoder_hn/dpr_biencoder.1" in retrievals[-1], "the reader reads the final model's"
     reader = commands[-1]
-    assert "passages_per_question=3" in reader and "eval_top_docs=[1,20]" in reader
-    assert "train.num_train_epochs=1" in second and "train.num_train_epochs=2" in first
+    for arg in ("passages_per_question=3", "eval_top_docs=[1,20]", "train.learning_rate=0.0002"):
+        assert arg in reader
+    assert "train.num_train_epochs=2" in second and "train.num_train_epochs=2" in first
+    squad_open.main(["--recipe", "full", "--data", str(full_recipe_data(tmp_path / "pretrained")), "--run_dir",
+                     str(run_dir), "--bf16", "false", "--dry_run", "--hn_init", "pretrained"])
+    commands = [shlex.split(line[2:]) for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
+    second = [argv for argv in commands if argv[1] == "train_dense_encoder.py"][1]
+    assert not any(arg.startswith(("model_file=", "ignore_checkpoint")) for arg in second)
 
 
 def test_squad_open_full_recipe_report(squad_open, tmp_path, monkeypatch):
