@@ -1,5 +1,6 @@
 """Reader preprocessing (§6): answer spans as token subsequences, positive/negative selection, gold pages,
 skipped questions; sample files (DPR pickles, npz, refusing foreign pickles); the reader's batches."""
+import dataclasses
 import json
 import logging
 import os
@@ -14,26 +15,32 @@ from dpr.data.reader_data import (
     ReaderPassage,
     ReaderPreprocessingCfg,
     ReaderSample,
+    SampleFileOptions,
     cached_sample_files,
     choose_positive,
     convert_retriever_results,
     find_answer_spans,
     load_gold_passages,
     make_eval_batch,
+    load_samples,
     make_train_batch,
+    preprocess_retriever_results,
     preprocess_sample,
     preprocess_samples,
     read_samples,
     sample_files,
+    samples_record_path,
+    stale_samples_reason,
     write_samples,
 )
 from dpr.data.tensorizer import Tensorizer
 from dpr.evaluation.exact_match import normalize_answer
 from dpr.evaluation.qa_validation import has_answer
+from dpr.models.encoder_spec import EncoderSpec
 from dpr.models.hf_encoder import load_tokenizer
 from dpr.foundation.safe_pickle import UnsafePickleError
 from tests.fixtures import PickledPayload
-from tests.tiny_models import write_vocab
+from tests.tiny_models import tiny_bert_dir, write_vocab
 
 FACTS = [
     ("paris", "france", "paris is the capital of france and paris is its largest city"),
@@ -245,6 +252,37 @@ def test_sample_file_discovery_prefers_npz_and_orders_chunks(tmp_path):
                                                                                     str(tmp_path / "r.1.pkl")]
     with pytest.raises(ValueError, match=".pkl or .npz"):
         read_samples(str(tmp_path / "r.json"))
+
+
+def test_sample_files_are_made_again_when_what_they_were_made_from_changes(tmp_path, monkeypatch):
+    """The trainer reuses the sample files beside a retriever-results JSON only when their record says they were
+    made from this very file with this tokenizer and length: a retriever run again into the same JSON once left
+    the reader training on the old passages."""
+    monkeypatch.setattr("dpr.data.reader_data.os.cpu_count", lambda: 1)  # chunks in this process, no spawn
+    model = tiny_bert_dir(tmp_path / "bert")
+    results, prefix = tmp_path / "r.json", str(tmp_path / "r")
+    results.write_text(json.dumps([results_record(i) for i in range(4)]))
+    options = SampleFileOptions(EncoderSpec(model, sequence_length=64), None, None, num_workers=2, formats=("npz",))
+
+    def stale(is_train=True, opts=options):
+        return stale_samples_reason(str(results), prefix, is_train, opts)
+
+    assert len(preprocess_retriever_results(str(results), prefix, True, options)) == 2
+    assert stale() is None
+    assert stale(is_train=False) == "is_train differs (True -> False)"
+    shorter = dataclasses.replace(options, encoder=EncoderSpec(model, sequence_length=48))
+    assert stale(opts=shorter) == "encoder.sequence_length differs (64 -> 48)"
+    results.write_text(json.dumps([results_record(i) for i in range(3)]))  # the retriever ran again
+    assert stale().startswith("retriever_results.")
+    preprocess_retriever_results(str(results), prefix, True, dataclasses.replace(options, num_workers=1))
+    assert cached_sample_files(prefix) == [prefix + ".0.npz"]  # the earlier run's second chunk is gone
+    assert len(load_samples(cached_sample_files(prefix))) == 3 and stale() is None
+    # files without a record (DPR's, or an older version's) are reused unless older than the results
+    os.remove(samples_record_path(prefix))
+    assert stale() is None
+    later = os.stat(prefix + ".0.npz").st_mtime_ns + 10**9
+    os.utime(results, ns=(later, later))
+    assert "is older than" in stale()
 
 
 # ------------------------------------------------------------------------------------------------ batches

@@ -29,7 +29,7 @@ import torch
 from dpr.data.data_files import DataFileError, expand_glob, open_text
 from dpr.data.tensorizer import Tensorizer
 from dpr.foundation.errors import UserInputError
-from dpr.foundation.files import atomic_output
+from dpr.foundation.files import atomic_output, file_identity
 from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
 from dpr.models.encoder_spec import EncoderSpec
 
@@ -37,6 +37,9 @@ logger = logging.getLogger(__name__)
 
 Span = Tuple[int, int]
 SAMPLE_FORMATS = ("pkl", "npz")
+SAMPLES_RECORD_FORMAT = "dpr-reader-samples-provenance"
+# the encoder settings preprocessing depends on (the tokenizer and the length passages are cut to)
+TOKENIZATION_FIELDS = ("pretrained_model_cfg", "do_lower_case", "sequence_length")
 NPZ_FORMAT_NAME = "dpr-reader-samples"
 
 
@@ -376,10 +379,63 @@ class SampleFileOptions:
 
 def preprocess_retriever_results(retriever_results: str, out_file: str, is_train: bool,
                                  options: SampleFileOptions) -> List[str]:
-    """convert_retriever_results with the tokenizer, length and gold passages the options name."""
+    """convert_retriever_results with the tokenizer, length and gold passages the options name. Sample files
+    an earlier run left under the same prefix are removed first (a chunk more than this run writes would
+    otherwise be read with them), and a record of what the files were made from is written beside them."""
+    for stale in cached_sample_files(out_file, formats=SAMPLE_FORMATS):
+        os.remove(stale)
     tensorizer = Tensorizer.for_spec(options.encoder)
-    return convert_retriever_results(is_train, retriever_results, out_file, tensorizer,
-                                     options.gold_passages(is_train), options.num_workers, options.formats)
+    paths = convert_retriever_results(is_train, retriever_results, out_file, tensorizer,
+                                      options.gold_passages(is_train), options.num_workers, options.formats)
+    record = samples_record(retriever_results, is_train, options)
+    with atomic_output(samples_record_path(out_file)) as temp_name, open(temp_name, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
+    return paths
+
+
+def samples_record_path(prefix: str) -> str:
+    """Beside the sample files, hidden (`{dir}/.{name}.samples.json`), so that no sample glob takes it."""
+    folder, name = os.path.split(prefix)
+    return os.path.join(folder, f".{name}.samples.json")
+
+
+def samples_record(retriever_results: str, is_train: bool, options: SampleFileOptions) -> dict:
+    """What sample files are made from: the retriever results, the gold passages, the tokenizer and length."""
+    gold = options.gold_passages(is_train)
+    return {
+        "format": SAMPLES_RECORD_FORMAT,
+        "version": 1,
+        "is_train": is_train,
+        "retriever_results": file_identity(retriever_results),
+        "gold_passages": file_identity(gold) if gold else None,
+        "encoder": {key: getattr(options.encoder, key) for key in TOKENIZATION_FIELDS},
+    }
+
+
+def stale_samples_reason(retriever_results: str, prefix: str, is_train: bool,
+                         options: SampleFileOptions) -> Optional[str]:
+    """Why the sample files of `prefix` may not stand for `retriever_results` preprocessed with `options`, or
+    None when they may. With their record: the first field that differs. Without one (DPR's files, or files of
+    an older version): they may when none is older than the retriever results, as make decides."""
+    try:
+        with open(samples_record_path(prefix), encoding="utf-8") as f:
+            saved = json.load(f)
+    except FileNotFoundError:
+        results_mtime = os.stat(retriever_results).st_mtime_ns
+        older = [path for path in cached_sample_files(prefix) if os.stat(path).st_mtime_ns < results_mtime]
+        return f"{older[0]} is older than {retriever_results} and has no record" if older else None
+    except (OSError, ValueError) as e:
+        return f"its record {samples_record_path(prefix)} is unreadable ({e})"
+    current = samples_record(retriever_results, is_train, options)
+    for section in ("is_train", "retriever_results", "gold_passages", "encoder"):
+        before, now = saved.get(section), current[section]
+        if before == now:
+            continue
+        if isinstance(before, dict) and isinstance(now, dict):
+            key = next(k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
+            return f"{section}.{key} differs ({before.get(key)!r} -> {now.get(key)!r})"
+        return f"{section} differs ({before!r} -> {now!r})"
+    return None
 
 
 def _log_stats(stats: PreprocessingStats, is_train: bool) -> None:
@@ -447,10 +503,14 @@ def sample_files(paths: Sequence[str]) -> List[str]:
     return list(by_chunk.values())
 
 
-def cached_sample_files(prefix: str) -> List[str]:
-    """The files a preprocessing run with this out_file prefix wrote, if any."""
+def cached_sample_files(prefix: str, formats: Sequence[str] = ()) -> List[str]:
+    """The files a preprocessing run with this out_file prefix wrote, if any: one per chunk, or with `formats`
+    every file of those formats."""
     pattern = glob.escape(prefix) + ".*"
-    return sample_files([p for p in expand_glob(pattern) if p[len(prefix) + 1 :].split(".")[0].isdigit()])
+    written = [p for p in expand_glob(pattern) if p[len(prefix) + 1 :].split(".")[0].isdigit()]
+    if formats:
+        return [p for p in written if p.rsplit(".", 1)[-1] in formats]
+    return sample_files(written)
 
 
 def _chunk_order(path: str):

@@ -22,7 +22,6 @@ Three comparisons use it:
 - questions: the question encoder must be of the shards' model (same weights fingerprint and vector settings).
 Shards without a record (DPR's released ones) are accepted as they are, with an info line.
 """
-import hashlib
 import json
 import logging
 import os
@@ -31,7 +30,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence, Union
 
 from dpr.data.ctx_sources import CtxSource
 from dpr.foundation.errors import UserInputError
-from dpr.foundation.files import atomic_output
+from dpr.foundation.files import atomic_output, file_identity
 from dpr.indexing.faiss_indexers import index_exists
 from dpr.models.encoder_spec import VECTOR_FIELDS
 from dpr.models.loading import InferenceEncoder
@@ -41,8 +40,6 @@ logger = logging.getLogger(__name__)
 PathLike = Union[str, Path]
 FORMAT = "dpr-shard-provenance"
 VERSION = 1
-_SAMPLE_BLOCKS = 64
-_SAMPLE_BLOCK_BYTES = 4096
 
 # Where the inputs were: says nothing about the vectors once the weights fingerprint and spec are known.
 _LOCATION_KEYS = ("model.checkpoint", "passages.path", "passages.mtime_ns")
@@ -62,25 +59,8 @@ def sidecar_path(shard: PathLike) -> Path:
 
 
 def passages_identity(source: CtxSource) -> dict:
-    """The passages file as the record holds it. The hash reads 64 blocks of 4 KiB spread over the file (the
-    whole of a file under 256 KiB): cheap for Wikipedia's 13 GB, and with size and mtime it catches any rewrite."""
-    stat = os.stat(source.path)
-    digest = hashlib.blake2b(digest_size=16)
-    with open(source.path, "rb") as file:
-        if stat.st_size <= _SAMPLE_BLOCKS * _SAMPLE_BLOCK_BYTES:
-            digest.update(file.read())
-        else:
-            stride = (stat.st_size - _SAMPLE_BLOCK_BYTES) // (_SAMPLE_BLOCKS - 1)
-            for block in range(_SAMPLE_BLOCKS):
-                file.seek(block * stride)
-                digest.update(file.read(_SAMPLE_BLOCK_BYTES))
-    return {
-        "path": os.path.abspath(source.path),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "sample_hash": "blake2b:" + digest.hexdigest(),
-        "id_prefix": source.id_prefix,
-    }
+    """The passages file as the record holds it (`file_identity`) and the id prefix of its source."""
+    return {**file_identity(source.path), "id_prefix": source.id_prefix}
 
 
 def shard_provenance(

@@ -27,6 +27,7 @@ from dpr.data.reader_data import (
     make_train_batch,
     preprocess_retriever_results,
     sample_files,
+    stale_samples_reason,
 )
 from dpr.data.tensorizer import Tensorizer
 from dpr.evaluation.reader_predictions import (
@@ -107,7 +108,8 @@ class ReaderTrainer(Trainer):
 
     def _sample_files(self, files: Union[str, Sequence[str]], is_train: bool) -> List[str]:
         """Sample files as given, or those of the one retriever-results JSON given: reused when a previous run
-        wrote them next to it ({dir}/{name}.{k}.*), preprocessed by the main process otherwise."""
+        wrote them next to it ({dir}/{name}.{k}.*) from this very file with this tokenizer and length
+        (`stale_samples_reason`), preprocessed by the main process otherwise."""
         patterns = [files] if isinstance(files, str) else list(files)
         matched = sorted({path for pattern in patterns for path in expand_glob(pattern)})
         if not matched:
@@ -119,12 +121,17 @@ class ReaderTrainer(Trainer):
         if len(results) != 1:
             raise ConfigError(f"expected sample files (.pkl/.npz) or exactly one retriever-results .json: {matched}")
         prefix = os.path.splitext(results[0])[0]
+        options = SampleFileOptions.from_config(self.cfg)
         cached = cached_sample_files(prefix)
-        if cached:
+        stale = stale_samples_reason(results[0], prefix, is_train, options) if cached else None
+        barrier()  # every process has looked before the main one rewrites anything
+        if cached and stale is None:
             logger.info("Using the preprocessed samples of %s: %s", results[0], cached)
             return cached
+        if stale is not None:
+            logger.info("Preprocessing %s again: its earlier sample files are stale (%s)", results[0], stale)
         if self.dist.is_main:
-            preprocess_retriever_results(results[0], prefix, is_train, SampleFileOptions.from_config(self.cfg))
+            preprocess_retriever_results(results[0], prefix, is_train, options)
         barrier()
         return cached_sample_files(prefix)
 
