@@ -24,13 +24,13 @@ Two recipes set the defaults; any option given explicitly wins:
     the BM25 ones) and the first model trained further on them for 2 epochs at learning rate 5e-5 (DPR's
     adversarial NQ model was trained on hard negatives mined with its first model; --hn_init pretrained starts
     this round from the pretrained MiniLM instead); the reader (2,000 training questions retrieved by the
-    final retriever, 3 passages each, 1 epoch of batch 8 at learning rate 2e-4, EM on 700 dev questions from the
+    final retriever, 3 passages each, 2 epochs of batch 8 at learning rate 2e-4, EM on 700 dev questions from the
     top passage and the top 20).
     Wall time measured on this machine (2 CPU cores with AMX-BF16, bf16 autocast, 2026-11-30): a bi-encoder step
-    of 128 questions takes about 35 s (median 37.8 s in the first round), so each round (102 steps) takes about
-    1 h 5 min; the reader about 20 min (243 steps of about 4 s, then EM over 700 x 20 passages); the
-    embeddings, retrievals and mining about 5 min. About 2 h 35 min in all on otherwise idle cores, several
-    times that under load (docs/quickstart.md).
+    of 128 questions takes 26-38 s (26-29 s on otherwise idle cores), so each round of 102 steps takes 45-65 min;
+    the reader about 43 min (492 steps of about 3.5 s, and EM over 700 x 20 passages after each epoch, about
+    6 min each); the embeddings, retrievals and mining about 5 min. About 2 h 40 min in all on otherwise idle
+    cores, several times that under load (docs/quickstart.md).
 """
 import argparse
 import json
@@ -69,7 +69,7 @@ RECIPES = {
 READER_RECIPES = {
     "short": dict(reader_train_questions=1200, reader_dev_questions=500, reader_epochs=1, reader_batch_size=4,
                   reader_passages=2, reader_eval_passages=5, reader_learning_rate=1e-4, reader_warmup_steps=10),
-    "full": dict(reader_train_questions=2000, reader_dev_questions=700, reader_epochs=1, reader_batch_size=8,
+    "full": dict(reader_train_questions=2000, reader_dev_questions=700, reader_epochs=2, reader_batch_size=8,
                  reader_passages=3, reader_eval_passages=20, reader_learning_rate=2e-4, reader_warmup_steps=100),
 }
 
