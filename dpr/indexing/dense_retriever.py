@@ -174,7 +174,8 @@ def retrieve(cfg: DictConfig, names: Sequence[str], questions: Sequence[str],
         if cfg.get("shard_search"):
             dense = shard_wise_search(cfg, shards, queries, depth)
         else:
-            index = index or build_or_load_index(cfg, shards, shards_model)
+            if index is None:
+                index = build_or_load_index(cfg, shards, shards_model)
             dense, higher_is_better = dense_search(index, queries, depth)
     bm25 = bm25_index(cfg, sources).search(list(questions), depth) if need_bm25 else None
     for name in names:
