@@ -266,9 +266,7 @@ def subset_json(src: Path, dst: Path, n: int, seed: int, max_ctxs: Optional[int]
     if max_ctxs is not None:
         records = [{**record, "ctxs": record["ctxs"][:max_ctxs]} for record in records]
     if write:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        with open(dst, "w", encoding="utf-8") as f:
-            json.dump(records, f)
+        write_if_changed(dst, json.dumps(records))
     return len(records)
 
 
@@ -276,9 +274,17 @@ def subset_lines(src: Path, dst: Path, n: int, seed: int, write: bool = True) ->
     with open(src, encoding="utf-8") as f:
         lines = random_subset(f.readlines(), n, seed)
     if write:
-        dst.parent.mkdir(parents=True, exist_ok=True)
-        dst.write_text("".join(lines), encoding="utf-8")
+        write_if_changed(dst, "".join(lines))
     return len(lines)
+
+
+def write_if_changed(dst: Path, text: str) -> None:
+    """Write `text` to dst unless it holds it already: an unchanged input keeps its mtime, so a rerun does not
+    take the files made from it (the reader's samples) for stale."""
+    if dst.is_file() and dst.read_text(encoding="utf-8") == text:
+        return
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.write_text(text, encoding="utf-8")
 
 
 def cpu_has_bf16() -> bool:

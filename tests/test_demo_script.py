@@ -3,6 +3,7 @@ command it runs is valid for its entry script's configuration; scripts/squad_ope
 stubbed out, builds valid commands and writes its report."""
 import importlib.util
 import json
+import os
 import re
 import shlex
 import shutil
@@ -307,3 +308,15 @@ def test_squad_open_plot(squad_open, tmp_path):
     curves = {"BM25": [50.0 + k / 10 for k in range(100)]}
     squad_open.plot_curves({"psgs.tsv": curves, "psgs_plus_wikitext2.tsv": curves}, 7, path)
     assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_squad_open_subsets_keep_their_mtime_when_unchanged(squad_open, tmp_path):
+    """Every run writes its question subsets again; an unchanged one must keep its mtime, or the reader's sample
+    files made from it would be taken for stale and preprocessed again."""
+    src, dst = REPO / "data" / "sample" / "biencoder-train.json", tmp_path / "subset.json"
+    assert squad_open.subset_json(src, dst, 5, seed=1) == 5
+    os.utime(dst, ns=(10**18, 10**18))
+    squad_open.subset_json(src, dst, 5, seed=1)
+    assert dst.stat().st_mtime_ns == 10**18
+    squad_open.subset_json(src, dst, 4, seed=1)
+    assert dst.stat().st_mtime_ns != 10**18 and len(json.loads(dst.read_text())) == 4
