@@ -29,7 +29,8 @@ import torch
 from dpr.data.data_files import DataFileError, expand_glob, open_text
 from dpr.data.tensorizer import Tensorizer
 from dpr.foundation.errors import UserInputError
-from dpr.foundation.files import atomic_output, file_identity
+from dpr.foundation.files import atomic_output
+from dpr.foundation.provenance import differing_field, file_identity
 from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
 from dpr.models.encoder_spec import EncoderSpec
 
@@ -426,16 +427,8 @@ def stale_samples_reason(retriever_results: str, prefix: str, is_train: bool,
         return f"{older[0]} is older than {retriever_results} and has no record" if older else None
     except (OSError, ValueError) as e:
         return f"its record {samples_record_path(prefix)} is unreadable ({e})"
-    current = samples_record(retriever_results, is_train, options)
-    for section in ("is_train", "retriever_results", "gold_passages", "encoder"):
-        before, now = saved.get(section), current[section]
-        if before == now:
-            continue
-        if isinstance(before, dict) and isinstance(now, dict):
-            key = next(k for k in sorted(set(before) | set(now)) if before.get(k) != now.get(k))
-            return f"{section}.{key} differs ({before.get(key)!r} -> {now.get(key)!r})"
-        return f"{section} differs ({before!r} -> {now!r})"
-    return None
+    changed = differing_field(saved, samples_record(retriever_results, is_train, options))
+    return None if changed is None else f"{changed.field} differs ({changed.first!r} -> {changed.second!r})"
 
 
 def _log_stats(stats: PreprocessingStats, is_train: bool) -> None:

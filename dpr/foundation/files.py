@@ -1,6 +1,5 @@
 """Files that appear under their final name only when complete, and the folders they are written to."""
 import glob
-import hashlib
 import os
 import tempfile
 from contextlib import contextmanager
@@ -10,7 +9,6 @@ from typing import Iterator, Tuple, Union
 from dpr.foundation.errors import UserInputError
 
 TEMP_SUFFIX = ".tmp"
-_SAMPLE_BLOCKS, _SAMPLE_BLOCK_BYTES = 64, 4096
 
 
 class UnwritableDirectoryError(UserInputError):
@@ -43,28 +41,6 @@ def atomic_output(path: Union[str, Path]) -> Iterator[str]:
         if os.path.exists(temp_name):
             os.unlink(temp_name)
         raise
-
-
-def file_identity(path: Union[str, Path]) -> dict:
-    """What a provenance record keeps of an input file: its absolute path, size, mtime and a hash of 64 blocks
-    of 4 KiB spread over it (the whole of a file under 256 KiB): cheap for Wikipedia's 13 GB, and with size and
-    mtime it catches any rewrite."""
-    stat = os.stat(path)
-    digest = hashlib.blake2b(digest_size=16)
-    with open(path, "rb") as file:
-        if stat.st_size <= _SAMPLE_BLOCKS * _SAMPLE_BLOCK_BYTES:
-            digest.update(file.read())
-        else:
-            stride = (stat.st_size - _SAMPLE_BLOCK_BYTES) // (_SAMPLE_BLOCKS - 1)
-            for block in range(_SAMPLE_BLOCKS):
-                file.seek(block * stride)
-                digest.update(file.read(_SAMPLE_BLOCK_BYTES))
-    return {
-        "path": os.path.abspath(path),
-        "size": stat.st_size,
-        "mtime_ns": stat.st_mtime_ns,
-        "sample_hash": "blake2b:" + digest.hexdigest(),
-    }
 
 
 def remove_stale_temporaries(folder: Union[str, Path], name_prefix: str) -> Tuple[int, int]:

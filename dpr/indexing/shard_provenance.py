@@ -26,11 +26,12 @@ import json
 import logging
 import os
 from pathlib import Path
-from typing import Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, Optional, Sequence, Union
 
 from dpr.data.ctx_sources import CtxSource
 from dpr.foundation.errors import UserInputError
-from dpr.foundation.files import atomic_output, file_identity
+from dpr.foundation.files import atomic_output
+from dpr.foundation.provenance import differing_field, file_identity
 from dpr.indexing.faiss_indexers import index_exists
 from dpr.models.encoder_spec import VECTOR_FIELDS
 from dpr.models.loading import InferenceEncoder
@@ -115,43 +116,12 @@ def read_provenance(shard: PathLike) -> Optional[dict]:
     return record
 
 
-def _flatten(record: dict, prefix: str = "") -> dict:
-    flat = {}
-    for key, value in record.items():
-        if isinstance(value, dict):
-            flat.update(_flatten(value, f"{prefix}{key}."))
-        else:
-            flat[f"{prefix}{key}"] = value
-    return flat
-
-
-class Difference(NamedTuple):
-    field: str  # dotted, e.g. model.encoder_params.encoder.pooling
-    first: object
-    second: object
-
-    def __str__(self) -> str:
-        return f"{self.field} differs ({self.first!r} vs {self.second!r})"
-
-
-def differing_field(first: dict, second: dict, keys: Optional[Iterable[str]] = None,
-                    ignore: Iterable[str] = ()) -> Optional[Difference]:
-    """The first dotted field (of `keys`, or of all but `ignore`, the model's first) whose values differ."""
-    a, b = _flatten(first), _flatten(second)
-    ignored = set(ignore)
-    names = list(keys) if keys is not None else sorted(set(a) | set(b), key=lambda name: (name not in MODEL_KEYS, name))
-    for name in names:
-        if name not in ignored and a.get(name) != b.get(name):
-            return Difference(name, a.get(name), b.get(name))
-    return None
-
-
 def reuse_refusal(shard: PathLike, record: dict) -> Optional[str]:
     """Why the complete shard at `shard` cannot be reused for `record`; None when it can."""
     saved = read_provenance(shard)
     if saved is None:
         return f"it has no provenance record ({sidecar_path(shard).name})"
-    changed = differing_field(saved, record, ignore=("model.checkpoint",))
+    changed = differing_field(saved, record, ignore=("model.checkpoint",), first_keys=MODEL_KEYS)
     return None if changed is None else f"{changed.field} changed from {changed.first!r} to {changed.second!r}"
 
 
@@ -188,7 +158,7 @@ def check_shard_sets(shard_sets: Sequence[Sequence[PathLike]]) -> Optional[tuple
 
 def _refuse_difference(first: tuple[Path, dict], second: tuple[Path, dict], what: str,
                        keys: Optional[Iterable[str]] = None, ignore: Iterable[str] = ()) -> None:
-    changed = differing_field(first[1], second[1], keys=keys, ignore=ignore)
+    changed = differing_field(first[1], second[1], keys=keys, ignore=ignore, first_keys=MODEL_KEYS)
     if changed is not None:
         raise ShardProvenanceError(
             f"embedding shards {first[0]} and {second[0]} {what}: {changed}. Mixing them would search stale "
