@@ -12,7 +12,8 @@ The entry scripts run as subprocesses, each command printed before it runs (--dr
 lands in --run_dir: squad_open.md (the top-k tables, reader EM, settings, timings and commands) and
 topk_accuracy.png (accuracy against k). Each finished stage is recorded in RUN_DIR/stages/; run the same command
 again with the same --run_dir after an interruption and the finished stages are skipped (a stage whose command
-changed runs again from scratch, its earlier checkpoints and saved index removed, and so does every stage after it).
+or whose question sample changed runs again from scratch, its earlier checkpoints and saved index removed, and so
+does every stage after it).
 
 Two recipes set the defaults; any option given explicitly wins:
   short (default, about 30 minutes on 2 CPU cores): 800 random training questions, 1 epoch of batch 16 (gradient
@@ -33,6 +34,7 @@ Two recipes set the defaults; any option given explicitly wins:
     cores, several times that under load (docs/quickstart.md).
 """
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -69,7 +71,7 @@ RECIPES = {
 READER_RECIPES = {
     "short": dict(reader_train_questions=1200, reader_dev_questions=500, reader_epochs=1, reader_batch_size=4,
                   reader_passages=2, reader_eval_passages=5, reader_learning_rate=1e-4, reader_warmup_steps=10),
-    "full": dict(reader_train_questions=2000, reader_dev_questions=700, reader_epochs=2, reader_batch_size=8,
+    "full": dict(reader_train_questions=4000, reader_dev_questions=700, reader_epochs=2, reader_batch_size=8,
                  reader_passages=3, reader_eval_passages=20, reader_learning_rate=2e-4, reader_warmup_steps=100),
 }
 
@@ -169,19 +171,23 @@ class Pipeline:
     dry_run: bool = False
     stages: List[Stage] = field(default_factory=list)
 
-    def run(self, name: str, script: str, *args: str, outputs: Sequence[Path] = ()) -> None:
-        """Run one stage, unless an earlier run into the same run_dir finished this very command: a rerun after
-        an interruption (or with only later stages changed) resumes where the work stopped.
+    def run(self, name: str, script: str, *args: str, inputs: Sequence[Path] = (),
+            outputs: Sequence[Path] = ()) -> None:
+        """Run one stage, unless an earlier run into the same run_dir finished this very command on the same
+        `inputs`: a rerun after an interruption (or with only later stages changed) resumes where the work stopped.
 
-        `outputs` are folders the stage would read back if they held an earlier run's files (checkpoints a
-        trainer resumes from, a saved index a retriever loads): they are removed before the stage runs, unless
-        the stage is this very command resuming after an interruption."""
+        `inputs` are files the command names by path whose contents can change from run to run (the question
+        samples this script writes, a file an earlier stage wrote): their contents' hashes are recorded beside it. `outputs` are folders the stage would read
+        back if they held an earlier run's files (checkpoints a trainer resumes from, a saved index a retriever
+        loads): they are removed before the stage runs, unless the stage is this very command resuming after an
+        interruption."""
         args = (*args, *self.common_overrides)
         command = [sys.executable, script, *args]
         shown = shlex.join(["python", script, *args])
         record = self.run_dir / "stages" / f"{len(self.stages):02d}.json"
         earlier = json.loads(record.read_text(encoding="utf-8")) if record.is_file() and not self.dry_run else None
-        same_command = earlier is not None and earlier["command"] == shown
+        hashes = {} if self.dry_run else {str(path): content_hash(path) for path in inputs}
+        same_command = earlier is not None and earlier["command"] == shown and earlier.get("inputs", {}) == hashes
         if same_command and earlier["seconds"] is not None:
             print(f"\n= {shown}\n  (done by an earlier run in {format_seconds(earlier['seconds'])}: {record})",
                   flush=True)
@@ -198,18 +204,19 @@ class Pipeline:
             for later in record.parent.glob("*.json"):
                 if later.name > record.name:
                     later.unlink()  # stages after a rerun one read its new outputs: they run again
-            self._record(record, name, shown, None)  # started: an interrupted stage resumes its own outputs
+            self._record(record, name, shown, hashes, None)  # started: an interrupted stage resumes its outputs
         started = time.perf_counter()
         if not self.dry_run and subprocess.run(command, cwd=REPO).returncode != 0:
             sys.exit(f"squad_open: '{name}' failed; its log is under {self.run_dir / 'logs'}")
         stage = Stage(name, time.perf_counter() - started, shown)
         self.stages.append(stage)
         if not self.dry_run:
-            self._record(record, name, shown, stage.seconds)
+            self._record(record, name, shown, hashes, stage.seconds)
 
     @staticmethod
-    def _record(record: Path, name: str, command: str, seconds: Optional[float]) -> None:
-        record.write_text(json.dumps({"name": name, "command": command, "seconds": seconds}) + "\n", encoding="utf-8")
+    def _record(record: Path, name: str, command: str, inputs: Dict[str, str], seconds: Optional[float]) -> None:
+        record.write_text(json.dumps({"name": name, "command": command, "inputs": inputs, "seconds": seconds}) + "\n",
+                          encoding="utf-8")
 
     def hydra_dir(self, name: str) -> str:
         """Where hydra keeps a step's log and resolved config (not in the repository's outputs/)."""
@@ -285,6 +292,17 @@ def write_if_changed(dst: Path, text: str) -> None:
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(text, encoding="utf-8")
+
+
+def content_hash(path: Path) -> Optional[str]:
+    """sha256 of the file's bytes (None when there is no such file)."""
+    if not path.is_file():
+        return None
+    digest = hashlib.sha256()
+    with open(path, "rb") as file:
+        for block in iter(lambda: file.read(1 << 20), b""):
+            digest.update(block)
+    return "sha256:" + digest.hexdigest()
 
 
 def cpu_has_bf16() -> bool:
@@ -399,7 +417,8 @@ def train_biencoder(pipeline: Pipeline, args: argparse.Namespace, name: str, tra
                  f"train.q_chunk_size={args.q_chunk_size}", f"train.ctx_chunk_size={args.ctx_chunk_size}",
                  f"train.num_train_epochs={epochs}", f"train.learning_rate={learning_rate}",
                  f"train.warmup_steps={max(1, total_steps // 10)}", "train.log_batch_step=5",
-                 f"output_dir={output_dir}", pipeline.hydra_dir(output_dir.name), outputs=[output_dir])
+                 f"output_dir={output_dir}", pipeline.hydra_dir(output_dir.name), inputs=[train_json],
+                 outputs=[output_dir])
     return output_dir / f"dpr_biencoder.{epochs - 1}"
 
 
@@ -455,7 +474,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                      f"index_path={run_dir / trained.key / 'index'}/", f"out_file={mined_json}",
                      f"mine_rank_from={args.mine_rank_from}", f"mine_rank_to={args.mine_rank_to}",
                      f"num_hard_negatives={args.num_hard_negatives}", "keep_existing_hard_negatives=true",
-                     pipeline.hydra_dir("mine_hard_negatives"))
+                     pipeline.hydra_dir("mine_hard_negatives"), inputs=[train_json])
         model = train_biencoder(pipeline, args, "train bi-encoder on mined hard negatives", mined_json, n_train,
                                 args.hn_epochs, args.hn_learning_rate, run_dir / "biencoder_hn",
                                 init_from=model if args.hn_init == "first_round" else None)
@@ -473,7 +492,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     pipeline.run("retrieve reader training questions", "dense_retriever.py", f"model_file={model}",
                  f"qa_dataset={reader_train_qa}", f"ctx_datatsets=[{psgs.path}]",
                  f"index_path={run_dir / final.key / 'index'}/", "n_docs=20",
-                 f"out_file={run_dir / 'reader' / 'train.json'}", pipeline.hydra_dir("retrieve_reader"))
+                 f"out_file={run_dir / 'reader' / 'train.json'}", pipeline.hydra_dir("retrieve_reader"),
+                 inputs=[reader_train_qa])
     reader_dev = run_dir / "reader" / "dev.json"
     if write:
         subset_json(psgs.results(run_dir / final.key), reader_dev, args.reader_dev_questions, args.seed + 2,
@@ -488,7 +508,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  f"passages_per_question_predict={args.reader_eval_passages}",
                  f"eval_top_docs=[{','.join(map(str, sorted({1, args.reader_eval_passages})))}]", "num_workers=2",
                  f"output_dir={run_dir / 'reader' / 'model'}", f"prediction_results_file={predictions}",
-                 pipeline.hydra_dir("train_reader"), outputs=[run_dir / "reader" / "model"])
+                 pipeline.hydra_dir("train_reader"), inputs=[reader_dev], outputs=[run_dir / "reader" / "model"])
     if args.dry_run:
         return
     total = sum(stage.seconds for stage in pipeline.stages)  # with the recorded times of stages a rerun skipped

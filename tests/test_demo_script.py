@@ -194,6 +194,13 @@ def test_squad_open_rerun_skips_the_finished_stages(squad_open, tmp_path, monkey
     timings = (run_dir / "squad_open.md").read_text().split("## Timings")[1]
     assert timings.count("| ") >= 8  # the skipped stages keep their recorded times
     ran.clear()
+    squad_open.main([*argv, "--reader_learning_rate", "2e-4", "--reader_train_questions", "2"])
+    assert ran == ["dense_retriever.py", "train_reader.py"]  # same commands, another question sample
+    ran.clear()
+    squad_open.main([*argv, "--reader_learning_rate", "2e-4", "--reader_train_questions", "2",
+                     "--max_train_questions", "150"])  # 9 steps instead of 10: the same warmup, the same command
+    assert ran[0] == "train_dense_encoder.py"  # another sample of training questions: trained again
+    ran.clear()
     squad_open.main([*argv, "--learning_rate", "1e-4"])
     assert ran[0] == "train_dense_encoder.py" and found_checkpoints[-2:] == [False, False]
 
