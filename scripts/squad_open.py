@@ -24,14 +24,14 @@ Two recipes set the defaults; any option given explicitly wins:
     hard negatives mined with the trained model (mine_hard_negatives.py, ranks 3-30, 5 per question, kept beside
     the BM25 ones) and the first model trained further on them for 2 epochs at learning rate 5e-5 (DPR's
     adversarial NQ model was trained on hard negatives mined with its first model; --hn_init pretrained starts
-    this round from the pretrained MiniLM instead); the reader (2,000 training questions retrieved by the
+    this round from the pretrained MiniLM instead); the reader (4,000 training questions retrieved by the
     final retriever, 3 passages each, 2 epochs of batch 8 at learning rate 2e-4, EM on 700 dev questions from the
     top passage and the top 20).
     Wall time measured on this machine (2 CPU cores with AMX-BF16, bf16 autocast, 2026-11-30): a bi-encoder step
     of 128 questions takes 26-38 s (26-29 s on otherwise idle cores), so each round of 102 steps takes 45-65 min;
-    the reader about 43 min (492 steps of about 3.5 s, and EM over 700 x 20 passages after each epoch, about
-    6 min each); the embeddings, retrievals and mining about 5 min. About 2 h 40 min in all on otherwise idle
-    cores, several times that under load (docs/quickstart.md).
+    the reader about 1 h (988 steps of about 3 s, and EM over 700 x 20 passages after each epoch, about
+    4.5 min each); the embeddings, retrievals and mining about 5 min. About 3 h in all on otherwise idle cores,
+    several times that under load (docs/quickstart.md).
 """
 import argparse
 import hashlib
