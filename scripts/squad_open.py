@@ -34,7 +34,6 @@ Two recipes set the defaults; any option given explicitly wins:
     several times that under load (docs/quickstart.md).
 """
 import argparse
-import hashlib
 import json
 import os
 import random
@@ -50,6 +49,7 @@ from typing import Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runnable from anywhere: the `dpr` package of this checkout
+from dpr.foundation.provenance import sha256_of_file  # noqa: E402  (light: no torch)
 
 TOP_KS = (1, 5, 20, 50, 100)
 DATA_FILES = ("psgs.tsv", "biencoder-train.json", "train.qa.csv", "dev.qa.csv")
@@ -186,7 +186,8 @@ class Pipeline:
         shown = shlex.join(["python", script, *args])
         record = self.run_dir / "stages" / f"{len(self.stages):02d}.json"
         earlier = json.loads(record.read_text(encoding="utf-8")) if record.is_file() and not self.dry_run else None
-        hashes = {} if self.dry_run else {str(path): content_hash(path) for path in inputs}
+        hashes = {} if self.dry_run else {str(path): sha256_of_file(path) if path.is_file() else None
+                                          for path in inputs}
         same_command = earlier is not None and earlier["command"] == shown and earlier.get("inputs", {}) == hashes
         if same_command and earlier["seconds"] is not None:
             print(f"\n= {shown}\n  (done by an earlier run in {format_seconds(earlier['seconds'])}: {record})",
@@ -292,17 +293,6 @@ def write_if_changed(dst: Path, text: str) -> None:
         return
     dst.parent.mkdir(parents=True, exist_ok=True)
     dst.write_text(text, encoding="utf-8")
-
-
-def content_hash(path: Path) -> Optional[str]:
-    """sha256 of the file's bytes (None when there is no such file)."""
-    if not path.is_file():
-        return None
-    digest = hashlib.sha256()
-    with open(path, "rb") as file:
-        for block in iter(lambda: file.read(1 << 20), b""):
-            digest.update(block)
-    return "sha256:" + digest.hexdigest()
 
 
 def cpu_has_bf16() -> bool:

@@ -33,6 +33,7 @@ from tqdm import tqdm
 from dpr.data.resources import (DOWNLOADS_DIR, DPR_BASE_URL, NQ_LICENSE_FILES, RESOURCES_MAP, join_url,
                                 local_paths, matching_keys, resource_dir)
 from dpr.foundation.errors import UserInputError
+from dpr.foundation.provenance import sha256_of_file
 
 logger = logging.getLogger(__name__)
 
@@ -327,9 +328,3 @@ def gunzip_to(part: Path, target: Path) -> str:
     return digest.hexdigest()
 
 
-def sha256_of_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as source:
-        while chunk := source.read(CHUNK_SIZE):
-            digest.update(chunk)
-    return digest.hexdigest()

@@ -30,6 +30,16 @@ def file_identity(path: Union[str, Path]) -> dict:
     }
 
 
+def sha256_of_file(path: Union[str, Path]) -> str:
+    """The hex sha256 of the whole file (for files whose every byte must be vouched for: downloads, the question
+    samples a recipe stage reads)."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as source:
+        while chunk := source.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
 def _flatten(record: dict, prefix: str = "") -> dict:
     flat = {}
     for key, value in record.items():
