@@ -16,7 +16,7 @@ bench-grad-cache:
 demo:
 	PYTHON=$(PYTHON) bash scripts/demo.sh $(RUN)
 
-# BM25, untrained MiniLM, DPR-trained MiniLM and hybrid on SQuAD-open, with a reader (about 30 min);
+# BM25, untrained MiniLM, DPR-trained MiniLM and hybrid on SQuAD-open, with a reader (about 10 min on idle cores);
 # ARGS="--max_train_questions 320" (see scripts/squad_open.py --help) trades time for accuracy;
 # ARGS="--recipe full": all training questions, both collections, a second round on mined hard negatives and the
 # full reader (about 3 hours on 2 idle cores); ARGS="--recipe full --dry_run" prints its commands.

@@ -16,7 +16,7 @@ or whose question sample changed runs again from scratch, its earlier checkpoint
 does every stage after it).
 
 Two recipes set the defaults; any option given explicitly wins:
-  short (default, about 30 minutes on 2 CPU cores): 800 random training questions, 1 epoch of batch 16 (gradient
+  short (default, about 10 minutes on 2 idle CPU cores): 800 random training questions, 1 epoch of batch 16 (gradient
     cache, chunks 8/8), DPR's encoder ([CLS] pooling, dot product, two towers), the psgs.tsv collection; a short
     reader (1,200 questions, 2 passages each, EM on 500 dev questions).
   full: all 6,534 training questions, 2 epochs of batch 128 (DPR's batch; chunks 32/16), MiniLM as it was
@@ -177,10 +177,10 @@ class Pipeline:
         `inputs`: a rerun after an interruption (or with only later stages changed) resumes where the work stopped.
 
         `inputs` are files the command names by path whose contents can change from run to run (the question
-        samples this script writes, a file an earlier stage wrote): their contents' hashes are recorded beside it. `outputs` are folders the stage would read
-        back if they held an earlier run's files (checkpoints a trainer resumes from, a saved index a retriever
-        loads): they are removed before the stage runs, unless the stage is this very command resuming after an
-        interruption."""
+        samples this script writes, a file an earlier stage wrote): their sha256 is recorded beside the command.
+        `outputs` are folders the stage would read back if they held an earlier run's files (checkpoints a trainer
+        resumes from, a saved index a retriever loads): they are removed before the stage runs, unless the stage is
+        this very command resuming after an interruption."""
         args = (*args, *self.common_overrides)
         command = [sys.executable, script, *args]
         shown = shlex.join(["python", script, *args])
