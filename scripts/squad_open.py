@@ -188,15 +188,15 @@ class Pipeline:
         earlier = json.loads(record.read_text(encoding="utf-8")) if record.is_file() and not self.dry_run else None
         hashes = {} if self.dry_run else {str(path): sha256_of_file(path) if path.is_file() else None
                                           for path in inputs}
-        same_command = earlier is not None and earlier["command"] == shown and earlier.get("inputs", {}) == hashes
-        if same_command and earlier["seconds"] is not None:
+        same_stage = earlier is not None and earlier["command"] == shown and earlier.get("inputs", {}) == hashes
+        if same_stage and earlier["seconds"] is not None:
             print(f"\n= {shown}\n  (done by an earlier run in {format_seconds(earlier['seconds'])}: {record})",
                   flush=True)
             self.stages.append(Stage(name, earlier["seconds"], shown))
             return
         print(f"\n+ {shown}", flush=True)
         if not self.dry_run:
-            if not same_command:
+            if not same_stage:
                 for folder in outputs:
                     if folder.exists():
                         print(f"  (removing {folder}: an earlier run's outputs)", flush=True)
@@ -215,7 +215,8 @@ class Pipeline:
             self._record(record, name, shown, hashes, stage.seconds)
 
     @staticmethod
-    def _record(record: Path, name: str, command: str, inputs: Dict[str, str], seconds: Optional[float]) -> None:
+    def _record(record: Path, name: str, command: str, inputs: Dict[str, Optional[str]],
+                seconds: Optional[float]) -> None:
         record.write_text(json.dumps({"name": name, "command": command, "inputs": inputs, "seconds": seconds}) + "\n",
                           encoding="utf-8")
 
