@@ -1,6 +1,8 @@
 """Files that appear under their final name only when complete, and the folders they are written to."""
+import errno
 import glob
 import os
+import shutil
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -13,6 +15,13 @@ TEMP_SUFFIX = ".tmp"
 
 class UnwritableDirectoryError(UserInputError):
     """An output folder that cannot be created or written to."""
+
+
+class OutputWriteError(UserInputError):
+    """An output that could not be written because the disk (or the user's quota) is full."""
+
+
+_FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
 
 
 def _umask() -> int:
@@ -37,10 +46,19 @@ def atomic_output(path: Union[str, Path]) -> Iterator[str]:
             os.fsync(written.fileno())
         os.chmod(temp_name, 0o666 & ~_umask())
         os.replace(temp_name, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(temp_name):
             os.unlink(temp_name)
+        if isinstance(e, OSError) and e.errno in _FULL_DISK:
+            raise OutputWriteError(_full_disk_message(path)) from e
         raise
+
+
+def _full_disk_message(path: Path) -> str:
+    free = shutil.disk_usage(path.parent).free
+    kept = "the previous file under that name is intact" if path.exists() else "nothing was written under that name"
+    return (f"could not write {path}: no space left on device ({free / 2**20:.0f} MB free in {path.parent}); "
+            f"{kept}. Free some space or write it elsewhere")
 
 
 def remove_stale_temporaries(folder: Union[str, Path], name_prefix: str) -> Tuple[int, int]:
@@ -54,6 +72,25 @@ def remove_stale_temporaries(folder: Union[str, Path], name_prefix: str) -> Tupl
             os.unlink(path)
             count += 1
     return count, size
+
+
+def ensure_writable_output(path: Union[str, Path], option: str) -> None:
+    """Prove, before any work, that the file `path` (set by `option`) can be written: its folder is created if
+    need be and takes a file, and `path` is not a folder. An hour of work never ends at an unwritable output."""
+    path = Path(path)
+    if path.is_dir():
+        raise UnwritableDirectoryError(f"{option}={path} is a folder, not a file: give a file name")
+    folder = path.parent if str(path.parent) else Path(".")
+    try:
+        os.makedirs(folder, exist_ok=True)
+        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.", suffix=TEMP_SUFFIX)
+        os.close(descriptor)
+        os.unlink(probe)
+    except OSError as e:
+        raise UnwritableDirectoryError(
+            f"{option}={path}: its folder {folder} is not one this process can write to ({e.strerror or e}): "
+            f"choose another {option}"
+        ) from e
 
 
 def ensure_writable_directory(path: Union[str, Path], option: str) -> None:
