@@ -10,10 +10,11 @@ SQuAD v1.1 dev file by `python squad_to_dpr.py --squad_file data.squad1.dev --ou
 and for the full recipe psgs_plus_wikitext2.tsv (the same passages and 2,064 WikiText-2 distractors).
 The entry scripts run as subprocesses, each command printed before it runs (--dry_run: printed only); everything
 lands in --run_dir: squad_open.md (the top-k tables, reader EM, settings, timings and commands) and
-topk_accuracy.png (accuracy against k). Each finished stage is recorded in RUN_DIR/stages/; run the same command
-again with the same --run_dir after an interruption and the finished stages are skipped (a stage whose command
-or whose question sample changed runs again from scratch, its earlier checkpoints and saved index removed, and so
-does every stage after it).
+topk_accuracy.png (accuracy against k). Each finished stage is recorded in RUN_DIR/stages/ with its command and
+the identity of every file it reads; run the same command again with the same --run_dir after an interruption and
+the finished stages are skipped (a stage whose command or any of whose files changed runs again from scratch, its
+earlier checkpoints and saved indexes removed, and so does every stage after it). One run at a time uses a
+--run_dir; ending the script (Ctrl-C, SIGTERM) ends the stage it is running.
 
 Two recipes set the defaults; any option given explicitly wins:
   short (default, about 10 minutes on 2 idle CPU cores): 800 random training questions, 1 epoch of batch 16 (gradient
@@ -34,27 +35,36 @@ Two recipes set the defaults; any option given explicitly wins:
     several times that under load (docs/quickstart.md).
 """
 import argparse
+import fcntl
 import json
 import os
 import random
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
 import time
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, Iterator, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runnable from anywhere: the `dpr` package of this checkout
-from dpr.foundation.provenance import sha256_of_file  # noqa: E402  (light: no torch)
+# light imports (no torch): --help and the input checks answer at once
+from dpr.foundation.errors import UserInputError, user_errors_in_one_line  # noqa: E402
+from dpr.foundation.files import (atomic_output, ensure_writable_directory,  # noqa: E402
+                                  remove_stale_temporaries)
+from dpr.foundation.provenance import file_identity  # noqa: E402
 
 TOP_KS = (1, 5, 20, 50, 100)
 DATA_FILES = ("psgs.tsv", "biencoder-train.json", "train.qa.csv", "dev.qa.csv")
 DISTRACTOR_COLLECTION = "psgs_plus_wikitext2.tsv"
 RETRIEVER_LABELS = {"bm25": "BM25", "hybrid": "hybrid"}  # in stage names
+LOCK_NAME = ".squad_open.lock"
+STOP_GRACE_S = 10.0  # a stage ended with the script gets this long after SIGTERM before SIGKILL
 MATPLOTLIB_MISSING = ("matplotlib is needed for the plot: pip install matplotlib (the install's demo extra has it), "
                       "or pass --no_plot")
 
@@ -171,24 +181,27 @@ class Pipeline:
     dry_run: bool = False
     stages: List[Stage] = field(default_factory=list)
 
-    def run(self, name: str, script: str, *args: str, inputs: Sequence[Path] = (),
-            outputs: Sequence[Path] = ()) -> None:
+    def run(self, name: str, script: str, *args: str, inputs: Sequence[Optional[Path]] = (),
+            outputs: Sequence[Path] = (), resumable: bool = True) -> None:
         """Run one stage, unless an earlier run into the same run_dir finished this very command on the same
         `inputs`: a rerun after an interruption (or with only later stages changed) resumes where the work stopped.
+        A stage that runs makes every later stage run again (they read its new outputs).
 
-        `inputs` are files the command names by path whose contents can change from run to run (the question
-        samples this script writes, a file an earlier stage wrote): their sha256 is recorded beside the command.
-        `outputs` are folders the stage would read back if they held an earlier run's files (checkpoints a trainer
-        resumes from, a saved index a retriever loads): they are removed before the stage runs, unless the stage is
-        this very command resuming after an interruption."""
+        `inputs` are every file the command reads (None: none there): the data files, the question samples this
+        script writes, the checkpoint it starts from; their `file_identity` (size, mtime and a hash of sampled
+        blocks: milliseconds for a 13 GB passage file, where a sha256 takes a minute on every rerun, and any
+        rewrite changes the mtime) is recorded beside the command. `outputs` are folders the stage would read back
+        if they held an earlier run's files (checkpoints a trainer resumes from, a saved index a retriever loads):
+        they are removed before the stage runs, unless the stage is `resumable` and this very command resuming
+        after an interruption."""
         args = (*args, *self.common_overrides)
         command = [sys.executable, script, *args]
         shown = shlex.join(["python", script, *args])
         record = self.run_dir / "stages" / f"{len(self.stages):02d}.json"
-        earlier = json.loads(record.read_text(encoding="utf-8")) if record.is_file() and not self.dry_run else None
-        hashes = {} if self.dry_run else {str(path): sha256_of_file(path) if path.is_file() else None
-                                          for path in inputs}
-        same_stage = earlier is not None and earlier["command"] == shown and earlier.get("inputs", {}) == hashes
+        earlier = None if self.dry_run else read_stage_record(record)
+        identities = {} if self.dry_run else {str(path): file_identity(path) if path.is_file() else None
+                                              for path in inputs if path is not None}
+        same_stage = earlier is not None and earlier["command"] == shown and earlier.get("inputs") == identities
         if same_stage and earlier["seconds"] is not None:
             print(f"\n= {shown}\n  (done by an earlier run in {format_seconds(earlier['seconds'])}: {record})",
                   flush=True)
@@ -196,7 +209,7 @@ class Pipeline:
             return
         print(f"\n+ {shown}", flush=True)
         if not self.dry_run:
-            if not same_stage:
+            if not (same_stage and resumable):
                 for folder in outputs:
                     if folder.exists():
                         print(f"  (removing {folder}: an earlier run's outputs)", flush=True)
@@ -205,24 +218,110 @@ class Pipeline:
             for later in record.parent.glob("*.json"):
                 if later.name > record.name:
                     later.unlink()  # stages after a rerun one read its new outputs: they run again
-            self._record(record, name, shown, hashes, None)  # started: an interrupted stage resumes its outputs
+            self._record(record, name, shown, identities, None)  # started: an interrupted stage resumes its outputs
         started = time.perf_counter()
-        if not self.dry_run and subprocess.run(command, cwd=REPO).returncode != 0:
+        if not self.dry_run and run_command(command) != 0:
             sys.exit(f"squad_open: '{name}' failed; its log is under {self.run_dir / 'logs'}")
         stage = Stage(name, time.perf_counter() - started, shown)
         self.stages.append(stage)
         if not self.dry_run:
-            self._record(record, name, shown, hashes, stage.seconds)
+            self._record(record, name, shown, identities, stage.seconds)
 
     @staticmethod
-    def _record(record: Path, name: str, command: str, inputs: Dict[str, Optional[str]],
+    def _record(record: Path, name: str, command: str, inputs: Dict[str, Optional[dict]],
                 seconds: Optional[float]) -> None:
-        record.write_text(json.dumps({"name": name, "command": command, "inputs": inputs, "seconds": seconds}) + "\n",
-                          encoding="utf-8")
+        write_text_atomically(record, json.dumps({"name": name, "command": command, "inputs": inputs,
+                                                  "seconds": seconds}) + "\n")
 
     def hydra_dir(self, name: str) -> str:
         """Where hydra keeps a step's log and resolved config (not in the repository's outputs/)."""
         return f"hydra.run.dir={self.run_dir / 'logs' / name}"
+
+
+def read_stage_record(record: Path) -> Optional[dict]:
+    """An earlier run's record of a stage; None when there is none, or when it is damaged (records are written
+    atomically, but a disk error or a hand edit can still leave one unreadable): the stage then runs again."""
+    if not record.is_file():
+        return None
+    try:
+        earlier = json.loads(record.read_text(encoding="utf-8"))
+        if isinstance(earlier, dict) and isinstance(earlier.get("command"), str) and "seconds" in earlier:
+            return earlier
+    except ValueError:  # not JSON, not UTF-8
+        pass
+    print(f"  ({record} is damaged: the stage runs again)", flush=True)
+    return None
+
+
+def run_command(command: List[str]) -> int:
+    """Run a stage in its own process group and return its exit status. If the script is ended meanwhile (Ctrl-C,
+    SIGTERM: see `ending_stops_the_stage`), the whole group ends with it (the entry script, its data loader
+    workers), so no orphan keeps writing into the run directory."""
+    process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
+    try:
+        return process.wait()
+    except BaseException:
+        stop_process_group(process)
+        raise
+
+
+def stop_process_group(process: subprocess.Popen) -> None:
+    """SIGTERM to the process group of `process` (its leader), STOP_GRACE_S to end, then SIGKILL to what is left."""
+    try:
+        os.killpg(process.pid, signal.SIGTERM)
+        process.wait(timeout=STOP_GRACE_S)
+    except (ProcessLookupError, subprocess.TimeoutExpired):
+        pass
+    finally:
+        try:
+            os.killpg(process.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        process.wait()
+
+
+class ScriptEnded(SystemExit):
+    """SIGTERM or SIGHUP to the script, raised where it waits so that the running stage is stopped."""
+
+
+@contextmanager
+def ending_stops_the_stage() -> Iterator[None]:
+    """While the block runs, SIGTERM and SIGHUP end the script as Ctrl-C does: through an exception, which stops
+    the running stage (`run_command`) on its way out."""
+    def end(signum: int, frame) -> None:
+        raise ScriptEnded(128 + signum)
+
+    previous = {signum: signal.signal(signum, end) for signum in (signal.SIGTERM, signal.SIGHUP)}
+    try:
+        yield
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+
+
+class RunDirectoryBusyError(UserInputError):
+    """Another live run holds the run directory."""
+
+
+@contextmanager
+def run_directory_lock(run_dir: Path) -> Iterator[None]:
+    """Hold RUN_DIR/.squad_open.lock (flock) for the block; a second run into the same folder is refused in one
+    line. The kernel releases the lock when its holder dies, so a killed run's lock is simply taken over (stage
+    processes do not inherit it: Popen closes their descriptors)."""
+    ensure_writable_directory(run_dir, "--run_dir")
+    with open(run_dir / LOCK_NAME, "a+", encoding="utf-8") as lock:
+        try:
+            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            lock.seek(0)
+            holder = lock.read().strip() or "unknown"
+            raise RunDirectoryBusyError(f"--run_dir {run_dir} is in use by another squad_open.py run (pid {holder}): "
+                                        "wait for it to end, stop it, or choose another --run_dir") from None
+        lock.seek(0)
+        lock.truncate()
+        lock.write(f"{os.getpid()}\n")
+        lock.flush()
+        yield
 
 
 @dataclass(frozen=True)
@@ -288,12 +387,16 @@ def subset_lines(src: Path, dst: Path, n: int, seed: int, write: bool = True) ->
 
 
 def write_if_changed(dst: Path, text: str) -> None:
-    """Write `text` to dst unless it holds it already: an unchanged input keeps its mtime, so a rerun does not
-    take the files made from it (the reader's samples) for stale."""
-    if dst.is_file() and dst.read_text(encoding="utf-8") == text:
+    """Write `text` to dst (atomically) unless it holds it already: an unchanged input keeps its mtime, so a rerun
+    does not take the stages that read it (and the reader's samples made from it) for stale."""
+    if dst.is_file() and dst.read_bytes() == text.encode("utf-8"):
         return
-    dst.parent.mkdir(parents=True, exist_ok=True)
-    dst.write_text(text, encoding="utf-8")
+    write_text_atomically(dst, text)
+
+
+def write_text_atomically(path: Path, text: str) -> None:
+    with atomic_output(path) as temp_name:
+        Path(temp_name).write_text(text, encoding="utf-8")
 
 
 def cpu_has_bf16() -> bool:
@@ -349,7 +452,8 @@ def plot_curves(collections: Dict[str, Dict[str, List[float]]], n_questions: int
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
     fig.tight_layout()
-    fig.savefig(path, dpi=120)
+    with atomic_output(path) as temp_name:
+        fig.savefig(temp_name, dpi=120, format="png")
     plt.close(fig)
 
 
@@ -383,17 +487,23 @@ def embed_and_retrieve(pipeline: Pipeline, args: argparse.Namespace, retriever: 
         pipeline.run(f"embed {'passages' if collection.first else collection.path.name}, {retriever.label}",
                      "generate_dense_embeddings.py", "-m", *model, f"ctx_src={collection.path}",
                      f"out_file={embeddings}", *shard_sweep(args),
-                     f"hydra.sweep.dir={pipeline.run_dir / 'logs' / collection.suffixed('embed_' + retriever.key)}")
+                     f"hydra.sweep.dir={pipeline.run_dir / 'logs' / collection.suffixed('embed_' + retriever.key)}",
+                     inputs=[collection.path, retriever.model_file])
         where = "" if collection.first else f" ({collection.path.name})"
         others = " and ".join(RETRIEVER_LABELS[name] for name in list(retriever.rows)[1:])
+        bm25_index = pipeline.run_dir / collection.suffixed("bm25_index")
+        indexes = [model_dir / collection.suffixed("index")]
+        if "bm25" in retriever.rows:  # the retriever reporting BM25 builds its index; the hybrid one loads it
+            indexes.append(bm25_index)
         pipeline.run(f"retrieve dev{where}: {retriever.label} and {others}",
                      "dense_retriever.py", *model, f"qa_dataset={args.data_path / 'dev.qa.csv'}",
                      f"ctx_datatsets=[{collection.path}]", f"encoded_ctx_files=[{embeddings}_*]",
                      f"retriever=[{','.join(retriever.rows)}]",
-                     f"bm25_index_path={pipeline.run_dir / collection.suffixed('bm25_index')}",
+                     f"bm25_index_path={bm25_index}",
                      f"index_path={model_dir / collection.suffixed('index')}/", f"out_file={collection.results(model_dir)}",
                      pipeline.hydra_dir(collection.suffixed("retrieve_" + retriever.key)),
-                     outputs=[model_dir / collection.suffixed("index")])
+                     inputs=[args.data_path / "dev.qa.csv", collection.path, retriever.model_file],
+                     outputs=indexes, resumable=False)  # an index half-saved by a killed run must not be loaded
 
 
 def train_biencoder(pipeline: Pipeline, args: argparse.Namespace, name: str, train_json: Path, n_train: int,
@@ -408,7 +518,7 @@ def train_biencoder(pipeline: Pipeline, args: argparse.Namespace, name: str, tra
                  f"train.q_chunk_size={args.q_chunk_size}", f"train.ctx_chunk_size={args.ctx_chunk_size}",
                  f"train.num_train_epochs={epochs}", f"train.learning_rate={learning_rate}",
                  f"train.warmup_steps={max(1, total_steps // 10)}", "train.log_batch_step=5",
-                 f"output_dir={output_dir}", pipeline.hydra_dir(output_dir.name), inputs=[train_json],
+                 f"output_dir={output_dir}", pipeline.hydra_dir(output_dir.name), inputs=[train_json, init_from],
                  outputs=[output_dir])
     return output_dir / f"dpr_biencoder.{epochs - 1}"
 
@@ -431,6 +541,18 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
 
     run_dir = Path(args.run_dir or f"runs/squad-open-{datetime.now():%Y%m%d-%H%M%S}")
     run_dir = (run_dir if run_dir.is_absolute() else Path.cwd() / run_dir).resolve()
+    if args.dry_run:
+        run_recipe(args, run_dir)
+        return
+    with run_directory_lock(run_dir), ending_stops_the_stage():
+        for folder, name_prefix in ((run_dir, ""), (run_dir / "stages", ""), (run_dir / "data", ""),
+                                    (run_dir / "reader", "dev.json")):
+            remove_stale_temporaries(folder, name_prefix)  # of this script's writes killed in an earlier run
+        run_recipe(args, run_dir)
+
+
+def run_recipe(args: argparse.Namespace, run_dir: Path) -> None:
+    data = args.data_path
     write = not args.dry_run
     subsets = run_dir / "data"
     use_bf16 = cpu_has_bf16() if args.bf16 == "auto" else args.bf16 == "true"
@@ -465,7 +587,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                      f"index_path={run_dir / trained.key / 'index'}/", f"out_file={mined_json}",
                      f"mine_rank_from={args.mine_rank_from}", f"mine_rank_to={args.mine_rank_to}",
                      f"num_hard_negatives={args.num_hard_negatives}", "keep_existing_hard_negatives=true",
-                     pipeline.hydra_dir("mine_hard_negatives"), inputs=[train_json])
+                     pipeline.hydra_dir("mine_hard_negatives"), inputs=[model, train_json, psgs.path])
         model = train_biencoder(pipeline, args, "train bi-encoder on mined hard negatives", mined_json, n_train,
                                 args.hn_epochs, args.hn_learning_rate, run_dir / "biencoder_hn",
                                 init_from=model if args.hn_init == "first_round" else None)
@@ -484,7 +606,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  f"qa_dataset={reader_train_qa}", f"ctx_datatsets=[{psgs.path}]",
                  f"index_path={run_dir / final.key / 'index'}/", "n_docs=20",
                  f"out_file={run_dir / 'reader' / 'train.json'}", pipeline.hydra_dir("retrieve_reader"),
-                 inputs=[reader_train_qa])
+                 inputs=[model, reader_train_qa, psgs.path])
     reader_dev = run_dir / "reader" / "dev.json"
     if write:
         subset_json(psgs.results(run_dir / final.key), reader_dev, args.reader_dev_questions, args.seed + 2,
@@ -499,7 +621,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
                  f"passages_per_question_predict={args.reader_eval_passages}",
                  f"eval_top_docs=[{','.join(map(str, sorted({1, args.reader_eval_passages})))}]", "num_workers=2",
                  f"output_dir={run_dir / 'reader' / 'model'}", f"prediction_results_file={predictions}",
-                 pipeline.hydra_dir("train_reader"), inputs=[reader_dev], outputs=[run_dir / "reader" / "model"])
+                 pipeline.hydra_dir("train_reader"), inputs=[run_dir / "reader" / "train.json", reader_dev],
+                 outputs=[run_dir / "reader" / "model"])
     if args.dry_run:
         return
     total = sum(stage.seconds for stage in pipeline.stages)  # with the recorded times of stages a rerun skipped
@@ -578,11 +701,12 @@ def write_report(args: argparse.Namespace, run_dir: Path, pipeline: Pipeline, co
         "",
     ]
     report = run_dir / "squad_open.md"
-    report.write_text("\n".join(lines), encoding="utf-8")
+    write_text_atomically(report, "\n".join(lines))
     print("\n" + "\n".join(tables))
     print(f"Reader EM on {n_reader_questions} dev questions: {em_summary}")
     print(f"Done in {format_seconds(total)}. Report: {report}" + ("" if args.no_plot else f"; plot: {plot}"))
 
 
 if __name__ == "__main__":
-    main()
+    with user_errors_in_one_line():
+        main()

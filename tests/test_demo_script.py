@@ -121,11 +121,11 @@ def test_squad_open_commands_and_report(squad_open, tmp_path, monkeypatch):
     trained_dev.write_text(json.dumps([{"question": f"q{n}", "answers": ["a"], "ctxs": ctxs} for n in range(4)]))
     commands = []
 
-    def fake_run(command, cwd):  # the entry scripts are tested elsewhere; here only their command lines
+    def fake_run(command):  # the entry scripts are tested elsewhere; here only their command lines
         commands.append(["python", *command[1:]])
-        return subprocess.CompletedProcess(command, 0)
+        return 0
 
-    monkeypatch.setattr(squad_open.subprocess, "run", fake_run)
+    monkeypatch.setattr(squad_open, "run_command", fake_run)
     monkeypatch.setattr(squad_open, "accuracy_by_k", lambda path: ([10.0 * (k > 1) + 50.0 for k in range(1, 101)], 7))
     monkeypatch.setattr(squad_open, "reader_exact_match", lambda path: ({1: 33.33, 5: 25.0}, 3))
     squad_open.main(["--data", str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot",
@@ -160,7 +160,7 @@ def test_squad_open_rerun_skips_the_finished_stages(squad_open, tmp_path, monkey
     reader_checkpoint = run_dir / "reader" / "model" / "dpr_extractive_reader.0"
     ran, calls, found_checkpoints = [], [], []
 
-    def fake_run(command, cwd):
+    def fake_run(command):
         ran.append(command[1])
         calls.append(command[1])
         if command[1] == "train_dense_encoder.py":
@@ -171,9 +171,9 @@ def test_squad_open_rerun_skips_the_finished_stages(squad_open, tmp_path, monkey
             found_checkpoints.append(reader_checkpoint.is_file())
             reader_checkpoint.parent.mkdir(parents=True, exist_ok=True)
             reader_checkpoint.write_text("epoch 0")
-        return subprocess.CompletedProcess(command, 0 if len(calls) != 3 else 1)  # the 3rd stage fails, once
+        return 0 if len(calls) != 3 else 1  # the 3rd stage fails, once
 
-    monkeypatch.setattr(squad_open.subprocess, "run", fake_run)
+    monkeypatch.setattr(squad_open, "run_command", fake_run)
     monkeypatch.setattr(squad_open, "accuracy_by_k", lambda path: ([50.0] * 100, 1))
     monkeypatch.setattr(squad_open, "reader_exact_match", lambda path: ({1: 10.0}, 1))
     argv = ["--data", str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot", "--bf16", "false"]
@@ -263,7 +263,7 @@ def test_squad_open_full_recipe_report(squad_open, tmp_path, monkeypatch):
     final_dev.parent.mkdir(parents=True)
     ctxs = [{"id": str(i), "title": "t", "text": "x", "score": "1", "has_answer": i == 3} for i in range(20)]
     final_dev.write_text(json.dumps([{"question": f"q{n}", "answers": ["a"], "ctxs": ctxs} for n in range(4)]))
-    monkeypatch.setattr(squad_open.subprocess, "run", lambda command, cwd: subprocess.CompletedProcess(command, 0))
+    monkeypatch.setattr(squad_open, "run_command", lambda command: 0)
     files = []  # each results file read gets its own accuracy: a row shows which file it came from
 
     def accuracy_by_k(path):
@@ -327,3 +327,66 @@ def test_squad_open_subsets_keep_their_mtime_when_unchanged(squad_open, tmp_path
     assert dst.stat().st_mtime_ns == 10**18
     squad_open.subset_json(src, dst, 4, seed=1)
     assert dst.stat().st_mtime_ns != 10**18 and len(json.loads(dst.read_text())) == 4
+
+
+SHORT_RUN_STAGES = ["generate_dense_embeddings.py", "dense_retriever.py", "train_dense_encoder.py",
+                    "generate_dense_embeddings.py", "dense_retriever.py", "dense_retriever.py", "train_reader.py"]
+
+
+def stub_stages(squad_open, monkeypatch, run_dir):
+    """The entry scripts stubbed out (list of the scripts run); the trainer writes its checkpoint, as a real one."""
+    ran = []
+
+    def fake_run(command):
+        ran.append(command[1])
+        if command[1] == "train_dense_encoder.py":
+            checkpoint = run_dir / "biencoder" / "dpr_biencoder.0"
+            checkpoint.parent.mkdir(parents=True, exist_ok=True)
+            checkpoint.write_text("weights")
+        return 0
+
+    trained_dev = run_dir / "trained" / "dev.json"
+    trained_dev.parent.mkdir(parents=True, exist_ok=True)
+    trained_dev.write_text(json.dumps([{"question": "q", "answers": ["a"], "ctxs": []}]))
+    monkeypatch.setattr(squad_open, "run_command", fake_run)
+    monkeypatch.setattr(squad_open, "accuracy_by_k", lambda path: ([50.0] * 100, 1))
+    monkeypatch.setattr(squad_open, "reader_exact_match", lambda path: ({1: 10.0}, 1))
+    return ran
+
+
+def test_squad_open_reruns_every_stage_from_the_first_that_reads_a_changed_file(squad_open, tmp_path, monkeypatch):
+    data, run_dir = full_recipe_data(tmp_path), tmp_path / "run"
+    ran = stub_stages(squad_open, monkeypatch, run_dir)
+    argv = ["--data", str(data), "--run_dir", str(run_dir), "--no_plot", "--bf16", "false"]
+    squad_open.main(argv)
+    assert ran == SHORT_RUN_STAGES
+    ran.clear()
+    with open(data / "psgs.tsv", "a", encoding="utf-8") as psgs:  # read by the first stage
+        psgs.write("999\tanother passage\tTitle\n")
+    squad_open.main(argv)
+    assert ran == SHORT_RUN_STAGES
+    ran.clear()
+    with open(data / "dev.qa.csv", "a", encoding="utf-8") as dev:  # read by the second
+        dev.write("another question\t['answer']\n")
+    squad_open.main(argv)
+    assert ran == SHORT_RUN_STAGES[1:]
+    ran.clear()
+    (run_dir / "biencoder" / "dpr_biencoder.0").write_text("other weights")  # read by the stages of the trained model
+    squad_open.main(argv)
+    assert ran == SHORT_RUN_STAGES[3:]
+    ran.clear()
+    squad_open.main(argv)
+    assert ran == []
+
+
+@pytest.mark.parametrize("damage", [b"", b'{"name": "train', b"\xff\xfe", b"[]"])
+def test_squad_open_damaged_stage_record_runs_that_stage_again(squad_open, tmp_path, monkeypatch, damage):
+    run_dir = tmp_path / "run"
+    ran = stub_stages(squad_open, monkeypatch, run_dir)
+    argv = ["--data", str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot", "--bf16", "false"]
+    squad_open.main(argv)
+    (run_dir / "stages" / "02.json").write_bytes(damage)  # e.g. a 0-byte record of a killed run's write
+    ran.clear()
+    squad_open.main(argv)
+    assert ran == SHORT_RUN_STAGES[2:]
+    assert json.loads((run_dir / "stages" / "02.json").read_text())["seconds"] is not None
