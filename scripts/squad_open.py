@@ -708,5 +708,8 @@ def write_report(args: argparse.Namespace, run_dir: Path, pipeline: Pipeline, co
 
 
 if __name__ == "__main__":
-    with user_errors_in_one_line():
-        main()
+    try:
+        with user_errors_in_one_line():
+            main()
+    except KeyboardInterrupt:
+        sys.exit("squad_open: interrupted, its running stage ended; run the same command again to resume")

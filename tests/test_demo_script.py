@@ -7,8 +7,10 @@ import os
 import re
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -390,3 +392,91 @@ def test_squad_open_damaged_stage_record_runs_that_stage_again(squad_open, tmp_p
     squad_open.main(argv)
     assert ran == SHORT_RUN_STAGES[2:]
     assert json.loads((run_dir / "stages" / "02.json").read_text())["seconds"] is not None
+
+
+STUCK_STAGE = '''import os, subprocess, sys, time
+from pathlib import Path
+worker = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])  # e.g. a data loader worker
+Path(os.environ["STAGE_PIDS"]).write_text(f"{os.getpid()} {worker.pid}")
+time.sleep(120)
+'''
+DRIVER = '''import importlib.util, sys
+from pathlib import Path
+from dpr.foundation.errors import user_errors_in_one_line
+spec = importlib.util.spec_from_file_location("squad_open", sys.argv[1])
+squad_open = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(squad_open)
+squad_open.REPO = Path(sys.argv[2])  # where the entry scripts are found
+try:
+    with user_errors_in_one_line():
+        squad_open.main(sys.argv[3:])
+except KeyboardInterrupt:
+    sys.exit("interrupted")
+'''
+
+
+def process_is_gone(pid):
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (FileNotFoundError, ProcessLookupError):
+        return True
+    return state in ("Z", "X")  # a zombie has ended: only its exit status is left
+
+
+def start_stuck_run(tmp_path, run_dir):
+    """squad_open.py whose first stage (with a worker process of its own) never ends; returns the script's
+    process and the pids of the stage and its worker once both run."""
+    entry_scripts = tmp_path / "entry_scripts"
+    entry_scripts.mkdir()
+    for name in HYDRA_CONFIGS:
+        (entry_scripts / name).write_text(STUCK_STAGE)
+    (tmp_path / "driver.py").write_text(DRIVER)
+    pids = tmp_path / "stage_pids"
+    script = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(SQUAD_OPEN), str(entry_scripts),
+                               "--data", str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot",
+                               "--bf16", "false"], env=dict(os.environ, STAGE_PIDS=str(pids)),
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    deadline = time.monotonic() + 60
+    while not (pids.is_file() and len(pids.read_text().split()) == 2):
+        assert script.poll() is None and time.monotonic() < deadline, script.stderr.read()
+        time.sleep(0.05)
+    return script, [int(pid) for pid in pids.read_text().split()]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT])
+def test_squad_open_ending_the_script_ends_its_stage(squad_open, tmp_path, signum):
+    script, stage_pids = start_stuck_run(tmp_path, tmp_path / "run")
+    try:
+        script.send_signal(signum)
+        assert script.wait(timeout=30) != 0
+        deadline = time.monotonic() + 10
+        while not all(process_is_gone(pid) for pid in stage_pids) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert all(process_is_gone(pid) for pid in stage_pids), "no orphan stage process is left"
+    finally:
+        script.kill()
+        for pid in stage_pids:
+            if not process_is_gone(pid):
+                os.kill(pid, signal.SIGKILL)
+
+
+def test_squad_open_one_run_per_run_dir(squad_open, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    script, stage_pids = start_stuck_run(tmp_path, run_dir)
+    argv = ["--data", str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot", "--bf16", "false"]
+    try:
+        with pytest.raises(squad_open.RunDirectoryBusyError, match=f"in use by another squad_open.py run "
+                                                                   rf"\(pid {script.pid}\).*another --run_dir"):
+            squad_open.main(argv)
+        second = subprocess.run([sys.executable, str(SQUAD_OPEN), *argv], capture_output=True, text=True,
+                                timeout=120)
+        assert second.returncode == 1 and second.stderr.startswith("error: --run_dir")
+        assert len(second.stderr.strip().splitlines()) == 1
+    finally:
+        script.kill()  # kill -9: the lock of a dead run is taken over
+        script.wait()
+        for pid in stage_pids:
+            os.kill(pid, signal.SIGKILL)
+    ran = stub_stages(squad_open, monkeypatch, run_dir)
+    squad_open.main(argv)
+    assert ran[-1] == "train_reader.py" and (run_dir / "squad_open.md").is_file()
