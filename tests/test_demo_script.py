@@ -4,6 +4,7 @@ stubbed out, builds valid commands and writes its report."""
 import importlib.util
 import json
 import os
+import random
 import re
 import shlex
 import shutil
@@ -480,3 +481,95 @@ def test_squad_open_one_run_per_run_dir(squad_open, tmp_path, monkeypatch):
     ran = stub_stages(squad_open, monkeypatch, run_dir)
     squad_open.main(argv)
     assert ran[-1] == "train_reader.py" and (run_dir / "squad_open.md").is_file()
+
+
+FAKE_STAGES_DRIVER = '''import glob, hashlib, importlib.util, json, re, sys, time
+from pathlib import Path
+spec = importlib.util.spec_from_file_location("squad_open", sys.argv[1])
+squad_open = importlib.util.module_from_spec(spec)
+spec.loader.exec_module(squad_open)
+
+
+def digest_of_files(paths):
+    digest = hashlib.sha256()
+    for path in paths:
+        digest.update(Path(path).read_bytes())
+    return digest.hexdigest()
+
+
+def write_slowly(path, text):  # as a stage writes its outputs: a kill can leave half of one
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with open(path, "w") as out:
+        out.write(text[: len(text) // 2])
+        out.flush()
+        time.sleep(0.01)
+        out.write(text[len(text) // 2:])
+
+
+def fake_stage(command):
+    """Outputs that depend on the script and on the content of every file the command names: a stale or
+    partial input shows in the report."""
+    script, args = command[1], dict(arg.split("=", 1) for arg in command[2:] if "=" in arg)
+    named = [name for key, value in args.items() if key not in ("out_file", "prediction_results_file")
+             for name in re.split(r"[\\[\\],]", value) if name]
+    inputs = sorted(path for name in named for path in glob.glob(name) if Path(path).is_file())
+    digest = hashlib.sha256((script + digest_of_files(inputs)).encode()).hexdigest()
+    time.sleep(0.02)
+    if script == "generate_dense_embeddings.py":
+        for shard in range(2):
+            write_slowly(Path(args["out_file"] + f"_{shard}"), digest * 50)
+    elif script == "train_dense_encoder.py":
+        write_slowly(Path(args["output_dir"], "dpr_biencoder.0"), digest * 50)
+    elif script == "train_reader.py":
+        write_slowly(Path(args["prediction_results_file"]), digest * 50)
+    else:
+        out_file = Path(args["out_file"])
+        names = args.get("retriever", "[dense]").strip("[]").split(",")
+        for position, name in enumerate(names):
+            path = out_file if position == 0 else out_file.with_name(f"{out_file.stem}.{name}{out_file.suffix}")
+            results = [{"question": f"{name}{n}", "answers": [], "ctxs": [{"id": digest, "has_answer": False}]}
+                       for n in range(4)]
+            write_slowly(path, json.dumps(results))
+    return 0
+
+
+def number_of(path):
+    return int(digest_of_files([path])[:6], 16) / 1000
+
+
+squad_open.run_command = fake_stage
+squad_open.accuracy_by_k = lambda path: ([number_of(path)] * 100, 4)
+squad_open.reader_exact_match = lambda path: ({1: number_of(path)}, 4)
+squad_open.main(sys.argv[2:])
+'''
+
+
+def test_squad_open_killed_runs_never_leave_a_partial_or_stale_file_to_a_rerun(tmp_path):
+    """kill -9 at random points of runs into one run directory, then a rerun: its report is an uninterrupted
+    run's (stages stubbed by fast ones whose outputs hash their inputs)."""
+    (tmp_path / "driver.py").write_text(FAKE_STAGES_DRIVER)
+
+    def run(run_dir, kill_after=None):
+        command = [sys.executable, str(tmp_path / "driver.py"), str(SQUAD_OPEN), "--data",
+                   str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot", "--bf16", "false",
+                   "--max_train_questions", "40", "--reader_dev_questions", "3"]
+        script = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+        try:
+            script.wait(timeout=kill_after)
+        except subprocess.TimeoutExpired:
+            script.kill()
+            script.wait()
+            return None
+        assert script.returncode == 0, script.stderr.read()
+        report = (run_dir / "squad_open.md").read_text().replace(str(run_dir), "RUN_DIR")
+        return report.split("\n", 1)[1].split("## Timings")[0] + report.split("## Commands")[1]  # not the times
+
+    started = time.time()
+    uninterrupted = run(tmp_path / "uninterrupted")
+    stages_seconds = (tmp_path / "uninterrupted" / "stages" / "06.json").stat().st_mtime - started
+    seed = int(started)
+    rng = random.Random(seed)
+    kill_points = sorted(rng.uniform(0.2, stages_seconds + 0.2) for _ in range(5))
+    for kill_after in kill_points:
+        run(tmp_path / "killed", kill_after)
+    assert run(tmp_path / "killed") == uninterrupted, f"kill points {kill_points} (seed {seed})"
