@@ -20,9 +20,12 @@ def parse_args() -> argparse.Namespace:
     parser.add_argument("--resource", help="resource key, or a prefix of keys to download all of them "
                                            "(omit it to list the keys)")
     parser.add_argument("--output_dir", default="./", help="root folder; files go under OUTPUT_DIR/downloads/")
-    parser.add_argument("--mirror", default=os.environ.get(MIRROR_ENV),
-                        help=f"base URL holding the same relative paths as dl.fbaipublicfiles.com/dpr/ "
-                             f"(http(s):// or file://; default ${MIRROR_ENV})")
+    parser.add_argument("--mirror", nargs="+", default=os.environ.get(MIRROR_ENV, "").split() or None,
+                        metavar="URL",
+                        help=f"base URL(s) holding the same relative paths as dl.fbaipublicfiles.com/dpr/ "
+                             f"(http(s):// or file://), tried in order for each file: one that cannot serve a file "
+                             f"whole (of its published size) gives way to the next (default ${MIRROR_ENV}, "
+                             f"space-separated)")
     parser.add_argument("--no-verify", dest="verify", action="store_false",
                         help="trust existing files instead of checking their recorded sha256")
     return parser.parse_args()

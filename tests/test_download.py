@@ -8,6 +8,7 @@ import subprocess
 import sys
 import threading
 from dataclasses import replace
+from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 
@@ -25,10 +26,12 @@ LARGE_BODY = bytes(range(256)) * 1200  # ~300 KB, several read chunks on the cli
 
 
 class RangeHandler(BaseHTTPRequestHandler):
-    """Serves ``server.root``; honours ``Range: bytes=N-`` unless an ``If-Range`` names another version (ETag);
-    cuts the first response of paths in ``server.drop`` half-way, then replaces the file by
-    ``server.changed_after_drop[path]`` if given. ``server.validators`` / ``server.lengths`` off: no ETag / no
-    Content-Length headers."""
+    """Serves ``server.root``; honours ``Range: bytes=N-`` unless an ``If-Range`` names another version (ETag)
+    (``server.ignore_if_range``: always); cuts the first response of paths in ``server.drop`` half-way (every
+    response of those in ``server.always_drop``), then replaces the file by ``server.changed_after_drop[path]`` if
+    given. ``server.validators`` / ``server.lengths`` off: no ETag / no Content-Length headers;
+    ``server.validator_header``: the ETag or a Last-Modified; ``server.fixed_etag``: one ETag for every version;
+    ``server.extra_bytes``: sent after the body."""
 
     timeout = 5  # a stuck client cannot hold a handler thread for long
 
@@ -42,8 +45,10 @@ class RangeHandler(BaseHTTPRequestHandler):
             self.send_error(404)
             return
         body = file.read_bytes()
-        etag = f'"{hashlib.sha256(body).hexdigest()[:16]}"'
-        if if_range is not None and if_range != etag:
+        etag = self.server.fixed_etag or f'"{hashlib.sha256(body).hexdigest()[:16]}"'
+        if self.server.validator_header == "Last-Modified":
+            etag = formatdate(int(hashlib.sha256(body).hexdigest()[:8], 16), usegmt=True)
+        if if_range is not None and if_range != etag and not self.server.ignore_if_range:
             range_header = None  # another version: the whole file
         start = int(range_header.removeprefix("bytes=").rstrip("-")) if range_header else 0
         if start >= len(body) > 0 and range_header:
@@ -56,17 +61,17 @@ class RangeHandler(BaseHTTPRequestHandler):
         if range_header:
             self.send_header("Content-Range", f"bytes {start}-{len(body) - 1}/{len(body)}")
         if self.server.validators:
-            self.send_header("ETag", etag)
+            self.send_header(self.server.validator_header, etag)
         if self.server.lengths:
             self.send_header("Content-Length", str(len(body) - start))
         self.end_headers()
-        if relative_path in self.server.drop:
+        if relative_path in self.server.drop | self.server.always_drop:
             self.server.drop.discard(relative_path)
             self.wfile.write(body[start:start + (len(body) - start) // 2])
             if relative_path in self.server.changed_after_drop:
                 file.write_bytes(self.server.changed_after_drop.pop(relative_path))
             return  # HTTP/1.0: the connection closes here, half-way through the body
-        self.wfile.write(body[start:])
+        self.wfile.write(body[start:] + self.server.extra_bytes)
 
     def log_message(self, *args) -> None:
         pass
@@ -87,19 +92,33 @@ def write_remote_tree(root: Path) -> None:
 
 
 @pytest.fixture
-def server(tmp_path):
-    remote = tmp_path / "remote"
-    write_remote_tree(remote)
-    httpd = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
-    httpd.root, httpd.requests, httpd.if_ranges, httpd.drop = remote, [], [], set()
-    httpd.changed_after_drop, httpd.validators, httpd.lengths = {}, True, True
-    httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/"
-    thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
-    thread.start()
-    yield httpd
-    httpd.shutdown()
-    httpd.server_close()
-    thread.join(timeout=5)
+def start_server(tmp_path):
+    """Starts loopback servers, each serving its own copy of the remote tree (a mirror)."""
+    started = []
+
+    def start() -> ThreadingHTTPServer:
+        remote = tmp_path / f"remote{len(started) or ''}"
+        write_remote_tree(remote)
+        httpd = ThreadingHTTPServer(("127.0.0.1", 0), RangeHandler)
+        httpd.root, httpd.requests, httpd.if_ranges, httpd.drop, httpd.always_drop = remote, [], [], set(), set()
+        httpd.changed_after_drop, httpd.validators, httpd.lengths = {}, True, True
+        httpd.validator_header, httpd.fixed_etag, httpd.ignore_if_range, httpd.extra_bytes = "ETag", None, False, b""
+        httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/"
+        thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
+        thread.start()
+        started.append((httpd, thread))
+        return httpd
+
+    yield start
+    for httpd, thread in started:
+        httpd.shutdown()
+        httpd.server_close()
+        thread.join(timeout=5)
+
+
+@pytest.fixture
+def server(start_server):
+    return start_server()
 
 
 CHECKPOINT = "checkpoint.reader.nq-single.hf-bert-base"
@@ -292,4 +311,83 @@ def test_entry_script_lists_and_downloads_from_env_mirror(server, tmp_path):
     env = dict(os.environ, DPR_DOWNLOAD_MIRROR=server.url)
     subprocess.run(script + ["--resource", "data.retriever.qas.nq-dev", "--output_dir", str(tmp_path / "out")],
                    capture_output=True, text=True, timeout=60, cwd=tmp_path, env=env, check=True)
+    assert (tmp_path / "out/downloads/data/retriever/qas/nq-dev.csv").read_text() == NQ_DEV_QAS
+
+
+def test_a_206_of_another_version_from_a_server_ignoring_if_range_is_not_appended(server, tmp_path):
+    new_body = bytes(reversed(LARGE_BODY))  # the same size: only the ETag tells the versions apart
+    server.ignore_if_range = True
+    server.drop.add(CHECKPOINT_PATH)
+    server.changed_after_drop[CHECKPOINT_PATH] = new_body
+    [local] = fetch(server, CHECKPOINT, tmp_path / "out")
+    assert Path(local).read_bytes() == new_body
+    assert [range_header for _, range_header in server.requests] == [None, f"bytes={len(LARGE_BODY) // 2}-", None]
+
+
+def test_a_206_of_another_version_told_by_last_modified_is_not_appended(server, tmp_path):
+    new_body = bytes(reversed(LARGE_BODY))
+    server.ignore_if_range, server.validator_header = True, "Last-Modified"
+    server.drop.add(CHECKPOINT_PATH)
+    server.changed_after_drop[CHECKPOINT_PATH] = new_body
+    [local] = fetch(server, CHECKPOINT, tmp_path / "out")
+    assert Path(local).read_bytes() == new_body
+    assert server.if_ranges[1] is not None and server.if_ranges[1].endswith("GMT")
+
+
+def test_a_206_with_another_content_range_total_is_not_appended(server, tmp_path):
+    new_body = LARGE_BODY[: len(LARGE_BODY) // 2 + 1000] + b"new tail"
+    server.ignore_if_range, server.fixed_etag = True, '"one-etag-for-every-version"'  # a server's bug
+    server.drop.add(CHECKPOINT_PATH)
+    server.changed_after_drop[CHECKPOINT_PATH] = new_body
+    [local] = fetch(server, CHECKPOINT, tmp_path / "out", verify=False)  # no published size to catch it
+    assert Path(local).read_bytes() == new_body
+    assert [range_header for _, range_header in server.requests] == [None, f"bytes={len(LARGE_BODY) // 2}-", None]
+
+
+def test_a_file_shorter_than_published_is_refused_and_the_next_mirror_serves_it(start_server, tmp_path):
+    short, good = start_server(), start_server()
+    (short.root / CHECKPOINT_PATH).write_bytes(LARGE_BODY[:-100])
+    [local] = download(CHECKPOINT, str(tmp_path / "out"), mirror=[short.url, good.url], retry=FAST_RETRY)
+    assert Path(local).read_bytes() == LARGE_BODY
+    assert len(short.requests) == 1 and len(good.requests) == 1
+
+
+def test_a_body_longer_than_published_is_refused_and_the_next_mirror_serves_it(start_server, tmp_path):
+    long, good = start_server(), start_server()
+    long.lengths, long.extra_bytes = False, b"x" * 5000  # no Content-Length: only the published size tells
+    [local] = download(CHECKPOINT, str(tmp_path / "out"), mirror=[long.url, good.url], retry=FAST_RETRY)
+    assert Path(local).read_bytes() == LARGE_BODY
+    assert len(long.requests) == 1
+
+
+def test_a_mirror_that_always_cuts_the_body_gives_way_to_the_next(start_server, tmp_path):
+    cutting, good = start_server(), start_server()
+    cutting.always_drop.add(CHECKPOINT_PATH)
+    [local] = download(CHECKPOINT, str(tmp_path / "out"), mirror=[cutting.url, good.url], retry=FAST_RETRY)
+    assert Path(local).read_bytes() == LARGE_BODY
+    assert len(cutting.requests) == FAST_RETRY.max_attempts
+    assert [range_header for _, range_header in good.requests] == [None]  # not resumed from another server's part
+
+
+def test_after_the_last_mirror_the_error_names_the_file_the_sizes_and_the_way_out(start_server, tmp_path):
+    short, long = start_server(), start_server()
+    (short.root / CHECKPOINT_PATH).write_bytes(LARGE_BODY[:-100])
+    long.lengths, long.extra_bytes = False, b"x" * 5000
+    out = tmp_path / "out"
+    with pytest.raises(DownloadError) as error:
+        download(CHECKPOINT, str(out), mirror=[short.url, long.url], retry=FAST_RETRY)
+    message = str(error.value)
+    assert message.startswith("no mirror served hf-bert-base.cp whole")
+    for text in (f"has {len(LARGE_BODY) - 100} bytes where {len(LARGE_BODY)} are published",
+                 f"sent more than the {len(LARGE_BODY)} bytes published", "--mirror"):
+        assert text in message
+    assert not any(path.is_file() for path in (out / "downloads").rglob("*"))
+
+
+def test_entry_script_tries_its_mirrors_in_order(start_server, tmp_path):
+    empty, good = start_server(), start_server()
+    (empty.root / "data/retriever/nq-dev.qa.csv").unlink()
+    script = [sys.executable, str(REPO_ROOT / "data" / "download_data.py"), "--resource", "data.retriever.qas.nq-dev",
+              "--output_dir", str(tmp_path / "out"), "--mirror", empty.url, good.url]
+    subprocess.run(script, capture_output=True, text=True, timeout=60, cwd=tmp_path, check=True)
     assert (tmp_path / "out/downloads/data/retriever/qas/nq-dev.csv").read_text() == NQ_DEV_QAS

@@ -6,10 +6,14 @@ under its final name only once complete, and records the sha256 of every file in
 (``sha256sum -c`` format), which a rerun verifies: a corrupted file is reported and downloaded again.
 
 A file is complete when it has the size the server announced (Content-Length, or the total of a Content-Range)
-and, where the resource has a published size, that size. A resume only ever appends bytes of the same version of
-the remote file: the first response's validator (a strong ETag, else Last-Modified) is kept beside the ``.part``
-and sent as ``If-Range``, so a server whose file changed answers with the whole new file, which replaces the part.
-A server that gives no validator gets no resume: each attempt starts from zero.
+and, where the resource has a published size, that size; a body longer than either is refused. A resume only ever
+appends bytes of the same version of the remote file: the first response's validator (a strong ETag, else
+Last-Modified) is kept beside the ``.part`` and sent as ``If-Range``, so a server whose file changed answers with
+the whole new file, which replaces the part; a 206 is appended only when it proves the same version (it starts at
+the part's end, its Content-Range total is the first response's size and its validator the saved one), so a
+server that ignores If-Range cannot splice two versions. A server that gives no validator gets no resume: each
+attempt starts from zero. Several mirrors (base URLs) can be given: a file that one of them cannot serve whole
+(of the published size, within the retries) is fetched from the next.
 """
 from __future__ import annotations
 
@@ -26,13 +30,14 @@ import urllib.request
 import zlib
 from dataclasses import dataclass
 from pathlib import Path
-from typing import BinaryIO, TextIO
+from typing import BinaryIO, Sequence, TextIO
 
 from tqdm import tqdm
 
 from dpr.data.resources import (DOWNLOADS_DIR, DPR_BASE_URL, NQ_LICENSE_FILES, RESOURCES_MAP, join_url,
                                 local_paths, matching_keys, resource_dir)
 from dpr.foundation.errors import UserInputError
+from dpr.foundation.files import atomic_output
 from dpr.foundation.provenance import sha256_of_file
 
 logger = logging.getLogger(__name__)
@@ -53,6 +58,11 @@ class DownloadError(RuntimeError):
 
 class IncompleteDownloadError(ConnectionError):
     """The connection ended before the announced number of bytes arrived; worth a retry."""
+
+
+class WrongSizeError(DownloadError):
+    """The server serves a file of another size than the published one, or a body longer than it announced: not
+    worth a retry from this server."""
 
 
 @dataclass(frozen=True)
@@ -78,7 +88,8 @@ class PartState:
         return part.with_name(part.name + PART_STATE_SUFFIX)
 
     def save(self, part: Path) -> None:
-        PartState.file(part).write_text(json.dumps({"validator": self.validator, "total": self.total}))
+        with atomic_output(PartState.file(part)) as temp_name:
+            Path(temp_name).write_text(json.dumps({"validator": self.validator, "total": self.total}))
 
     @staticmethod
     def load(part: Path) -> PartState | None:
@@ -120,18 +131,19 @@ class ChecksumManifest:
 
     def record(self, file: Path, digest: str) -> None:
         self._digests[self._name(file)] = digest
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        temp = self.path.with_name(self.path.name + ".tmp")
-        temp.write_text("".join(f"{d}  {n}\n" for n, d in sorted(self._digests.items())), encoding="utf-8")
-        os.replace(temp, self.path)
+        with atomic_output(self.path) as temp_name:
+            Path(temp_name).write_text("".join(f"{d}  {n}\n" for n, d in sorted(self._digests.items())),
+                                       encoding="utf-8")
 
 
-def download(resource: str | None, output_dir: str = "./", mirror: str | None = None, verify: bool = True,
-             retry: RetryPolicy = RetryPolicy(), out: TextIO = sys.stdout) -> list[str]:
+def download(resource: str | None, output_dir: str = "./", mirror: str | Sequence[str] | None = None,
+             verify: bool = True, retry: RetryPolicy = RetryPolicy(), out: TextIO = sys.stdout) -> list[str]:
     """Download every resource matching ``resource`` (exact key or raw prefix) and return their local files.
 
-    With ``resource=None`` the keys and their descriptions are printed to ``out`` instead. ``mirror`` replaces the
-    base URL (the mirror holds the same relative paths); ``verify=False`` trusts existing files without hashing.
+    With ``resource=None`` the keys and their descriptions are printed to ``out`` instead. ``mirror`` (one base URL
+    or several, tried in order for each file) replaces the base URL (a mirror holds the same relative paths);
+    ``verify=False`` trusts existing files without hashing and accepts a file of another size than the published
+    one.
     """
     if resource is None:
         out.write(format_listing())
@@ -155,24 +167,33 @@ def format_listing() -> str:
     return "\n".join(lines) + "\n"
 
 
-def download_resource(key: str, output_dir: str, manifest: ChecksumManifest, mirror: str | None = None,
-                      verify: bool = True, retry: RetryPolicy = RetryPolicy()) -> list[Path]:
+def mirror_list(mirror: str | Sequence[str] | None) -> list[str]:
+    return [mirror] if isinstance(mirror, str) else list(mirror or [])
+
+
+def download_resource(key: str, output_dir: str, manifest: ChecksumManifest,
+                      mirror: str | Sequence[str] | None = None, verify: bool = True,
+                      retry: RetryPolicy = RetryPolicy()) -> list[Path]:
     """Fetch one key's file(s), plus the NQ licence files next to NQ-derived data."""
     resource = RESOURCES_MAP[key]
     targets = local_paths(key, output_dir)
-    for url, target in zip(resource.urls(mirror), targets):
-        ensure_file(url, target, resource.compressed, manifest, verify, retry, resource.size)
+    bases = mirror_list(mirror) or [resource.base_url]
+    for position, target in enumerate(targets):
+        urls = [resource.urls(base)[position] for base in bases]
+        ensure_file(urls, target, resource.compressed, manifest, verify, retry, resource.size)
     if resource.nq_license:
         for remote_path in NQ_LICENSE_FILES:
             license_target = resource_dir(key, output_dir) / Path(remote_path).name
-            ensure_file(join_url(mirror or DPR_BASE_URL, remote_path), license_target, False, manifest, verify, retry)
+            urls = [join_url(base, remote_path) for base in mirror_list(mirror) or [DPR_BASE_URL]]
+            ensure_file(urls, license_target, False, manifest, verify, retry)
     return targets
 
 
-def ensure_file(url: str, target: Path, compressed: bool, manifest: ChecksumManifest, verify: bool,
+def ensure_file(urls: Sequence[str], target: Path, compressed: bool, manifest: ChecksumManifest, verify: bool,
                 retry: RetryPolicy, published_size: int | None = None) -> None:
-    """Make ``target`` a complete, checksum-verified copy of ``url`` (gunzipped when ``compressed``);
-    ``published_size``, the size of the file as fetched, is checked unless ``verify`` is off."""
+    """Make ``target`` a complete, checksum-verified copy of the file at ``urls`` (mirrors of one file, tried in
+    order; gunzipped when ``compressed``); ``published_size``, the size of the file as fetched, is checked unless
+    ``verify`` is off."""
     if target.exists():
         if is_intact(target, manifest, verify):
             logger.info("Skipping %s: already downloaded", target)
@@ -181,10 +202,24 @@ def ensure_file(url: str, target: Path, compressed: bool, manifest: ChecksumMani
         target.unlink()
     target.parent.mkdir(parents=True, exist_ok=True)
     part = target.with_name(target.name + (".gz" if compressed else "") + ".part")
-    logger.info("Downloading %s to %s", url, target)
-    fetch_with_retries(url, part, retry, published_size if verify else None)
-    digest = gunzip_to(part, target) if compressed else publish(part, target)
-    manifest.record(target, digest)
+    failures = []
+    for url in urls:
+        logger.info("Downloading %s to %s", url, target)
+        try:
+            fetch_with_retries(url, part, retry, published_size if verify else None)
+            digest = gunzip_to(part, target) if compressed else publish(part, target)
+        except DownloadError as err:
+            failures.append(str(err))
+            if url != urls[-1]:
+                logger.warning("%s; trying the next mirror", err)
+                discard_part(part)  # another server's version: never resumed from another one
+            continue
+        manifest.record(target, digest)
+        return
+    if len(failures) == 1:
+        raise DownloadError(failures[0])
+    raise DownloadError(f"no mirror served {target.name} whole: " + "; ".join(failures)
+                        + ". Check the mirrors (--mirror), or rerun later to resume")
 
 
 def is_intact(target: Path, manifest: ChecksumManifest, verify: bool) -> bool:
@@ -230,8 +265,8 @@ def is_transient_http_error(code: int) -> bool:
 
 def fetch_to_part(url: str, part: Path, timeout_s: float, published_size: int | None = None) -> None:
     """Append the rest of ``url`` to ``part`` (a Range request, valid only for the version the part holds, when it
-    has bytes); raise IncompleteDownloadError when fewer bytes than the file's size arrived, DownloadError when
-    the server's size is not the published one."""
+    has bytes); raise IncompleteDownloadError when fewer bytes than the file's size arrived, WrongSizeError when
+    the server's size is not the published one or it sends more bytes than that."""
     state = PartState.load(part) if part.exists() else None
     offset = part.stat().st_size if state is not None and state.validator else 0
     headers = {"Range": f"bytes={offset}-", "If-Range": state.validator} if offset else {}
@@ -251,6 +286,14 @@ def fetch_to_part(url: str, part: Path, timeout_s: float, published_size: int | 
         # answer with the whole file.
         if response.status == 206:
             total = content_range_total(response.headers.get("Content-Range"))
+            mismatch = resume_mismatch(response.headers, offset, state, published_size)
+            if mismatch:
+                logger.warning("%s answered the resume of %s with %s: not the version the part holds, downloading "
+                               "it from the start", url, part.name, mismatch)
+                response.close()
+                discard_part(part)
+                fetch_to_part(url, part, timeout_s, published_size)
+                return
         else:
             if offset:
                 logger.warning("%s changed since %s was started (or ignores ranges): downloading it from the start",
@@ -262,12 +305,17 @@ def fetch_to_part(url: str, part: Path, timeout_s: float, published_size: int | 
             state.save(part)
         if published_size is not None and total is not None and total != published_size:
             discard_part(part)
-            raise DownloadError(f"{url} has {total} bytes where {published_size} are published for it: not the "
-                                f"expected file (check the mirror; --no-verify accepts it)")
+            raise WrongSizeError(f"{url} has {total} bytes where {published_size} are published for it: not the "
+                                 f"expected file (check the mirror; --no-verify accepts it)")
         expected = total if total is not None else published_size
         with open(part, "ab" if offset else "wb") as sink:
             copy_with_progress(response, sink, expected, offset, part.name)
         received = part.stat().st_size
+    if expected is not None and received > expected:
+        discard_part(part)
+        raise WrongSizeError(f"{url} sent more than the {expected} bytes "
+                             f"{'announced' if total is not None else 'published'} for it: not the expected file "
+                             f"(check the mirror)")
     if expected is None:
         logger.warning("%s announced no size: the completeness of %s cannot be checked", url, part.name)
     elif received != expected:
@@ -281,6 +329,32 @@ def strong_validator(headers) -> str | None:
     if etag and not etag.startswith("W/"):
         return etag
     return headers.get("Last-Modified")
+
+
+def resume_mismatch(headers, offset: int, state: PartState, published_size: int | None) -> str | None:
+    """Why a 206 answer to a resume at `offset` does not prove the version the part holds (None when it does):
+    its range must start at the part's end, its total be the first response's size (else the published one) and
+    its validator the saved one; a server that ignores If-Range answers a changed file with a 206 all the same."""
+    content_range = headers.get("Content-Range")
+    start = content_range_start(content_range)
+    total = content_range_total(content_range)
+    expected_total = state.total if state.total is not None else published_size
+    validator = strong_validator(headers)
+    if start != offset:
+        return f"a range starting at {start} where {offset} was asked"
+    if total is None or total != expected_total:
+        return f"a file of {total} bytes where the part is of one of {expected_total}"
+    if validator != state.validator:
+        return f"another version ({validator} where the part is of {state.validator})"
+    return None
+
+
+def content_range_start(content_range: str | None) -> int | None:
+    """The first byte in a ``Content-Range: bytes A-B/TOTAL`` header."""
+    if not content_range or not content_range.startswith("bytes "):
+        return None
+    first = content_range[len("bytes "):].split("-", 1)[0].strip()
+    return int(first) if first.isdigit() else None
 
 
 def content_range_total(content_range: str | None) -> int | None:
@@ -298,6 +372,8 @@ def copy_with_progress(source: BinaryIO, sink: BinaryIO, total: int | None, init
         while chunk := source.read(CHUNK_SIZE):
             sink.write(chunk)
             progress.update(len(chunk))
+            if total is not None and sink.tell() > total:
+                break  # longer than the file: refused by the caller, without reading an endless body to the end
 
 
 def publish(part: Path, target: Path) -> str:
@@ -311,19 +387,16 @@ def publish(part: Path, target: Path) -> str:
 def gunzip_to(part: Path, target: Path) -> str:
     """Stream-decompress a complete ``.gz`` download into ``target``; return the sha256 of the decompressed file."""
     logger.info("Decompressing %s", part)
-    temp = target.with_name(target.name + ".tmp")
     digest = hashlib.sha256()
     try:
-        with gzip.open(part, "rb") as source, open(temp, "wb") as sink:
+        with atomic_output(target) as temp_name, gzip.open(part, "rb") as source, open(temp_name, "wb") as sink:
             while chunk := source.read(CHUNK_SIZE):
                 digest.update(chunk)
                 sink.write(chunk)
     except (gzip.BadGzipFile, EOFError, zlib.error) as err:  # EOFError: a truncated stream
-        temp.unlink(missing_ok=True)
         discard_part(part)
         raise DownloadError(f"{part} is not a valid gzip file ({err}); it was removed, rerun to fetch it again") \
             from err
-    os.replace(temp, target)
     discard_part(part)
     return digest.hexdigest()
 
