@@ -44,6 +44,16 @@ def test_best_spans_hand_checked():
     assert all((span.logit_start, span.logit_end) == span[:2] for span in spans)  # no tokens: nothing widened
 
 
+def test_span_scores_are_summed_in_float64_as_dpr_does():
+    """A near-tie that float32 rounds away: 1 + 2**-25 is 1 in float32, so a float32 sum ties the two spans and
+    keeps the first; DPR sums Python floats (float64) and picks the second."""
+    start = np.array([1.0, 1.0], dtype=np.float32)
+    end = np.array([0.0, 2.0**-25], dtype=np.float32)
+    assert np.float32(start[1] + end[1]) == np.float32(start[0] + end[0])  # the tie in float32
+    best = best_spans(start, end, max_answer_length=1, top_spans=1)[0]
+    assert (best.start, best.end) == (1, 1) and best.score == 1.0 + 2.0**-25
+
+
 def test_best_spans_are_never_nested_and_respect_the_length_limit():
     rng = np.random.default_rng(0)
     for _ in range(20):

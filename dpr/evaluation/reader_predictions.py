@@ -39,7 +39,7 @@ class SpanPrediction:
 class ScoredSpan(NamedTuple):
     start: int  # inclusive token indices, widened to whole words when the tokens are known
     end: int
-    score: float  # start_logits[logit_start] + end_logits[logit_end]
+    score: float  # start_logits[logit_start] + end_logits[logit_end], summed in float64
     logit_start: int  # the span the logits scored, before widening
     logit_end: int
 
@@ -54,7 +54,8 @@ def best_spans(start_logits: np.ndarray, end_logits: np.ndarray, max_answer_leng
     ends = starts + np.tile(np.arange(max_answer_length), length)
     inside = ends < length
     starts, ends = starts[inside], ends[inside]
-    scores = start_logits[starts] + end_logits[ends]
+    # in float64, as DPR sums Python floats: a float32 sum rounds near-ties into ties and can pick another span
+    scores = start_logits[starts].astype(np.float64) + end_logits[ends].astype(np.float64)
     accepted: List[ScoredSpan] = []
     for k in np.argsort(-scores, kind="stable"):
         s, e = int(starts[k]), int(ends[k])
@@ -77,7 +78,7 @@ def extend_to_words(tokens: Sequence[str], start: int, end: int) -> Tuple[int, i
 
 
 def _log_softmax(x: np.ndarray) -> np.ndarray:
-    shifted = x - x.max()
+    shifted = x.astype(np.float64) - x.max()  # float64, as the span scores
     return shifted - np.log(np.exp(shifted).sum())
 
 
