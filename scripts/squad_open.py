@@ -49,7 +49,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runnable from anywhere: the `dpr` package of this checkout
@@ -180,6 +180,7 @@ class Pipeline:
     common_overrides: List[str]  # appended to every command
     dry_run: bool = False
     stages: List[Stage] = field(default_factory=list)
+    on_stage_start: Callable[[int], None] = lambda process_group: None  # told each stage's process group
 
     def run(self, name: str, script: str, *args: str, inputs: Sequence[Optional[Path]] = (),
             outputs: Sequence[Path] = (), resumable: bool = True) -> None:
@@ -220,7 +221,7 @@ class Pipeline:
                     later.unlink()  # stages after a rerun one read its new outputs: they run again
             self._record(record, name, shown, identities, None)  # started: an interrupted stage resumes its outputs
         started = time.perf_counter()
-        if not self.dry_run and run_command(command) != 0:
+        if not self.dry_run and run_command(command, self.on_stage_start) != 0:
             sys.exit(f"squad_open: '{name}' failed; its log is under {self.run_dir / 'logs'}")
         stage = Stage(name, time.perf_counter() - started, shown)
         self.stages.append(stage)
@@ -253,12 +254,13 @@ def read_stage_record(record: Path) -> Optional[dict]:
     return None
 
 
-def run_command(command: List[str]) -> int:
-    """Run a stage in its own process group and return its exit status. If the script is ended meanwhile (Ctrl-C,
-    SIGTERM: see `ending_stops_the_stage`), the whole group ends with it (the entry script, its data loader
-    workers), so no orphan keeps writing into the run directory."""
+def run_command(command: List[str], on_start: Callable[[int], None]) -> int:
+    """Run a stage in its own process group (`on_start` is told its id) and return its exit status. If the script
+    is ended meanwhile (Ctrl-C, SIGTERM: see `ending_stops_the_stage`), the whole group ends with it (the entry
+    script, its data loader workers), so no orphan keeps writing into the run directory."""
     process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
     try:
+        on_start(process.pid)
         return process.wait()
     except BaseException:
         stop_process_group(process)
@@ -304,24 +306,71 @@ class RunDirectoryBusyError(UserInputError):
 
 
 @contextmanager
-def run_directory_lock(run_dir: Path) -> Iterator[None]:
+def run_directory_lock(run_dir: Path) -> Iterator[Callable[[int], None]]:
     """Hold RUN_DIR/.squad_open.lock (flock) for the block; a second run into the same folder is refused in one
-    line. The kernel releases the lock when its holder dies, so a killed run's lock is simply taken over (stage
-    processes do not inherit it: Popen closes their descriptors)."""
+    line. The kernel releases the lock when its holder dies, so a killed run's lock is taken over (stage
+    processes do not inherit it: Popen closes their descriptors). The lock file names its holder and the process
+    group of the stage it runs (the block is given the function that records it); a run that takes the lock over
+    from a `kill -9`ed one first ends that run's stage, if it still runs."""
     ensure_writable_directory(run_dir, "--run_dir")
     with open(run_dir / LOCK_NAME, "a+", encoding="utf-8") as lock:
         try:
             fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:
             lock.seek(0)
-            holder = lock.read().strip() or "unknown"
+            holder = (lock.read().split() or ["unknown"])[0]
             raise RunDirectoryBusyError(f"--run_dir {run_dir} is in use by another squad_open.py run (pid {holder}): "
                                         "wait for it to end, stop it, or choose another --run_dir") from None
+        lock.seek(0)
+        earlier = lock.read().split()
+        if len(earlier) == 2 and earlier[1].isdigit():
+            end_orphan_stage(int(earlier[1]), run_dir)
+
+        def note_stage(process_group: int) -> None:
+            lock.seek(0)
+            lock.truncate()
+            lock.write(f"{os.getpid()} {process_group}\n")
+            lock.flush()
+
         lock.seek(0)
         lock.truncate()
         lock.write(f"{os.getpid()}\n")
         lock.flush()
-        yield
+        yield note_stage
+
+
+def end_orphan_stage(process_group: int, run_dir: Path) -> None:
+    """End the stage process group a killed run left behind, if it still runs a command of this run directory
+    (a process group id reused by an unrelated program is left alone)."""
+    if not any(str(run_dir) in cmdline for cmdline in live_members(process_group)):
+        return
+    print(f"  (ending process group {process_group}: a stage of a killed run into {run_dir}, still running)",
+          flush=True)
+    try:
+        os.killpg(process_group, signal.SIGTERM)
+    except ProcessLookupError:
+        return
+    deadline = time.monotonic() + STOP_GRACE_S
+    while live_members(process_group) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    try:
+        os.killpg(process_group, signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+
+
+def live_members(process_group: int) -> List[str]:
+    """The command lines of the processes of a process group that have not ended (zombies have)."""
+    members = []
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
+            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except (OSError, ValueError):
+            continue  # ended meanwhile
+        if int(group) == process_group and state not in ("Z", "X"):
+            members.append(cmdline)
+    return members
 
 
 @dataclass(frozen=True)
@@ -544,19 +593,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.dry_run:
         run_recipe(args, run_dir)
         return
-    with run_directory_lock(run_dir), ending_stops_the_stage():
+    with run_directory_lock(run_dir) as note_stage, ending_stops_the_stage():
         for folder, name_prefix in ((run_dir, ""), (run_dir / "stages", ""), (run_dir / "data", ""),
                                     (run_dir / "reader", "dev.json")):
             remove_stale_temporaries(folder, name_prefix)  # of this script's writes killed in an earlier run
-        run_recipe(args, run_dir)
+        run_recipe(args, run_dir, note_stage)
 
 
-def run_recipe(args: argparse.Namespace, run_dir: Path) -> None:
+def run_recipe(args: argparse.Namespace, run_dir: Path,
+               note_stage: Callable[[int], None] = lambda process_group: None) -> None:
     data = args.data_path
     write = not args.dry_run
     subsets = run_dir / "data"
     use_bf16 = cpu_has_bf16() if args.bf16 == "auto" else args.bf16 == "true"
-    pipeline = Pipeline(run_dir, [f"bf16={str(use_bf16).lower()}"], dry_run=args.dry_run)
+    pipeline = Pipeline(run_dir, [f"bf16={str(use_bf16).lower()}"], dry_run=args.dry_run, on_stage_start=note_stage)
     collections = [Collection(data / "psgs.tsv", True)]
     if args.distractors:
         collections.append(Collection(data / DISTRACTOR_COLLECTION, False))

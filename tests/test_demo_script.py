@@ -124,7 +124,7 @@ def test_squad_open_commands_and_report(squad_open, tmp_path, monkeypatch):
     trained_dev.write_text(json.dumps([{"question": f"q{n}", "answers": ["a"], "ctxs": ctxs} for n in range(4)]))
     commands = []
 
-    def fake_run(command):  # the entry scripts are tested elsewhere; here only their command lines
+    def fake_run(command, on_start):  # the entry scripts are tested elsewhere; here only their command lines
         commands.append(["python", *command[1:]])
         return 0
 
@@ -163,7 +163,7 @@ def test_squad_open_rerun_skips_the_finished_stages(squad_open, tmp_path, monkey
     reader_checkpoint = run_dir / "reader" / "model" / "dpr_extractive_reader.0"
     ran, calls, found_checkpoints = [], [], []
 
-    def fake_run(command):
+    def fake_run(command, on_start):
         ran.append(command[1])
         calls.append(command[1])
         if command[1] == "train_dense_encoder.py":
@@ -266,7 +266,7 @@ def test_squad_open_full_recipe_report(squad_open, tmp_path, monkeypatch):
     final_dev.parent.mkdir(parents=True)
     ctxs = [{"id": str(i), "title": "t", "text": "x", "score": "1", "has_answer": i == 3} for i in range(20)]
     final_dev.write_text(json.dumps([{"question": f"q{n}", "answers": ["a"], "ctxs": ctxs} for n in range(4)]))
-    monkeypatch.setattr(squad_open, "run_command", lambda command: 0)
+    monkeypatch.setattr(squad_open, "run_command", lambda command, on_start: 0)
     files = []  # each results file read gets its own accuracy: a row shows which file it came from
 
     def accuracy_by_k(path):
@@ -340,7 +340,7 @@ def stub_stages(squad_open, monkeypatch, run_dir):
     """The entry scripts stubbed out (list of the scripts run); the trainer writes its checkpoint, as a real one."""
     ran = []
 
-    def fake_run(command):
+    def fake_run(command, on_start):
         ran.append(command[1])
         if command[1] == "train_dense_encoder.py":
             checkpoint = run_dir / "biencoder" / "dpr_biencoder.0"
@@ -474,12 +474,16 @@ def test_squad_open_one_run_per_run_dir(squad_open, tmp_path, monkeypatch):
         assert second.returncode == 1 and second.stderr.startswith("error: --run_dir")
         assert len(second.stderr.strip().splitlines()) == 1
     finally:
-        script.kill()  # kill -9: the lock of a dead run is taken over
+        script.kill()  # kill -9: its lock is taken over, and its stage ended
         script.wait()
-        for pid in stage_pids:
-            os.kill(pid, signal.SIGKILL)
     ran = stub_stages(squad_open, monkeypatch, run_dir)
-    squad_open.main(argv)
+    try:
+        squad_open.main(argv)
+        assert all(process_is_gone(pid) for pid in stage_pids), "the killed run's stage was ended"
+    finally:
+        for pid in stage_pids:
+            if not process_is_gone(pid):
+                os.kill(pid, signal.SIGKILL)
     assert ran[-1] == "train_reader.py" and (run_dir / "squad_open.md").is_file()
 
 
@@ -506,7 +510,7 @@ def write_slowly(path, text):  # as a stage writes its outputs: a kill can leave
         out.write(text[len(text) // 2:])
 
 
-def fake_stage(command):
+def fake_stage(command, on_start):
     """Outputs that depend on the script and on the content of every file the command names: a stale or
     partial input shows in the report."""
     script, args = command[1], dict(arg.split("=", 1) for arg in command[2:] if "=" in arg)
