@@ -537,7 +537,8 @@ def embed_and_retrieve(pipeline: Pipeline, args: argparse.Namespace, retriever: 
                      "generate_dense_embeddings.py", "-m", *model, f"ctx_src={collection.path}",
                      f"out_file={embeddings}", *shard_sweep(args),
                      f"hydra.sweep.dir={pipeline.run_dir / 'logs' / collection.suffixed('embed_' + retriever.key)}",
-                     inputs=[collection.path, retriever.model_file])
+                     inputs=[collection.path, retriever.model_file],
+                     outputs=[embeddings.parent])  # else fewer shards than before would leave stale ones to the glob
         where = "" if collection.first else f" ({collection.path.name})"
         others = " and ".join(RETRIEVER_LABELS[name] for name in list(retriever.rows)[1:])
         bm25_index = pipeline.run_dir / collection.suffixed("bm25_index")

@@ -577,3 +577,15 @@ def test_squad_open_killed_runs_never_leave_a_partial_or_stale_file_to_a_rerun(t
     for kill_after in kill_points:
         run(tmp_path / "killed", kill_after)
     assert run(tmp_path / "killed") == uninterrupted, f"kill points {kill_points} (seed {seed})"
+
+
+def test_squad_open_embeds_afresh_when_the_shards_change(squad_open, tmp_path, monkeypatch):
+    run_dir = tmp_path / "run"
+    stub_stages(squad_open, monkeypatch, run_dir)
+    argv = ["--data", str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot", "--bf16", "false"]
+    squad_open.main([*argv, "--num_shards", "3"])
+    stale_shard = run_dir / "untrained" / "embs" / "psgs_2"
+    stale_shard.parent.mkdir(parents=True)
+    stale_shard.write_text("a shard of the earlier run")  # what generate_dense_embeddings.py left
+    squad_open.main([*argv, "--num_shards", "2"])
+    assert not stale_shard.exists(), "retrieval's glob psgs_* would read it"
