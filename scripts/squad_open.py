@@ -246,7 +246,9 @@ def read_stage_record(record: Path) -> Optional[dict]:
         return None
     try:
         earlier = json.loads(record.read_text(encoding="utf-8"))
-        if isinstance(earlier, dict) and isinstance(earlier.get("command"), str) and "seconds" in earlier:
+        if (isinstance(earlier, dict) and isinstance(earlier.get("command"), str)
+                and isinstance(earlier.get("inputs"), dict)
+                and isinstance(earlier.get("seconds", ""), (int, float, type(None)))):
             return earlier
     except ValueError:  # not JSON, not UTF-8
         pass

@@ -382,7 +382,8 @@ def test_squad_open_reruns_every_stage_from_the_first_that_reads_a_changed_file(
     assert ran == []
 
 
-@pytest.mark.parametrize("damage", [b"", b'{"name": "train', b"\xff\xfe", b"[]"])
+@pytest.mark.parametrize("damage", [b"", b'{"name": "train', b"\xff\xfe", b"[]",
+                                    b'{"command": "python x.py", "inputs": {}, "seconds": "12"}'])
 def test_squad_open_damaged_stage_record_runs_that_stage_again(squad_open, tmp_path, monkeypatch, damage):
     run_dir = tmp_path / "run"
     ran = stub_stages(squad_open, monkeypatch, run_dir)
