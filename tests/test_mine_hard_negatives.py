@@ -331,25 +331,30 @@ def test_kill_at_random_points_never_leaves_a_partial_output_and_a_rerun_mines_t
     complete one, never part of one; the rerun removes the killed runs' temporaries and writes what an
     uninterrupted run writes."""
     out_file = tmp_path / "mined.json"
-    command = [sys.executable, str(REPO_ROOT / "mine_hard_negatives.py")] + [
-        f"{key}={value}" for key, value in {
+
+    def command(out):
+        return [sys.executable, str(REPO_ROOT / "mine_hard_negatives.py")] + [f"{key}={value}" for key, value in {
             "model_file": data["model"], "encoder.sequence_length": SEQUENCE_LENGTH, "input_file": data["train"],
-            "ctx_datatsets": f"[{data['psgs']}]", "encoded_ctx_files": f"['{data['embs']}']",
-            "out_file": out_file, "mine_rank_to": len(ALL_PASSAGES), "validation_workers": 1,
-            "hydra.run.dir": tmp_path / "logs"}.items()]
-    _, expected = mine(data, tmp_path / "expected.json")
+            "ctx_datatsets": f"[{data['psgs']}]", "encoded_ctx_files": f"['{data['embs']}']", "out_file": out,
+            "mine_rank_to": len(ALL_PASSAGES), "validation_workers": 1, "hydra.run.dir": tmp_path / "logs"}.items()]
+
+    started = time.perf_counter()
+    subprocess.run(command(tmp_path / "expected.json"), check=True, capture_output=True, timeout=300)
+    duration = time.perf_counter() - started
+    expected = json.loads((tmp_path / "expected.json").read_text())
+    assert expected == mine(data, tmp_path / "in_process.json")[1]
     out_file.write_text("previous")
     rng = random.Random(21)
-    for _ in range(3):
-        process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    for attempt in range(3):
+        process = subprocess.Popen(command(out_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
                                    start_new_session=True)
-        time.sleep(rng.uniform(0.5, 8.0))
+        time.sleep(rng.uniform(0.2, 1.0) * duration)
         os.killpg(process.pid, signal.SIGKILL)  # the script and any process it started
         process.wait()
         content = out_file.read_text()
         assert content == "previous" or json.loads(content) == expected
-        (tmp_path / f".mined.json.k1ll{_}.tmp").write_text("partial")  # as a kill during the write leaves
-    completed = subprocess.run(command, capture_output=True, text=True, timeout=300)
+        (tmp_path / f".mined.json.k1ll{attempt}.tmp").write_text("partial")  # as a kill during the write leaves
+    completed = subprocess.run(command(out_file), capture_output=True, text=True, timeout=300)
     assert completed.returncode == 0, completed.stderr
     assert json.loads(out_file.read_text()) == expected
-    assert sorted(p.name for p in tmp_path.iterdir()) == ["expected.json", "logs", "mined.json"]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expected.json", "in_process.json", "logs", "mined.json"]

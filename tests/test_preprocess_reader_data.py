@@ -173,14 +173,16 @@ def test_kill_at_random_points_never_leaves_a_partial_sample_file_and_a_rerun_wr
                 f"retriever_results={folder / 'train.json'}", "is_train_set=true", f"hydra.run.dir={tmp_path / 'logs'}"]
     command = [sys.executable, str(REPO_ROOT / "preprocess_reader_data.py")] + settings
     expected = tmp_path / "expected"
+    started = time.perf_counter()
     subprocess.run(command + [f"out_file={expected / 'train'}"], check=True, capture_output=True, timeout=300)
+    duration = time.perf_counter() - started
     prefix = tmp_path / "out" / "train"
     options = SampleFileOptions.from_config(compose_config(settings[:3], PREPROCESSING_CONFIG))
     rng = random.Random(21)
     for _ in range(3):
         process = subprocess.Popen(command + [f"out_file={prefix}"], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL, start_new_session=True)
-        time.sleep(rng.uniform(0.5, 6.0))
+        time.sleep(rng.uniform(0.2, 1.0) * duration)
         os.killpg(process.pid, signal.SIGKILL)  # the script and any process it started
         process.wait()
         for path in cached_sample_files(str(prefix), formats=("pkl", "npz")):
