@@ -20,8 +20,8 @@ from dpr.indexing.dense_retriever import run_dense_retriever
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import OutputWriteError
-from dpr.indexing.hard_negatives import (Candidate, MiningConfigError, MiningOptions, mine_hard_negatives,
-                                         select_hard_negatives, strip_source_prefix)
+from dpr.indexing.hard_negatives import (Candidate, MiningConfigError, MiningOptions, hard_negative_ctxs,
+                                         mine_hard_negatives, select_hard_negatives, strip_source_prefix)
 from tests.conftest import REPO_ROOT
 from tests.fixtures import TOPICS, forbid_calls
 from tests.retrieval_helpers import (
@@ -358,3 +358,11 @@ def test_kill_at_random_points_never_leaves_a_partial_output_and_a_rerun_mines_t
     assert completed.returncode == 0, completed.stderr
     assert json.loads(out_file.read_text()) == expected
     assert sorted(p.name for p in tmp_path.iterdir()) == ["expected.json", "in_process.json", "logs", "mined.json"]
+
+
+def test_a_kept_negative_that_is_a_mined_one_under_another_id_is_kept_once():
+    mined = [candidate(1, "12", "Munich is in Bavaria.")]
+    existing = [{"title": "m", "text": "munich is in  bavaria.", "passage_id": "bm25-9"},
+                {"title": "h", "text": "Hamburg is a port.", "passage_id": "bm25-10"}]
+    kept = hard_negative_ctxs(mined, existing, keep_existing=True)
+    assert [ctx["passage_id"] for ctx in kept] == ["12", "bm25-10"]

@@ -142,6 +142,7 @@ def no_work(monkeypatch):
     (["sample_formats=[]"], r"^error: sample_formats=\[\] must name at least one of pkl, npz"),
     (["sample_formats=[npz,csv]"], r"^error: sample_formats=\['npz', 'csv'\]: csv is not one of pkl, npz"),
     (["is_train_set=maybe"], "^error: is_train_set='maybe' must be true or false"),
+    (["do_lower_case=maybe"], "^error: do_lower_case='maybe' must be true or false"),
 ])
 def test_a_mistaken_option_is_one_line_before_any_work(results, tmp_path, monkeypatch, no_work, argv, message):
     given = {"retriever_results": results["dir"] / "dev.json", "out_file": tmp_path / "reader" / "dev",
@@ -156,6 +157,8 @@ def test_a_mistaken_option_is_one_line_before_any_work(results, tmp_path, monkey
     ([{"question": "q?", "answers": "paris", "ctxs": []}], "record 0: answers must be a list of strings"),
     ([{"question": "q?", "answers": ["paris"], "ctxs": {"id": "1"}}], "record 0: ctxs must be a list of objects"),
     ([{"question": "q?", "answers": ["paris"], "ctxs": ["text"]}], "record 0: ctxs must be a list of objects"),
+    ([{"question": "q?", "answers": ["paris"], "ctxs": [{"id": "1", "text": "paris", "has_answer": "false"}]}],
+     r"record 0, ctxs\[0\]: has_answer must be true or false, found 'false'"),
 ])
 def test_results_that_are_not_retriever_results_are_one_line(tmp_path, monkeypatch, content, message):
     """Answers given as a string were split into their characters, each found in most passages."""

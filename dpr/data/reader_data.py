@@ -28,7 +28,7 @@ import torch
 
 from dpr.data.data_files import DataFileError, expand_glob, open_text
 from dpr.data.tensorizer import Tensorizer
-from dpr.foundation.config_values import whole_number
+from dpr.foundation.config_values import true_or_false, whole_number
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output, remove_stale_temporaries
 from dpr.foundation.provenance import differing_field, file_identity
@@ -363,6 +363,11 @@ def read_retriever_results(path: str) -> List[dict]:
         if ctxs is not None and (not isinstance(ctxs, list) or not all(isinstance(c, dict) for c in ctxs)):
             raise DataFileError(f"{path}: record {index}: ctxs must be a list of objects (retrieved passages), "
                                 f"found {ctxs!r:.80}")
+        for position, ctx in enumerate(ctxs or ()):
+            # a string "false" would be true: every passage a positive
+            if not isinstance(ctx.get("has_answer", False), bool):
+                raise DataFileError(f"{path}: record {index}, ctxs[{position}]: has_answer must be true or false, "
+                                    f"found {ctx['has_answer']!r:.40}")
     return records
 
 
@@ -391,7 +396,8 @@ class SampleFileOptions:
                 raise SampleFileError(f"sample_formats={list(formats)}: {fmt} is not one of "
                                       f"{', '.join(SAMPLE_FORMATS)}")
         return cls(
-            encoder=EncoderSpec.from_config(cfg.encoder, bool(cfg.do_lower_case)),
+            encoder=EncoderSpec.from_config(cfg.encoder, true_or_false("do_lower_case", cfg.do_lower_case,
+                                                                       SampleFileError)),
             gold_passages_src=cfg.gold_passages_src or None,
             gold_passages_src_dev=cfg.gold_passages_src_dev or None,
             num_workers=whole_number("num_workers", cfg.num_workers, 1, error=SampleFileError),

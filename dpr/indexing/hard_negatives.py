@@ -155,11 +155,14 @@ def select_hard_negatives(candidates: Iterable[Candidate], positives: Sequence[d
 
 def hard_negative_ctxs(mined: Sequence[Candidate], existing: Sequence[dict], keep_existing: bool) -> list[dict]:
     """The record's new `hard_negative_ctxs`: the mined passages in DPR's format, then (when kept) the existing ones
-    that were not mined again."""
+    that were not mined again (by id or by text, as positives are matched)."""
     ctxs = [{"title": c.title, "text": c.text, "score": c.score, "passage_id": c.passage_id} for c in mined]
     if keep_existing:
         mined_ids = {c.passage_id for c in mined}
-        ctxs += [ctx for ctx in existing if ctx.get("passage_id") is None or str(ctx["passage_id"]) not in mined_ids]
+        mined_texts = {passage_text_key(c.text) for c in mined}
+        ctxs += [ctx for ctx in existing
+                 if (ctx.get("passage_id") is None or str(ctx["passage_id"]) not in mined_ids)
+                 and passage_text_key(ctx.get("text")) not in mined_texts]
     return ctxs
 
 
