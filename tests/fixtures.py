@@ -69,3 +69,13 @@ def retriever_results(n: int, passages_per_question: int) -> list:
                          "has_answer": has_answer([city], text)})
         records.append({"question": f"what is the capital of {country}?", "answers": [city], "ctxs": ctxs})
     return records
+
+
+def forbid_calls(monkeypatch, *targets: str) -> None:
+    """Each function named (as monkeypatch.setattr takes it) fails the test when called: the work it starts must
+    not begin, e.g. before every option has been checked."""
+    def forbidden(*args, **kwargs):
+        raise AssertionError("work started that should not have")
+
+    for target in targets:
+        monkeypatch.setattr(target, forbidden)

@@ -1,12 +1,17 @@
 """BM25Index: ranking, parameters, stopwords, persistence, quietness, and accuracy on the real SQuAD-open data."""
 import ast
 import csv
+import errno
+import os
 
+import bm25s
 import numpy as np
 import pytest
 
 from dpr.evaluation.qa_validation import has_answer
-from dpr.indexing.bm25 import BM25Index, passage_text
+from dpr.foundation.errors import UserInputError
+from dpr.foundation.files import OutputWriteError
+from dpr.indexing.bm25 import IDS_FILE, BM25Index, check_index_location, passage_text
 
 PASSAGES = {
     "1": ("Denver Broncos", "The Broncos won Super Bowl 50 against the Carolina Panthers."),
@@ -85,3 +90,72 @@ def test_top20_accuracy_on_squad_open(shared_data):
     results = index.search([question for question, _ in qas], k=20)
     hits = [any(has_answer(answers, texts[pid]) for pid in ids) for (_, answers), (ids, _) in zip(qas, results)]
     assert sum(hits) / len(hits) > 0.95  # the data README reports about 97% top-20 for BM25
+
+
+# ------------------------------------------------------------------------------------------------ whole indexes
+def interrupted_save(monkeypatch, error):
+    """bm25s's save, stopped by `error` after its first file."""
+    original = bm25s.BM25.save
+
+    def save(self, directory, **kwargs):
+        original(self, directory, **kwargs)
+        first = sorted(os.listdir(directory))[0]
+        for name in os.listdir(directory):
+            if name != first:
+                os.remove(os.path.join(directory, name))
+        raise error
+
+    monkeypatch.setattr(bm25s.BM25, "save", save)
+
+
+def test_a_killed_save_leaves_no_index_under_its_name_and_the_next_clears_its_temporaries(index, tmp_path,
+                                                                                           monkeypatch):
+    """A partial index folder under bm25_index_path was loaded by every later run (or failed in bm25s's code)."""
+    interrupted_save(monkeypatch, KeyboardInterrupt())
+    with pytest.raises(KeyboardInterrupt):
+        index.save(tmp_path / "bm25")
+    assert not (tmp_path / "bm25").exists()
+    monkeypatch.undo()
+    for leftover in list(tmp_path.iterdir()):  # as a kill -9 leaves it: the temporary folder stays
+        assert leftover.name.startswith(".bm25.") and leftover.name.endswith(".tmp")
+    (tmp_path / ".bm25.k1ll3d00.tmp").mkdir()
+    (tmp_path / ".bm25.k1ll3d00.tmp" / "vocab.index.json").write_text("partial")
+    index.save(tmp_path / "bm25")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["bm25"]
+    assert BM25Index.load(tmp_path / "bm25").search(["Warsaw"], 1)[0][0] == ["2"]
+
+
+def test_a_full_disk_names_the_index_and_keeps_the_previous_one(index, tmp_path, monkeypatch):
+    BM25Index.build(["x"], ["a previous index"]).save(tmp_path / "bm25")
+    interrupted_save(monkeypatch, OSError(errno.ENOSPC, os.strerror(errno.ENOSPC)))
+    with pytest.raises(OutputWriteError, match=f"^could not write {tmp_path / 'bm25'}: no space left on device"):
+        index.save(tmp_path / "bm25")
+    assert BM25Index.load(tmp_path / "bm25").ids == ["x"] and sorted(os.listdir(tmp_path)) == ["bm25"]
+
+
+def test_saving_over_a_previous_index_replaces_it_whole(index, tmp_path):
+    BM25Index.build(["x"], ["a previous index"]).save(tmp_path / "bm25")
+    index.save(tmp_path / "bm25")
+    assert BM25Index.load(tmp_path / "bm25").ids == index.ids and sorted(os.listdir(tmp_path)) == ["bm25"]
+
+
+def test_an_incomplete_index_folder_is_one_line_naming_it(index, tmp_path):
+    index.save(tmp_path / "bm25")
+    os.remove(tmp_path / "bm25" / IDS_FILE)
+    with pytest.raises(UserInputError, match=f"^{tmp_path / 'bm25'} is not a complete BM25 index .*{IDS_FILE}"):
+        BM25Index.load(tmp_path / "bm25")
+
+
+def test_the_index_location_is_checked_before_the_work(index, tmp_path):
+    check_index_location(tmp_path / "new" / "bm25", "bm25_index_path")  # to be built: its folder can take it
+    index.save(tmp_path / "saved")
+    check_index_location(tmp_path / "saved", "bm25_index_path")  # to be loaded
+    with pytest.raises(UserInputError, match="^bm25_index_path=/proc/nope/bm25: its folder /proc/nope is not one"):
+        check_index_location("/proc/nope/bm25", "bm25_index_path")
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(UserInputError, match=f"^bm25_index_path={tmp_path / 'a_file'} is a file, not a BM25 index"):
+        check_index_location(tmp_path / "a_file", "bm25_index_path")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserInputError, match=f"^bm25_index_path={tmp_path / 'empty'}: {tmp_path / 'empty'} is not a "
+                                             "complete BM25 index"):
+        check_index_location(tmp_path / "empty", "bm25_index_path")

@@ -1,20 +1,29 @@
 """mine_hard_negatives: the mined negatives are the highest-ranked passages in the rank range that hold no answer and
 are no positive, as the dense retriever ranks them; keep vs replace; questions without a negative keep their own;
 the output trains."""
+import errno
 import json
+import os
+import random
+import signal
 import subprocess
 import sys
+import time
 
 import pytest
 
 from dpr.data.biencoder_data import load_biencoder_samples
 from dpr.data.ctx_sources import CtxSource
+from dpr.data.data_files import DataFileError
 from dpr.evaluation.qa_validation import has_answer
 from dpr.indexing.dense_retriever import run_dense_retriever
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
-from dpr.indexing.hard_negatives import MiningConfigError, mine_hard_negatives, strip_source_prefix
+from dpr.foundation.errors import UserInputError
+from dpr.foundation.files import OutputWriteError
+from dpr.indexing.hard_negatives import (Candidate, MiningConfigError, MiningOptions, hard_negative_ctxs,
+                                         mine_hard_negatives, select_hard_negatives, strip_source_prefix)
 from tests.conftest import REPO_ROOT
-from tests.fixtures import TOPICS
+from tests.fixtures import TOPICS, forbid_calls
 from tests.retrieval_helpers import (
     SEQUENCE_LENGTH,
     gen_embs_config,
@@ -213,3 +222,147 @@ def test_shard_wise_search_mines_the_same(data, tmp_path):
     _, flat = mine(data, tmp_path / "flat.json", num_hard_negatives=5)
     _, sharded = mine(data, tmp_path / "sharded.json", num_hard_negatives=5, shard_search="true")
     assert sharded == flat
+
+
+# ------------------------------------------------------------------------------------ positives, options, outputs
+def candidate(rank, passage_id, text, has_answer=False):
+    return Candidate(rank, passage_id, "title", text, 1.0 / rank, has_answer)
+
+
+def bare_options(**values):
+    fields = {"input_file": "in.json", "out_file": "out.json", "rank_from": 1, "rank_to": 100,
+              "num_hard_negatives": 30, "keep_existing": False, "match": "string"}
+    return MiningOptions(**{**fields, **values})
+
+
+def test_a_positive_under_another_id_is_no_negative_whatever_its_spacing_case_or_unicode_form():
+    """A collection can hold a positive twice (a dump re-split, a copy under another id): the copy differs at most
+    in whitespace, case or Unicode normal form, and as a 'negative' it would teach the model to push the answer
+    away."""
+    positive = {"title": "Berlin", "text": "Berlin is the capital of Germany, on the Spree.", "passage_id": "2"}
+    candidates = [
+        candidate(1, "902", "Berlin  is the capital\nof Germany,\ton the Spree. "),
+        candidate(2, "903", "BERLIN IS THE CAPITAL OF GERMANY, ON THE SPREE."),
+        candidate(3, "904", "Caf\u00e9s line the Spree."),
+        candidate(4, "905", "Munich is in Bavaria."),
+    ]
+    positives = [positive, {"title": "x", "text": "Cafe\u0301s  line the Spree.", "passage_id": "77"}]
+    assert [c.passage_id for c in select_hard_negatives(candidates, positives, bare_options())] == ["905"]
+
+
+def test_a_positive_id_written_with_its_source_prefix_is_matched():
+    sources = [CtxSource("a.tsv", "wiki:")]
+    positives = [{"title": "t", "text": "some text", "passage_id": "wiki:7"}]
+    chosen = select_hard_negatives([candidate(1, "7", "other words"), candidate(2, "8", "more words")], positives,
+                                   bare_options(), sources)
+    assert [c.passage_id for c in chosen] == ["8"]
+
+
+def bare_config(tmp_path, **values):
+    """A mining configuration whose files exist but whose model does not: every check runs before any loading."""
+    train = tmp_path / "train.json"
+    if not train.exists():
+        train.write_text(json.dumps(training_records()))
+    overrides = {"model_file": tmp_path / "no_model.cp", "input_file": train, "ctx_datatsets": "[psgs.tsv]",
+                 "encoded_ctx_files": "['embs_*']", "out_file": tmp_path / "mined.json"}
+    overrides.update(values)
+    return compose_config([f"{key}={value}" for key, value in overrides.items()], "mine_hard_negatives")
+
+
+@pytest.fixture
+def no_work(monkeypatch):
+    """Fails the test if the training file is read or anything is retrieved."""
+    forbid_calls(monkeypatch, "dpr.indexing.hard_negatives.read_records", "dpr.indexing.hard_negatives.retrieve",
+                 "dpr.indexing.hard_negatives.resolve_ctx_sources")
+
+
+@pytest.mark.parametrize("values, message", [
+    ({"mine_rank_from": "abc"}, "^mine_rank_from='abc' must be a whole number"),
+    ({"mine_rank_to": 2.5}, "^mine_rank_to=2.5 must be a whole number"),
+    ({"mine_rank_to": "true"}, "^mine_rank_to=True must be a whole number"),
+    ({"n_docs": "many"}, "^n_docs='many' must be a whole number"),
+    ({"num_hard_negatives": -3}, "^num_hard_negatives=-3: mine at least 1"),
+    ({"num_hard_negatives": "ten"}, "^num_hard_negatives='ten' must be a whole number"),
+    ({"validation_workers": 0}, "^validation_workers=0 must be at least 1"),
+    ({"keep_existing_hard_negatives": "maybe"}, "^keep_existing_hard_negatives='maybe' must be true or false"),
+    ({"input_file": "missing.json"}, "^input_file=missing.json does not exist"),
+    ({"input_file": "null"}, "^input_file is required"),
+    ({"input_file": "/"}, "^input_file=/ is a folder: give the DPR"),
+    ({"out_file": "/proc/nope/mined.json"}, "^out_file=/proc/nope/mined.json: its folder /proc/nope is not one"),
+])
+def test_a_mistaken_option_is_named_before_any_work(tmp_path, no_work, values, message):
+    with pytest.raises(UserInputError, match=message):
+        mine_hard_negatives(bare_config(tmp_path, **values))
+
+
+@pytest.mark.parametrize("content, message", [
+    ({"data": []}, "expected a JSON list"),
+    ([], "holds no records"),
+    ([{"question": "q?", "answers": "paris", "positive_ctxs": []}], "record 0: answers must be a list of strings"),
+    ([{"question": "q?", "answers": ["paris"], "positive_ctxs": ["text"]}], "record 0: positive_ctxs must be a list "
+                                                                           "of objects"),
+    ([{"question": "q?", "answers": ["paris"], "positive_ctxs": [], "hard_negative_ctxs": {}}],
+     "record 0: hard_negative_ctxs must be a list of objects"),
+])
+def test_a_training_file_that_is_not_one_is_named_before_retrieval(tmp_path, monkeypatch, content, message):
+    """An answer given as a string once became its characters: 'a' was found in nearly every passage."""
+    forbid_calls(monkeypatch, "dpr.indexing.hard_negatives.retrieve")
+    (tmp_path / "bad.json").write_text(json.dumps(content))
+    with pytest.raises(DataFileError, match=message):
+        mine_hard_negatives(bare_config(tmp_path, input_file=tmp_path / "bad.json"))
+
+
+def test_a_full_disk_names_the_mined_file_and_keeps_the_previous_one(data, tmp_path, monkeypatch):
+    out_file = tmp_path / "mined.json"
+    out_file.write_text("previous")
+    (tmp_path / ".mined.json.k1ll3d00.tmp").write_text("a killed run's partial output")
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr("dpr.indexing.hard_negatives.json.dump", full_disk)
+    with pytest.raises(OutputWriteError, match=f"^could not write {out_file}: no space left on device"):
+        mine_hard_negatives(mining_config(data, out_file))
+    assert out_file.read_text() == "previous" and sorted(p.name for p in tmp_path.iterdir()) == ["mined.json"]
+
+
+def test_kill_at_random_points_never_leaves_a_partial_output_and_a_rerun_mines_the_same(data, tmp_path):
+    """`kill -9` of mine_hard_negatives.py at random moments: out_file is the previous complete file or the new
+    complete one, never part of one; the rerun removes the killed runs' temporaries and writes what an
+    uninterrupted run writes."""
+    out_file = tmp_path / "mined.json"
+
+    def command(out):
+        return [sys.executable, str(REPO_ROOT / "mine_hard_negatives.py")] + [f"{key}={value}" for key, value in {
+            "model_file": data["model"], "encoder.sequence_length": SEQUENCE_LENGTH, "input_file": data["train"],
+            "ctx_datatsets": f"[{data['psgs']}]", "encoded_ctx_files": f"['{data['embs']}']", "out_file": out,
+            "mine_rank_to": len(ALL_PASSAGES), "validation_workers": 1, "hydra.run.dir": tmp_path / "logs"}.items()]
+
+    started = time.perf_counter()
+    subprocess.run(command(tmp_path / "expected.json"), check=True, capture_output=True, timeout=300)
+    duration = time.perf_counter() - started
+    expected = json.loads((tmp_path / "expected.json").read_text())
+    assert expected == mine(data, tmp_path / "in_process.json")[1]
+    out_file.write_text("previous")
+    rng = random.Random(21)
+    for attempt in range(3):
+        process = subprocess.Popen(command(out_file), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+                                   start_new_session=True)
+        time.sleep(rng.uniform(0.2, 1.0) * duration)
+        os.killpg(process.pid, signal.SIGKILL)  # the script and any process it started
+        process.wait()
+        content = out_file.read_text()
+        assert content == "previous" or json.loads(content) == expected
+        (tmp_path / f".mined.json.k1ll{attempt}.tmp").write_text("partial")  # as a kill during the write leaves
+    completed = subprocess.run(command(out_file), capture_output=True, text=True, timeout=300)
+    assert completed.returncode == 0, completed.stderr
+    assert json.loads(out_file.read_text()) == expected
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["expected.json", "in_process.json", "logs", "mined.json"]
+
+
+def test_a_kept_negative_that_is_a_mined_one_under_another_id_is_kept_once():
+    mined = [candidate(1, "12", "Munich is in Bavaria.")]
+    existing = [{"title": "m", "text": "munich is in  bavaria.", "passage_id": "bm25-9"},
+                {"title": "h", "text": "Hamburg is a port.", "passage_id": "bm25-10"}]
+    kept = hard_negative_ctxs(mined, existing, keep_existing=True)
+    assert [ctx["passage_id"] for ctx in kept] == ["12", "bm25-10"]

@@ -1,6 +1,7 @@
 """Reader preprocessing (§6): answer spans as token subsequences, positive/negative selection, gold pages,
 skipped questions; sample files (DPR pickles, npz, refusing foreign pickles); the reader's batches."""
 import dataclasses
+import errno
 import json
 import logging
 import os
@@ -11,6 +12,7 @@ import numpy as np
 import pytest
 from transformers import BertTokenizerFast
 
+from dpr.data import reader_data
 from dpr.data.reader_data import (
     ReaderPassage,
     ReaderPreprocessingCfg,
@@ -33,11 +35,13 @@ from dpr.data.reader_data import (
     stale_samples_reason,
     write_samples,
 )
+from dpr.data.data_files import DataFileError
 from dpr.data.tensorizer import Tensorizer
 from dpr.evaluation.exact_match import normalize_answer
 from dpr.evaluation.qa_validation import has_answer
 from dpr.models.encoder_spec import EncoderSpec
 from dpr.models.hf_encoder import load_tokenizer
+from dpr.foundation.files import OutputWriteError
 from dpr.foundation.safe_pickle import UnsafePickleError
 from tests.fixtures import PickledPayload
 from tests.tiny_models import tiny_bert_dir, write_vocab
@@ -349,3 +353,82 @@ def test_squad_open_answer_spans_decode_to_the_answers(shared_data):
             for start, end in positive.answers_spans:
                 decoded = tensorizer.tokenizer.decode(positive.sequence_ids[start : end + 1].tolist())
                 assert _plain(decoded) in answers
+
+
+# ------------------------------------------------------------------------------------------------ whole outputs
+@pytest.fixture
+def one_process(monkeypatch):
+    monkeypatch.setattr("dpr.data.reader_data.os.cpu_count", lambda: 1)  # chunks in this process, no spawn
+
+
+def preprocessed(tmp_path, n_questions=4, num_workers=2):
+    """Samples of a results JSON in `num_workers` npz chunks: (results, prefix, options)."""
+    results, prefix = tmp_path / "r.json", str(tmp_path / "r")
+    results.write_text(json.dumps([results_record(i % len(FACTS)) for i in range(n_questions)]))
+    options = SampleFileOptions(EncoderSpec(tiny_bert_dir(tmp_path / "bert"), sequence_length=64), None, None,
+                                num_workers=num_workers, formats=("npz",))
+    preprocess_retriever_results(str(results), prefix, True, options)
+    return str(results), prefix, options
+
+
+def test_the_files_of_an_interrupted_run_are_not_taken_for_a_complete_set(tmp_path, monkeypatch, one_process):
+    """A run killed after its first chunk, into a prefix an earlier run of the same file had filled: the earlier
+    record said the files were current, and the trainer trained on one new chunk beside an old one."""
+    results, prefix, options = preprocessed(tmp_path)
+    assert stale_samples_reason(results, prefix, True, options) is None
+    write = reader_data.write_samples
+    written = []
+
+    def killed_after_one_chunk(path, samples):
+        if written:
+            raise KeyboardInterrupt  # what a kill leaves: no cleanup of ours runs
+        written.append(write(path, samples))
+
+    monkeypatch.setattr(reader_data, "write_samples", killed_after_one_chunk)
+    with pytest.raises(KeyboardInterrupt):
+        preprocess_retriever_results(results, prefix, True, options)
+    assert stale_samples_reason(results, prefix, True, options) == "the preprocessing that wrote them was interrupted"
+    assert all(read_samples(path) for path in cached_sample_files(prefix))  # each file under its name is whole
+    monkeypatch.undo()
+    monkeypatch.setattr("dpr.data.reader_data.os.cpu_count", lambda: 1)
+    preprocess_retriever_results(results, prefix, True, options)
+    assert stale_samples_reason(results, prefix, True, options) is None
+
+
+def test_a_missing_or_foreign_chunk_makes_the_files_stale(tmp_path, one_process):
+    results, prefix, options = preprocessed(tmp_path)
+    os.rename(prefix + ".1.npz", prefix + ".1.npz.bak")
+    assert stale_samples_reason(results, prefix, True, options) == "r.1.npz missing"
+    os.rename(prefix + ".1.npz.bak", prefix + ".1.npz")
+    write_samples(prefix + ".2.npz", [])
+    assert stale_samples_reason(results, prefix, True, options) == "r.2.npz not written with them"
+
+
+@pytest.mark.parametrize("fmt, writer", [("npz", "np.savez_compressed"), ("pkl", "pickle.dump")])
+def test_a_full_disk_names_the_sample_file_and_keeps_the_previous_one(tmp_path, monkeypatch, fmt, writer):
+    path = tmp_path / f"r.0.{fmt}"
+    write_samples(str(path), [])
+    previous = path.read_bytes()
+
+    def full_disk(*args, **kwargs):
+        raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+
+    monkeypatch.setattr(f"dpr.data.reader_data.{writer}", full_disk)
+    with pytest.raises(OutputWriteError, match=f"^could not write {path}: no space left on device"):
+        write_samples(str(path), [ReaderSample("q", ["a"])])
+    assert path.read_bytes() == previous and os.listdir(tmp_path) == [path.name]
+
+
+def test_temporaries_of_a_killed_run_are_removed_by_the_next(tmp_path, one_process):
+    results, prefix, options = preprocessed(tmp_path)
+    for name in (".r.0.npz.k1ll3d00.tmp", "..r.samples.json.k1ll3d00.tmp"):
+        (tmp_path / name).write_text("partial")
+    preprocess_retriever_results(results, prefix, True, options)
+    assert sorted(p.name for p in tmp_path.iterdir()) == [".r.samples.json", "bert", "r.0.npz", "r.1.npz", "r.json"]
+
+
+@pytest.mark.parametrize("content", [{"data": [{"question": "q?", "title": "t"}]}, {"data": ["a passage"]}])
+def test_a_gold_passages_file_without_contexts_is_named(tmp_path, content):
+    (tmp_path / "gold.json").write_text(json.dumps(content))
+    with pytest.raises(DataFileError, match=r"gold.json: data\[0\] is not a gold passage"):
+        load_gold_passages(str(tmp_path / "gold.json"))

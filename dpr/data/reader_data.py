@@ -28,8 +28,9 @@ import torch
 
 from dpr.data.data_files import DataFileError, expand_glob, open_text
 from dpr.data.tensorizer import Tensorizer
+from dpr.foundation.config_values import true_or_false, whole_number
 from dpr.foundation.errors import UserInputError
-from dpr.foundation.files import atomic_output
+from dpr.foundation.files import atomic_output, remove_stale_temporaries
 from dpr.foundation.provenance import differing_field, file_identity
 from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
 from dpr.models.encoder_spec import EncoderSpec
@@ -131,7 +132,9 @@ def load_gold_passages(path: str) -> GoldPassages:
     records = records["data"]
     by_question: Dict[str, ReaderPassage] = {}
     canonical: Dict[str, str] = {}
-    for record in records:
+    for index, record in enumerate(records):
+        if not isinstance(record, dict) or not isinstance(record.get("context"), str):
+            raise DataFileError(f"{path}: data[{index}] is not a gold passage (an object with a 'context' text)")
         question = record.get("question") or record.get("query_text")
         passage = ReaderPassage(id=record.get("example_id"), passage_text=record["context"],
                                 title=(record.get("title") or "").lower())
@@ -302,13 +305,15 @@ def convert_retriever_results(
     num_workers: int = 16,
     formats: Sequence[str] = SAMPLE_FORMATS,
     cfg: ReaderPreprocessingCfg = ReaderPreprocessingCfg(),
+    records: Optional[List[dict]] = None,
 ) -> List[str]:
     """Preprocess a retriever-results JSON into `{out_file}.{k}.{format}` files, k < num_workers, with
-    ceil(N / num_workers) questions each, in up to num_workers processes. Returns the files written."""
+    ceil(N / num_workers) questions each, in up to num_workers processes. Returns the files written. `records`:
+    the file's records when already read (`read_retriever_results`)."""
     unknown = set(formats) - set(SAMPLE_FORMATS)
     if unknown or not formats:
         raise SampleFileError(f"sample file formats must be among {SAMPLE_FORMATS}, got {list(formats)}")
-    samples = _read_retriever_results(retriever_results)
+    samples = read_retriever_results(retriever_results) if records is None else records
     gold = load_gold_passages(gold_passages_src) if gold_passages_src else None
     chunk_size = max(1, math.ceil(len(samples) / max(1, num_workers)))
     tasks = [
@@ -341,13 +346,28 @@ def _read_json(path: str):
             raise DataFileError(f"{path}: not valid JSON at line {e.lineno} column {e.colno}: {e.msg}") from e
 
 
-def _read_retriever_results(path: str) -> List[dict]:
+def read_retriever_results(path: str) -> List[dict]:
+    """The records of a retriever-results JSON, each checked where preprocessing reads it (answers given as a
+    string would be matched character by character)."""
     records = _read_json(path)
     if not isinstance(records, list):
         raise DataFileError(f"{path}: expected a JSON list of retriever results, found {type(records).__name__}")
+    if not records:
+        raise DataFileError(f"{path}: holds no retriever results (an empty list): give dense_retriever.py's out_file")
     for index, record in enumerate(records):
         if not isinstance(record, dict) or not isinstance(record.get("question"), str):
             raise DataFileError(f"{path}: record {index} is not a retriever result (an object with a 'question')")
+        answers, ctxs = record.get("answers"), record.get("ctxs")
+        if answers is not None and (not isinstance(answers, list) or not all(isinstance(a, str) for a in answers)):
+            raise DataFileError(f"{path}: record {index}: answers must be a list of strings, found {answers!r:.80}")
+        if ctxs is not None and (not isinstance(ctxs, list) or not all(isinstance(c, dict) for c in ctxs)):
+            raise DataFileError(f"{path}: record {index}: ctxs must be a list of objects (retrieved passages), "
+                                f"found {ctxs!r:.80}")
+        for position, ctx in enumerate(ctxs or ()):
+            # a string "false" would be true: every passage a positive
+            if not isinstance(ctx.get("has_answer", False), bool):
+                raise DataFileError(f"{path}: record {index}, ctxs[{position}]: has_answer must be true or false, "
+                                    f"found {ctx['has_answer']!r:.40}")
     return records
 
 
@@ -366,12 +386,22 @@ class SampleFileOptions:
 
     @classmethod
     def from_config(cls, cfg) -> "SampleFileOptions":
+        formats = cfg.sample_formats
+        formats = (formats,) if isinstance(formats, str) else tuple(formats or ())
+        if not formats:
+            raise SampleFileError(f"sample_formats={list(formats)} must name at least one of "
+                                  f"{', '.join(SAMPLE_FORMATS)}")
+        for fmt in formats:
+            if fmt not in SAMPLE_FORMATS:
+                raise SampleFileError(f"sample_formats={list(formats)}: {fmt} is not one of "
+                                      f"{', '.join(SAMPLE_FORMATS)}")
         return cls(
-            encoder=EncoderSpec.from_config(cfg.encoder, bool(cfg.do_lower_case)),
+            encoder=EncoderSpec.from_config(cfg.encoder, true_or_false("do_lower_case", cfg.do_lower_case,
+                                                                       SampleFileError)),
             gold_passages_src=cfg.gold_passages_src or None,
             gold_passages_src_dev=cfg.gold_passages_src_dev or None,
-            num_workers=int(cfg.num_workers),
-            formats=tuple(cfg.sample_formats),
+            num_workers=whole_number("num_workers", cfg.num_workers, 1, error=SampleFileError),
+            formats=formats,
         )
 
     def gold_passages(self, is_train: bool) -> Optional[str]:
@@ -380,18 +410,33 @@ class SampleFileOptions:
 
 def preprocess_retriever_results(retriever_results: str, out_file: str, is_train: bool,
                                  options: SampleFileOptions) -> List[str]:
-    """convert_retriever_results with the tokenizer, length and gold passages the options name. Sample files
-    an earlier run left under the same prefix are removed first (a chunk more than this run writes would
-    otherwise be read with them), and a record of what the files were made from is written beside them."""
-    for stale in cached_sample_files(out_file, formats=SAMPLE_FORMATS):
-        os.remove(stale)
+    """convert_retriever_results with the tokenizer, length and gold passages the options name, writing a record
+    of what the files were made from beside them. Each file is written atomically; the record is replaced first
+    by one saying that a run is under way and last by one listing the files written, so that the files of a
+    killed run are never taken for a complete set (`stale_samples_reason`). Sample files an earlier run left
+    under the same prefix and this one did not write are removed at the end (a chunk more than this run writes
+    would otherwise be read with them), temporaries of killed runs at the start."""
+    folder, name = os.path.split(os.path.abspath(out_file))
+    removed = remove_stale_temporaries(folder, f"{name}.")[0] + remove_stale_temporaries(
+        folder, os.path.basename(samples_record_path(name)))[0]
+    if removed:
+        logger.info("Removed %d temporary file(s) of an interrupted preprocessing into %s", removed, out_file)
+    samples = read_retriever_results(retriever_results)
+    record = samples_record(retriever_results, is_train, options)
+    _write_samples_record(out_file, {**record, "files": None})
     tensorizer = Tensorizer.for_spec(options.encoder)
     paths = convert_retriever_results(is_train, retriever_results, out_file, tensorizer,
-                                      options.gold_passages(is_train), options.num_workers, options.formats)
-    record = samples_record(retriever_results, is_train, options)
-    with atomic_output(samples_record_path(out_file)) as temp_name, open(temp_name, "w", encoding="utf-8") as f:
-        json.dump(record, f, indent=1)
+                                      options.gold_passages(is_train), options.num_workers, options.formats,
+                                      records=samples)
+    for stale in set(cached_sample_files(out_file, formats=SAMPLE_FORMATS)) - set(paths):
+        os.remove(stale)
+    _write_samples_record(out_file, {**record, "files": sorted(os.path.basename(path) for path in paths)})
     return paths
+
+
+def _write_samples_record(prefix: str, record: dict) -> None:
+    with atomic_output(samples_record_path(prefix)) as temp_name, open(temp_name, "w", encoding="utf-8") as f:
+        json.dump(record, f, indent=1)
 
 
 def samples_record_path(prefix: str) -> str:
@@ -405,7 +450,7 @@ def samples_record(retriever_results: str, is_train: bool, options: SampleFileOp
     gold = options.gold_passages(is_train)
     return {
         "format": SAMPLES_RECORD_FORMAT,
-        "version": 1,
+        "version": 2,
         "is_train": is_train,
         "retriever_results": file_identity(retriever_results),
         "gold_passages": file_identity(gold) if gold else None,
@@ -416,8 +461,9 @@ def samples_record(retriever_results: str, is_train: bool, options: SampleFileOp
 def stale_samples_reason(retriever_results: str, prefix: str, is_train: bool,
                          options: SampleFileOptions) -> Optional[str]:
     """Why the sample files of `prefix` may not stand for `retriever_results` preprocessed with `options`, or
-    None when they may. With their record: the first field that differs. Without one (DPR's files, or files of
-    an older version): they may when none is older than the retriever results, as make decides."""
+    None when they may. With their record: the run that wrote them was interrupted, a file it wrote is missing
+    or one it did not write is there, or the first field that differs. Without one (DPR's files, or files of an
+    older version): they may when none is older than the retriever results, as make decides."""
     try:
         with open(samples_record_path(prefix), encoding="utf-8") as f:
             saved = json.load(f)
@@ -427,8 +473,19 @@ def stale_samples_reason(retriever_results: str, prefix: str, is_train: bool,
         return f"{older[0]} is older than {retriever_results} and has no record" if older else None
     except (OSError, ValueError) as e:
         return f"its record {samples_record_path(prefix)} is unreadable ({e})"
+    if not isinstance(saved, dict):
+        return f"its record {samples_record_path(prefix)} is not one"
+    written = saved.pop("files", None)
     changed = differing_field(saved, samples_record(retriever_results, is_train, options))
-    return None if changed is None else f"{changed.field} differs ({changed.first!r} -> {changed.second!r})"
+    if changed is not None:
+        return f"{changed.field} differs ({changed.first!r} -> {changed.second!r})"
+    if written is None:
+        return "the preprocessing that wrote them was interrupted"
+    present = {os.path.basename(path) for path in cached_sample_files(prefix, formats=SAMPLE_FORMATS)}
+    if present != set(written):
+        missing, extra = sorted(set(written) - present), sorted(present - set(written))
+        return f"{', '.join(missing)} missing" if missing else f"{', '.join(extra)} not written with them"
+    return None
 
 
 def _log_stats(stats: PreprocessingStats, is_train: bool) -> None:

@@ -54,6 +54,38 @@ def atomic_output(path: Union[str, Path]) -> Iterator[str]:
         raise
 
 
+@contextmanager
+def atomic_output_directory(path: Union[str, Path]) -> Iterator[str]:
+    """A temporary folder beside `path` to fill; when the block ends normally its files are synced and it is
+    renamed to `path`, so a crash never leaves a partial folder under the final name. A previous folder there
+    stays whole until the new one is complete, then is moved aside and removed (a kill between those two renames
+    leaves neither under the name, only temporaries: the next run builds it again). A full disk is an
+    OutputWriteError naming `path`; a killed process leaves its `.{name}.XXXXXXXX.tmp` folder behind, which
+    `remove_stale_temporaries` clears."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    temp_dir = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+    try:
+        yield temp_dir
+        for folder, _, names in os.walk(temp_dir):
+            for name in names:
+                with open(os.path.join(folder, name), "rb") as written:
+                    os.fsync(written.fileno())
+        os.chmod(temp_dir, 0o777 & ~_umask())
+        if path.is_dir():
+            aside = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
+            os.replace(path, aside)  # onto the empty folder just made: rename(2) replaces an empty folder
+            os.replace(temp_dir, path)
+            shutil.rmtree(aside)
+        else:
+            os.replace(temp_dir, path)
+    except BaseException as e:
+        shutil.rmtree(temp_dir, ignore_errors=True)
+        if isinstance(e, OSError) and e.errno in _FULL_DISK:
+            raise OutputWriteError(_full_disk_message(path)) from e
+        raise
+
+
 def _full_disk_message(path: Path) -> str:
     free = shutil.disk_usage(path.parent).free
     kept = "the previous file under that name is intact" if path.exists() else "nothing was written under that name"
@@ -62,14 +94,20 @@ def _full_disk_message(path: Path) -> str:
 
 
 def remove_stale_temporaries(folder: Union[str, Path], name_prefix: str) -> Tuple[int, int]:
-    """Remove the temporaries `atomic_output` left in `folder` for files named `{name_prefix}*` when their write
-    was killed; returns (files removed, bytes freed). Only for a folder no other process is writing such files to."""
+    """Remove the temporaries `atomic_output` (files) and `atomic_output_directory` (folders) left in `folder` for
+    outputs named `{name_prefix}*` when their write was killed; returns (temporaries removed, bytes freed). Only
+    for a folder no other process is writing such outputs to."""
     pattern = os.path.join(glob.escape(str(folder)), "." + glob.escape(name_prefix) + "*" + TEMP_SUFFIX)
     count, size = 0, 0
     for path in glob.glob(pattern):
         if os.path.isfile(path):
             size += os.path.getsize(path)
             os.unlink(path)
+            count += 1
+        elif os.path.isdir(path) and not os.path.islink(path):
+            size += sum(os.path.getsize(os.path.join(parent, name)) for parent, _, names in os.walk(path)
+                        for name in names)
+            shutil.rmtree(path)
             count += 1
     return count, size
 
