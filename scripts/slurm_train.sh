@@ -1,7 +1,7 @@
 #!/bin/bash
 # Bi-encoder training on several SLURM nodes: srun starts one torchrun per node; torchrun starts one process per
-# GPU and the c10d rendezvous on the first node of the allocation numbers them (in the order they join, so the
-# first node is not always rank 0: rank 0, wherever it runs, writes output_dir, which must be on a shared disk).
+# GPU and the c10d rendezvous on the first node of the allocation ranks them (by host name, so any node may be
+# rank 0: rank 0 writes the checkpoints, and output_dir must be on a disk every node sees).
 #
 #   sbatch scripts/slurm_train.sh train=biencoder_nq train_datasets=[nq_train] dev_datasets=[nq_dev] output_dir=runs/nq
 #
