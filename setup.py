@@ -25,5 +25,7 @@ setup(
         "bench": ["sentence-transformers"],
         # shard jobs on a cluster: generate_dense_embeddings.py -m hydra/launcher=slurm (or submitit_local)
         "cluster": ["hydra-submitit-launcher>=1.2"],
+        # training scalars for TensorBoard in output_dir/tensorboard (absent: the records file and the log only)
+        "tensorboard": ["tensorboard"],
     },
 )

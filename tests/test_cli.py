@@ -10,7 +10,7 @@ import torch
 
 from tests.fixtures import write_retriever_json
 from tests.tiny_models import tiny_bert_dir
-from tests.training_helpers import records_file
+from tests.training_helpers import assert_trains_as, records_file
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = str(REPO / "train_dense_encoder.py")
@@ -97,13 +97,6 @@ def test_two_processes_equal_one_process_with_the_global_batch(data, tmp_path):
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
     _, double = run([SCRIPT, *common, "train.batch_size=4", "train.dev_batch_size=2", f"output_dir={tmp_path / 'two'}"], tmp_path, launcher=torchrun)
     assert "rank 1 of 2" in double and double.count("Total cleaned data size") == 2  # rank 0 speaks for all
-    one, two = steps(tmp_path / "one"), steps(tmp_path / "two")
-    assert [s[0] for s in one] == [s[0] for s in two] == [1, 2]
-    for a, b in zip(one, two):
-        assert b[1] == pytest.approx(a[1], rel=1e-5) and b[2] == pytest.approx(a[2], rel=1e-4)
-    nll = [records_file(tmp_path / name, "validation")[0]["value"] for name in ("one", "two")]
-    assert nll[1] == pytest.approx(nll[0], rel=1e-5)
-    m1 = torch.load(tmp_path / "one" / "dpr_biencoder.0", weights_only=True)["model_dict"]
-    m2 = torch.load(tmp_path / "two" / "dpr_biencoder.0", weights_only=True)["model_dict"]
-    for key, tensor in m1.items():
-        torch.testing.assert_close(m2[key], tensor, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+    assert [s[0] for s in steps(tmp_path / "one")] == [s[0] for s in steps(tmp_path / "two")] == [1, 2]
+    assert len(records_file(tmp_path / "two", "validation")) == 1
+    assert_trains_as(tmp_path / "one", tmp_path / "two")

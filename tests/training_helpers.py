@@ -3,6 +3,8 @@ import json
 from pathlib import Path
 from typing import List
 
+import pytest
+import torch
 from hydra import compose, initialize_config_dir
 
 CONF_DIR = str(Path(__file__).resolve().parents[1] / "conf")
@@ -46,3 +48,21 @@ def records_file(output_dir, kind: str) -> List[dict]:
 
     lines = (Path(output_dir) / RECORDS_FILE).read_text().splitlines()
     return [r for r in map(json.loads, lines) if r.pop("kind") == kind]
+
+
+def assert_trains_as(reference_dir, output_dir, checkpoint: str = "dpr_biencoder.0") -> None:
+    """output_dir's run trained as reference_dir's: each of its optimizer steps has the reference's loss and
+    gradient norm at the same step, each validation the reference's value at the same step, and `checkpoint` the
+    same weights (to float noise). A resumed run holds only the steps after its start."""
+    reference = {r["step"]: r for r in records_file(reference_dir, "step")}
+    for record in records_file(output_dir, "step"):
+        expected = reference[record["step"]]
+        assert record["loss"] == pytest.approx(expected["loss"], rel=1e-5), f"loss at step {record['step']}"
+        assert record["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), f"grad_norm at step {record['step']}"
+    reference_values = {r["step"]: r["value"] for r in records_file(reference_dir, "validation")}
+    for record in records_file(output_dir, "validation"):
+        assert record["value"] == pytest.approx(reference_values[record["step"]], rel=1e-5), f"validation at step {record['step']}"
+    expected_model = torch.load(Path(reference_dir) / checkpoint, weights_only=True)["model_dict"]
+    model = torch.load(Path(output_dir) / checkpoint, weights_only=True)["model_dict"]
+    for key, tensor in expected_model.items():
+        torch.testing.assert_close(model[key], tensor, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")

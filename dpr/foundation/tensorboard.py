@@ -1,4 +1,5 @@
-"""TensorBoard scalars when the tensorboard package is installed; a single log line saying so when it is not."""
+"""TensorBoard scalars when the `tensorboard` extra is installed. Without it a run loses nothing it needs (the
+records file and the log hold the same values), so its absence is a debug line, not a warning on every run."""
 import logging
 from typing import Optional
 
@@ -13,10 +14,14 @@ class ScalarLog:
         try:
             from torch.utils.tensorboard import SummaryWriter
         except ImportError:
-            logger.info("tensorboard is not installed: no TensorBoard scalars (pip install tensorboard)")
+            logger.debug("no TensorBoard scalars: the tensorboard extra is not installed (pip install -e \".[tensorboard]\")")
             return
         self._writer = SummaryWriter(log_dir)
         logger.info("TensorBoard scalars in %s", log_dir)
+
+    @property
+    def writing(self) -> bool:
+        return self._writer is not None
 
     def add(self, tag: str, value: float, step: int) -> None:
         if self._writer is not None:
