@@ -93,9 +93,11 @@ def test_the_mask_is_the_documented_function_of_seed_call_and_canonical_index():
             assert (value > 0) == reference_keep(SEEDS[row], call, index, p)
 
 
-def test_a_sequence_longer_than_max_length_is_refused():
+@pytest.mark.parametrize("compiled", [False, True])
+def test_a_sequence_longer_than_max_length_is_refused(compiled):
     with pytest.raises(RuntimeError, match="longer than max_length"):
-        masks([1], (17, 3), max_length=16)
+        masks([1], (17, 3), max_length=16, compiled=compiled)
+    assert compiled_draw_failure() is None  # a bad input, not a kernel that fails to compile
 
 
 def test_outside_the_context_dropout_is_standard():

@@ -264,14 +264,20 @@ class _CompiledExampleDropout(torch.autograd.Function):
 
 
 def _compiled_draw_and_apply(x: torch.Tensor, block: _Block, call: int, p: float,
-                             sequence_dims: Sequence[int]) -> torch.Tensor:
+                             sequence_dims: Sequence[int]) -> Optional[torch.Tensor]:
+    """example_dropout by the compiled kernel; None where it fails to compile (then the process draws eagerly).
+    A bad input (a sequence longer than max_length) raises as in the eager draw."""
     row_dims = [d - 1 for d in sequence_dims if 0 < d < x.dim()]
     terms = _golden_terms(tuple(x.shape[1:]), row_dims, block.max_length, x.device)
     threshold = _thresholds.get((p, x.device))
     if threshold is None:
         threshold = _thresholds[(p, x.device)] = torch.tensor(_keep_threshold(p), dtype=torch.int64, device=x.device)
     starts = block.keys + _int64((call << CALL_SHIFT) * GOLDEN)
-    return _CompiledExampleDropout.apply(x, starts, threshold, 1.0 / (1.0 - p), *terms)
+    try:
+        return _CompiledExampleDropout.apply(x, starts, threshold, 1.0 / (1.0 - p), *terms)
+    except Exception as error:  # noqa: BLE001 (any failure to compile: the eager draw gives the same masks)
+        _give_up_compiling(f"{type(error).__name__}: {error}")
+        return None
 
 
 def example_dropout(x: torch.Tensor, p: float, training: bool, sequence_dims: Tuple[int, ...] = (1,)) -> torch.Tensor:
@@ -285,10 +291,9 @@ def example_dropout(x: torch.Tensor, p: float, training: bool, sequence_dims: Tu
     call = block.calls
     block.calls += 1
     if block.compiled and _compiled_kernel() is not None:
-        try:
-            return _compiled_draw_and_apply(x, block, call, p, sequence_dims)
-        except Exception as error:  # noqa: BLE001 (any failure to compile: the eager draw below gives the same masks)
-            _give_up_compiling(f"{type(error).__name__}: {error}")
+        dropped = _compiled_draw_and_apply(x, block, call, p, sequence_dims)
+        if dropped is not None:
+            return dropped
     keep = example_keep_mask(tuple(x.shape), block.keys, call, p, block.max_length, sequence_dims)
     # where, not x * keep: a bool factor would be copied to x's dtype first; backward keeps only the bool mask
     return torch.where(keep, x, 0.0).mul_(1.0 / (1.0 - p))
