@@ -1,6 +1,6 @@
 """GPU check of the gradient cache and per-example dropout: equivalence, mixed precision and speed, in one run.
 
-    python bench/gpu_check.py --out gpu_check.json     # bert-base (random weights) on CUDA, at most ~8 minutes
+    python bench/gpu_check.py                          # bert-base (random weights) on CUDA, at most ~8 minutes
     python bench/gpu_check.py --cpu --tiny             # the same code on a tiny BERT on CPU, in seconds
 
 Sections, each bounded by steps and by the time left of `--budget_s` (a section that would start past it is
@@ -11,6 +11,8 @@ recorded as skipped):
    skips the step and halves the scale); bf16 (finite, cached and full-batch gradients agree); replay
    (standard dropout under the recorded random state, per-example masks on this device equal to the CPU's);
 2. one dropout call on a context chunk's attention probabilities, per-example against standard: time and memory;
+   then per-example drawn by the compiled kernel against the eager draw, fp32 and bf16: time, memory, the first
+   call's compilation, masks equal bit for bit (to each other and to the CPU's); on CUDA only;
 3. GC-DPR's recipe: sequence length 256, 128 questions with a positive and a hard negative each, chunks q 16 /
    ctx 8, fp16 and bf16, per-example dropout on and off: seconds per step, questions/s, MFU
    (dpr/training/flops.py), torch.cuda.max_memory_allocated;
@@ -36,10 +38,10 @@ unpinned `pip download --only-binary=:all: hydra-core omegaconf antlr4-python3-r
 0.11 and omegaconf 1.4 instead), and there:
 
     pip install --no-index --no-deps --target /tmp/site wheels/*.whl
-    PYTHONPATH=/tmp/site python bench/gpu_check.py --out gpu_check.json
+    PYTHONPATH=/tmp/site python bench/gpu_check.py
 
-The exit status is 1 when a check fails or a section raises (its error is recorded in the JSON and the run goes
-on with the next section).
+The results go to --out, by default outputs/gpu_check.json (a folder git ignores). The exit status is 1 when a
+check fails or a section raises (its error is recorded in the JSON and the run goes on with the next section).
 """
 import argparse
 import gc
@@ -55,6 +57,7 @@ from pathlib import Path
 from typing import Callable, Dict, List, Optional
 
 REPO = Path(__file__).resolve().parents[1]
+DEFAULT_OUT = REPO / "outputs" / "gpu_check.json"  # outputs/ is ignored by git: results never land in a commit
 sys.path.insert(0, str(REPO))
 
 import torch  # noqa: E402
@@ -319,19 +322,60 @@ def dropout_call_cost(s: Sizes, device) -> dict:
 
     result = {"shape": list(probs.shape), "dtype": str(dtype)}
     for name, call in (("standard", lambda: torch.nn.functional.dropout(probs, 0.1, True)), ("per_example", per_example)):
-        call()
-        synchronize(device)
-        if device.type == "cuda":
-            torch.cuda.reset_peak_memory_stats(device)
-        base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
-        start = time.perf_counter()
-        for _ in range(10):
-            call()
-        synchronize(device)
-        result[f"{name}_ms"] = (time.perf_counter() - start) / 10 * 1e3
-        if device.type == "cuda":
-            result[f"{name}_peak_mib_above_input"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+        result.update({f"{name}_{key}": value for key, value in call_cost(call, device).items()})
     return result
+
+
+def compiled_dropout_cost(s: Sizes, device) -> dict:
+    """One per-example dropout call on a context chunk's attention probabilities [ctx_chunk, heads, L, L], fp32 and
+    bf16, drawn by the compiled kernel and eagerly: milliseconds, peak memory above the input (CUDA), the first
+    compiled call's seconds (its compilation) and whether the outputs equal, bit for bit, each other's and the CPU's
+    eager draw's."""
+    from dpr.models.example_dropout import compiled_draw_failure, example_dropout, example_seeds
+
+    length = s.sequence_length
+    shape = (s.ctx_chunk, s.config.num_attention_heads, length, length)
+    seeds = list(range(s.ctx_chunk))
+
+    def per_example(x: torch.Tensor, compiled: bool) -> torch.Tensor:
+        with example_seeds(seeds, x.device, length, compiled):
+            return example_dropout(x, 0.1, True, sequence_dims=(2, 3))
+
+    result, passed = {"shape": list(shape)}, True
+    for dtype in (torch.float32, torch.bfloat16):
+        probs = torch.rand(shape, generator=torch.Generator().manual_seed(0)).to(device, dtype)
+        synchronize(device)
+        start = time.perf_counter()
+        compiled = per_example(probs, True)
+        synchronize(device)
+        row = {"first_compiled_call_s": time.perf_counter() - start,
+               "equal_to_eager": torch.equal(compiled, per_example(probs, False)),
+               "equal_to_cpu_eager": torch.equal(compiled.cpu(), per_example(probs.cpu(), False))}
+        for name, compiled_draw in (("eager", False), ("compiled", True)):
+            row.update({f"{name}_{key}": value for key, value in
+                        call_cost(partial(per_example, probs, compiled_draw), device).items()})
+        result[str(dtype).replace("torch.", "")] = row
+        passed = passed and row["equal_to_eager"] and row["equal_to_cpu_eager"]
+    result["compile_failure"] = compiled_draw_failure()
+    return dict(result, passed=passed and result["compile_failure"] is None)
+
+
+def call_cost(call: Callable[[], torch.Tensor], device, calls: int = 10) -> dict:
+    """Milliseconds per call of `call` (after one warm-up call) and, on CUDA, its peak memory above what was
+    allocated before."""
+    call()
+    synchronize(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    base = torch.cuda.memory_allocated(device) if device.type == "cuda" else 0
+    start = time.perf_counter()
+    for _ in range(calls):
+        call()
+    synchronize(device)
+    cost = {"ms": (time.perf_counter() - start) / calls * 1e3}
+    if device.type == "cuda":
+        cost["peak_mib_above_input"] = (torch.cuda.max_memory_allocated(device) - base) / 2**20
+    return cost
 
 
 def timed_steps(model, optimizer, batch, precision: Precision, cache: bool, s: Sizes, example_dropout: bool,
@@ -485,13 +529,17 @@ def run_section(results: dict, name: str, budget: Budget, minimum_s: float, sect
     print(f"[gpu_check] {name}: {time.perf_counter() - start:.1f} s", flush=True)
 
 
-def main(argv: Optional[List[str]] = None) -> dict:
+def parse_arguments(argv: Optional[List[str]] = None) -> argparse.Namespace:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", default="gpu_check.json")
+    parser.add_argument("--out", default=str(DEFAULT_OUT), help="the results as JSON (default: %(default)s)")
     parser.add_argument("--cpu", action="store_true", help="run on CPU (fp16 then autocasts on CPU)")
     parser.add_argument("--tiny", action="store_true", help="a tiny BERT and small batches, for tests")
     parser.add_argument("--budget_s", type=float, default=420, help="time budget of the whole run")
-    args = parser.parse_args(argv)
+    return parser.parse_args(argv)
+
+
+def main(argv: Optional[List[str]] = None) -> dict:
+    args = parse_arguments(argv)
     if args.tiny:
         torch.set_num_threads(1)  # tiny operations gain nothing from threads, and on a busy machine threads stall
     budget = Budget(args.budget_s)
@@ -511,17 +559,23 @@ def main(argv: Optional[List[str]] = None) -> dict:
         run_section(checks, name, budget, 30, partial(check, model, s, device))
     results["checks"] = checks
     run_section(results, "dropout_call", budget, 30, partial(dropout_call_cost, s, device))
+    if device.type == "cuda":
+        run_section(results, "compiled_dropout", budget, 60, partial(compiled_dropout_cost, s, device))
+    else:
+        results["compiled_dropout"] = {"skipped": "on CPU: bench/bench_dropout.py times the compiled draw there"}
     run_section(results, "recipe", budget, 90, partial(recipe_throughput, model, s, device, budget))
     with tempfile.TemporaryDirectory() as folder:
         run_section(results, "embedding", budget, 60, partial(embedding_throughput, s, device, Path(folder)))
     run_section(results, "no_cache", budget, 60, partial(largest_batch_without_cache, model, s, device, budget))
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print_table(results)
     return results
 
 
 def all_passed(results: dict) -> bool:
-    sections = list(results["checks"].values()) + [results[n] for n in ("dropout_call", "recipe", "embedding", "no_cache")]
+    sections = list(results["checks"].values()) + [
+        results[n] for n in ("dropout_call", "compiled_dropout", "recipe", "embedding", "no_cache")]
     return all(section.get("passed", True) and "error" not in section for section in sections)
 
 
@@ -545,10 +599,22 @@ def print_table(results: dict) -> None:
     if "per_example_ms" in call:
         print(f"one dropout call on {call['shape']} {call['dtype']}: per-example {call['per_example_ms']:.2f} ms, "
               f"standard {call['standard_ms']:.2f} ms")
+    print_compiled_dropout(results["compiled_dropout"])
     embedding = results.get("embedding", {})
     if "dpr_passages_per_s" in embedding:
         print(f"passages/s (bf16): dpr {embedding['dpr_passages_per_s']:.0f}, sentence-transformers "
               f"{embedding['sentence_transformers_passages_per_s']:.0f}")
+
+
+def print_compiled_dropout(section: dict) -> None:
+    for dtype in ("float32", "bfloat16"):
+        if dtype in section:
+            r = section[dtype]
+            print(f"per-example dropout on {section['shape']} {dtype}: compiled {r['compiled_ms']:.2f} ms, eager "
+                  f"{r['eager_ms']:.2f} ms, first compiled call {r['first_compiled_call_s']:.1f} s; equal to eager "
+                  f"{r['equal_to_eager']}, to the CPU's {r['equal_to_cpu_eager']}")
+    if "skipped" in section:
+        print(f"compiled per-example dropout: skipped ({section['skipped']})")
 
 
 if __name__ == "__main__":

@@ -1,9 +1,13 @@
 """bench/gpu_check.py in its CPU mode, with faiss and bm25s unimportable (the GPU machine has neither), so the
 script the GPU machine runs cannot rot."""
 import json
+import runpy
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
+
+import torch
 
 REPO = Path(__file__).resolve().parents[1]
 SCRIPT = REPO / "bench" / "gpu_check.py"
@@ -26,6 +30,7 @@ def test_gpu_check_passes_its_checks_and_measures_every_section_on_cpu(tmp_path)
     assert checks["fp16_grad_scaler"]["inf_step_skipped"] and checks["replay"]["masks_equal_to_cpu_masks"]
 
     assert results["dropout_call"]["per_example_ms"] > 0 and results["dropout_call"]["standard_ms"] > 0
+    assert results["compiled_dropout"]["skipped"].startswith("on CPU")  # timed on CUDA only
 
     steps = results["recipe"]["steps"]
     assert {(r["precision"], r["example_dropout"]) for r in steps} == {
@@ -38,3 +43,28 @@ def test_gpu_check_passes_its_checks_and_measures_every_section_on_cpu(tmp_path)
 
     largest = results["no_cache"]["largest"]
     assert largest is not None and not largest["cache"] and largest["s_per_step"] > 0
+
+
+def gpu_check_module() -> SimpleNamespace:
+    """The script's functions (its __main__ block does not run)."""
+    return SimpleNamespace(**runpy.run_path(str(SCRIPT)))
+
+
+def test_the_results_go_to_a_folder_git_ignores_unless_out_names_a_file():
+    gpu_check = gpu_check_module()
+    default = Path(gpu_check.parse_arguments([]).out)
+    assert default.is_relative_to(REPO)
+    ignored = subprocess.run(["git", "check-ignore", "-q", str(default)], cwd=REPO)
+    assert ignored.returncode == 0, f"{default} is not ignored by git"
+    assert gpu_check.parse_arguments(["--out", "elsewhere.json"]).out == "elsewhere.json"
+
+
+def test_the_compiled_dropout_section_runs_and_its_masks_equal_the_eager_ones():
+    """On CPU here (the script runs it on CUDA only): the section's code cannot rot unseen."""
+    gpu_check = gpu_check_module()
+    section = gpu_check.compiled_dropout_cost(gpu_check.sizes(tiny=True), torch.device("cpu"))
+    assert section["passed"] is True and section["compile_failure"] is None
+    for dtype in ("float32", "bfloat16"):
+        row = section[dtype]
+        assert row["equal_to_eager"] and row["equal_to_cpu_eager"]
+        assert row["compiled_ms"] > 0 and row["eager_ms"] > 0 and row["first_compiled_call_s"] > 0

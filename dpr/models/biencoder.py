@@ -22,6 +22,7 @@ class BiEncoder(nn.Module):
         sequence_length: int,
         fix_ctx_encoder: bool = False,
         pooling: str = "cls",
+        compile_dropout: bool = False,
     ):
         super().__init__()
         self.question_model = question_model
@@ -29,6 +30,7 @@ class BiEncoder(nn.Module):
         self.sequence_length = sequence_length
         self.fix_ctx_encoder = fix_ctx_encoder
         self.pooling = pooling
+        self.compile_dropout = compile_dropout  # per-example dropout by its compiled kernel (the same masks)
 
     @property
     def shares_encoders(self) -> bool:
@@ -37,7 +39,7 @@ class BiEncoder(nn.Module):
     def _encode(self, model, ids, mask, seeds: Optional[Sequence[int]]) -> torch.Tensor:
         if ids.shape[0] == 0:
             return torch.zeros(0, encoder_out_size(model), device=ids.device)
-        with example_seeds(seeds if self.training else None, ids.device, self.sequence_length):
+        with example_seeds(seeds if self.training else None, ids.device, self.sequence_length, self.compile_dropout):
             return encode(model, ids, mask, pooling=self.pooling)[1]
 
     def encode_questions(self, ids, mask, seeds: Optional[Sequence[int]] = None) -> torch.Tensor:
@@ -88,13 +90,15 @@ def nll_loss(
     return loss, correct
 
 
-def build_biencoder(spec: EncoderSpec) -> BiEncoder:
-    """The BiEncoder a spec describes: two encoders, or one shared by both towers."""
+def build_biencoder(spec: EncoderSpec, compile_dropout: bool = False) -> BiEncoder:
+    """The BiEncoder a spec describes: two encoders, or one shared by both towers; `compile_dropout` draws
+    per-example dropout with the compiled kernel."""
     def one_encoder():
         return build_encoder(spec.pretrained_model_cfg, spec.projection_dim, spec.dropout, spec.pretrained)
 
     question_model = one_encoder()
     ctx_model = question_model if spec.share_encoders else one_encoder()
     return BiEncoder(
-        question_model, ctx_model, spec.sequence_length, fix_ctx_encoder=spec.fix_ctx_encoder, pooling=spec.pooling
+        question_model, ctx_model, spec.sequence_length, fix_ctx_encoder=spec.fix_ctx_encoder, pooling=spec.pooling,
+        compile_dropout=compile_dropout,
     )

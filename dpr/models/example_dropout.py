@@ -9,8 +9,7 @@ the call's number in the block, the element's canonical index), so the masks, an
 gradients, are the same for any chunking, padding and world size. Replaying a chunk (the cache's second pass) is
 re-entering the context with the same seeds.
 
-The draw is a handful of int64 tensor operations over the whole input, the same on CPU and CUDA: no generator
-and no Python loop per row. With mix = splitmix64's mixing function without its final xor-shift (that one only
+The draw is the same on CPU and CUDA: no generator and no Python loop per row. With mix = splitmix64's mixing function without its final xor-shift (that one only
 changes the low 33 bits) and G = 0x9E3779B97F4A7C15, all arithmetic modulo 2^64:
 
     key = mix(seed + G);  h = mix(key + ((call << 32) + canonical index) * G);  u = ((h + 2^63) mod 2^64) / 2^64
@@ -18,19 +17,32 @@ changes the low 33 bits) and G = 0x9E3779B97F4A7C15, all arithmetic modulo 2^64:
 and the element is kept when u >= p. Its canonical index is its row-major index in the row's block with every
 sequence dimension at `max_length`, so cutting or padding a batch to another width renumbers nothing.
 
+Two implementations draw these same masks, bit for bit. The eager one makes about ten in-place int64 passes over
+the input (16 bytes of working memory per element): memory-bound, about 40% of a CPU training step. The
+compiled one (`example_seeds(..., compiled=True)`, the trainer's `train.compile_dropout`) is one torch.compile'd
+kernel with dynamic shapes that hashes in registers, applies the mask and writes only the result; backward keeps
+the bool mask. It compiles once per process (seconds with inductor's on-disk cache, up to a minute without);
+where it cannot compile (no C++ compiler, an unsupported platform) the eager draw runs, the log says so once,
+and `compiled_draw_failure()` tells why.
+
 Outside the context, or in eval mode, everything behaves as the standard modules do (attention runs through
 PyTorch's fused SDPA kernel).
 """
+import logging
 import math
+import platform
+import sys
 import threading
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from fractions import Fraction
-from typing import Dict, Optional, Sequence, Tuple
+from typing import Callable, Dict, Optional, Sequence, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+logger = logging.getLogger(__name__)
 
 ATTENTION_IMPLEMENTATION = "dpr_example_dropout"
 
@@ -68,9 +80,11 @@ class _Block:
 
     keys: torch.Tensor  # one per row, from example_keys
     max_length: int
+    compiled: bool  # draw with the compiled kernel (when it compiles; else eagerly)
     calls: int = 0
     scratch: Optional[torch.Tensor] = None  # int64 working memory of the draws, reused by every call
     indices: Dict[tuple, torch.Tensor] = field(default_factory=dict)  # canonical index * G, by row shape
+    terms: Dict[tuple, Tuple[torch.Tensor, ...]] = field(default_factory=dict)  # its terms per dim, by row shape
 
 
 def _block() -> Optional[_Block]:
@@ -78,12 +92,13 @@ def _block() -> Optional[_Block]:
 
 
 @contextmanager
-def example_seeds(seeds: Optional[Sequence[int]], device: torch.device, max_length: int):
+def example_seeds(seeds: Optional[Sequence[int]], device: torch.device, max_length: int, compiled: bool = False):
     """Draw dropout masks per row from `seeds` (one per batch row) inside this block; None leaves dropout as is.
 
     Dropout call c of the block keeps element e of row i when the uniform number of (seeds[i], c, canonical
     index of e at sequence length `max_length`) is at least p: an example gets the same masks however its batch
-    is chunked or padded, and replaying the block replays the masks."""
+    is chunked or padded, and replaying the block replays the masks. `compiled` draws and applies them with one
+    compiled kernel (the same masks; eager where compilation is unavailable)."""
     if seeds is None:
         yield
         return
@@ -91,7 +106,7 @@ def example_seeds(seeds: Optional[Sequence[int]], device: torch.device, max_leng
     if torch.device(device).type == "cuda":  # pinned and non-blocking: no stream synchronisation per chunk
         keys = keys.pin_memory().to(device, non_blocking=True)
     previous = _block()
-    _active.block = _Block(keys, max_length)
+    _active.block = _Block(keys, max_length, compiled)
     try:
         yield
     finally:
@@ -112,25 +127,46 @@ def _int64_scratch(shape: Tuple[int, ...], device: torch.device) -> Tuple[torch.
     return buffer[:numel].view(shape), buffer[numel : 2 * numel].view(shape)
 
 
+def _golden_terms(shape: Tuple[int, ...], sequence_dims: Sequence[int], max_length: int,
+                  device: torch.device) -> Tuple[torch.Tensor, ...]:
+    """Per dimension d of one row of `shape` (row dims without the batch dim), the int64 vector position * stride_d
+    * GOLDEN (mod 2^64): their broadcast sum is canonical index * GOLDEN. Kept for the rest of an `example_seeds`
+    block: the layers of a forward pass repeat the same shapes."""
+    block = _block()
+    cache_key = (shape, tuple(sequence_dims), max_length, device)
+    if block is not None and cache_key in block.terms:
+        return block.terms[cache_key]
+    terms = [None] * len(shape)
+    stride = 1
+    for d in reversed(range(len(shape))):
+        if d in sequence_dims and shape[d] > max_length:
+            raise RuntimeError(f"sequence of {shape[d]} tokens is longer than max_length={max_length}")
+        terms[d] = torch.arange(shape[d], dtype=torch.int64, device=device) * _int64(stride * GOLDEN)
+        stride *= max_length if d in sequence_dims else shape[d]
+    if stride > 1 << CALL_SHIFT:
+        raise RuntimeError(f"a row of {stride} canonical elements is more than one dropout call's 2^{CALL_SHIFT}")
+    terms = tuple(terms)
+    if block is not None:
+        block.terms[cache_key] = terms
+    return terms
+
+
+def _along(term: torch.Tensor, dim: int, ndim: int) -> torch.Tensor:
+    """A 1-D `term` viewed to run along `dim` of an `ndim`-dimensional tensor."""
+    return term.view((1,) * dim + (-1,) + (1,) * (ndim - dim - 1))
+
+
 def _canonical_index_times_golden(shape: Tuple[int, ...], sequence_dims: Sequence[int], max_length: int,
                                   device: torch.device) -> torch.Tensor:
-    """canonical index * GOLDEN (mod 2^64) of every element of one row of `shape` (row dims without the batch
-    dim), shaped [1, *shape] to broadcast over the rows; GOLDEN is folded into each dimension's small range.
-    Kept for the rest of an `example_seeds` block: the layers of a forward pass repeat the same shapes."""
+    """canonical index * GOLDEN (mod 2^64) of every element of one row of `shape`, shaped [1, *shape] to broadcast
+    over the rows; kept for the rest of an `example_seeds` block, as its terms."""
     block = _block()
     cache_key = (shape, tuple(sequence_dims), max_length, device)
     if block is not None and cache_key in block.indices:
         return block.indices[cache_key]
     index = torch.zeros((1,) * (len(shape) + 1), dtype=torch.int64, device=device)
-    stride = 1
-    for d in reversed(range(len(shape))):
-        if d in sequence_dims and shape[d] > max_length:
-            raise RuntimeError(f"sequence of {shape[d]} tokens is longer than max_length={max_length}")
-        positions = torch.arange(shape[d], dtype=torch.int64, device=device) * _int64(stride * GOLDEN)
-        index = index + positions.view((1,) * (d + 1) + (shape[d],) + (1,) * (len(shape) - d - 1))
-        stride *= max_length if d in sequence_dims else shape[d]
-    if stride > 1 << CALL_SHIFT:
-        raise RuntimeError(f"a row of {stride} canonical elements is more than one dropout call's 2^{CALL_SHIFT}")
+    for d, term in enumerate(_golden_terms(shape, sequence_dims, max_length, device)):
+        index = index + _along(term, d + 1, len(shape) + 1)
     if block is not None:
         block.indices[cache_key] = index
     return index
@@ -146,8 +182,102 @@ def example_keep_mask(shape: Tuple[int, ...], keys: torch.Tensor, call: int, p: 
     start = keys + _int64((call << CALL_SHIFT) * GOLDEN)
     z, shifted = _int64_scratch(tuple(shape), keys.device)
     h = _mix_(torch.add(start.view((-1,) + (1,) * (len(shape) - 1)), index, out=z), shifted)
-    # u = ((h + 2^63) mod 2^64) / 2^64 >= p  <=>  h, read as a signed int64, >= ceil(p * 2^64) - 2^63
-    return h >= math.ceil(Fraction(p) * (1 << 64)) - (1 << 63)
+    return h >= _keep_threshold(p)
+
+
+def _keep_threshold(p: float) -> int:
+    """u = ((h + 2^63) mod 2^64) / 2^64 >= p  <=>  h, read as a signed int64, >= ceil(p * 2^64) - 2^63."""
+    return math.ceil(Fraction(p) * (1 << 64)) - (1 << 63)
+
+
+# The compiled draw: torch.compile (inductor) fuses the hash, the comparison and the apply into one kernel (C++ on
+# CPU, Triton on CUDA) that keeps the int64 state in registers and writes only the result, where the eager draw
+# makes about ten passes over int64 buffers. Shapes are dynamic, so chunks of any width share one compiled kernel;
+# the call number and the threshold arrive as tensors, so no layer or call compiles anew. Compiled once per
+# process (inductor's on-disk cache spares later processes most of the cost).
+_compiled: Optional[Callable] = None  # torch.compile of _draw_and_apply, made on first use
+_compile_failure: Optional[str] = None  # why this process draws eagerly although the compiled draw was asked for
+RECOMPILE_LIMIT = 32  # graphs dynamo may keep of _draw_and_apply (its default: 8; see _compiled_kernel)
+_thresholds: Dict[tuple, torch.Tensor] = {}  # _keep_threshold(p) as an int64 scalar tensor, by (p, device)
+
+
+def _mix(z: torch.Tensor) -> torch.Tensor:
+    """mix of the module doc, out of place: the form the compiler fuses (eagerly it would allocate per step)."""
+    z = (z ^ ((z >> 30) & ((1 << 34) - 1))) * MIX_1
+    return (z ^ ((z >> 27) & ((1 << 37) - 1))) * MIX_2
+
+
+def _draw_and_apply(x: torch.Tensor, starts: torch.Tensor, terms: Sequence[torch.Tensor], threshold: torch.Tensor,
+                    scale: float) -> torch.Tensor:
+    """x with example dropout: `starts` per row (key + call * 2^32 * G), `terms` from _golden_terms, `threshold`
+    from _keep_threshold; no int64 tensor of x's size exists outside the compiled kernel."""
+    index = _along(starts, 0, x.dim())
+    for d, term in enumerate(terms):
+        index = index + _along(term, d + 1, x.dim())
+    return torch.where(_mix(index) >= threshold, x, 0.0) * scale
+
+
+def _compiled_kernel() -> Optional[Callable]:
+    """The compiled _draw_and_apply, or None where compilation failed or is unavailable in this process."""
+    global _compiled
+    if _compile_failure is None and _compiled is None:
+        if not torch._dynamo.is_dynamo_supported():
+            _give_up_compiling(f"torch.compile does not support Python {platform.python_version()} on {sys.platform}")
+        else:
+            # dynamo keeps 8 graphs per function by default; this one has one per (dims, dtype), and one more where
+            # a batch or width of 1 specialises: about 12 at most in a run, none per call, layer or width
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+            _compiled = torch.compile(_draw_and_apply, dynamic=True)
+    return _compiled if _compile_failure is None else None
+
+
+def _give_up_compiling(reason: str) -> None:
+    global _compile_failure
+    _compile_failure = reason
+    logger.warning("per-example dropout draws eagerly (the same masks, slower) in this process: its kernel does not "
+                   "compile here (%s)", reason)
+
+
+def compiled_draw_failure() -> Optional[str]:
+    """Why this process draws per-example dropout eagerly although the compiled draw was asked for; None while the
+    compiled draw works (or was never tried)."""
+    return _compile_failure
+
+
+class _CompiledExampleDropout(torch.autograd.Function):
+    """The compiled draw-and-apply with a backward that draws the mask again from the row starts and terms (a few
+    int64 values per row and position) and applies it to the gradient: nothing of x's size is kept, and forward
+    and backward run the same graph, so neither grad mode nor backward compiles another."""
+
+    @staticmethod
+    def forward(ctx, x, starts, threshold, scale, *terms):
+        ctx.save_for_backward(starts, threshold, *terms)
+        ctx.scale = scale
+        return _compiled(x.detach(), starts, terms, threshold, scale)  # detached: no requires_grad variant
+
+    @staticmethod
+    def backward(ctx, grad):
+        starts, threshold, *terms = ctx.saved_tensors
+        # d/dx of where(keep, x, 0) * scale; contiguous and a tuple of terms, as in forward, so its graph serves
+        grad_x = _compiled(grad.contiguous(), starts, tuple(terms), threshold, ctx.scale)
+        return (grad_x, None, None, None) + (None,) * len(terms)
+
+
+def _compiled_draw_and_apply(x: torch.Tensor, block: _Block, call: int, p: float,
+                             sequence_dims: Sequence[int]) -> Optional[torch.Tensor]:
+    """example_dropout by the compiled kernel; None where it fails to compile (then the process draws eagerly).
+    A bad input (a sequence longer than max_length) raises as in the eager draw."""
+    row_dims = [d - 1 for d in sequence_dims if 0 < d < x.dim()]
+    terms = _golden_terms(tuple(x.shape[1:]), row_dims, block.max_length, x.device)
+    threshold = _thresholds.get((p, x.device))
+    if threshold is None:
+        threshold = _thresholds[(p, x.device)] = torch.tensor(_keep_threshold(p), dtype=torch.int64, device=x.device)
+    starts = block.keys + _int64((call << CALL_SHIFT) * GOLDEN)
+    try:
+        return _CompiledExampleDropout.apply(x, starts, threshold, 1.0 / (1.0 - p), *terms)
+    except Exception as error:  # noqa: BLE001 (any failure to compile: the eager draw gives the same masks)
+        _give_up_compiling(f"{type(error).__name__}: {error}")
+        return None
 
 
 def example_dropout(x: torch.Tensor, p: float, training: bool, sequence_dims: Tuple[int, ...] = (1,)) -> torch.Tensor:
@@ -160,6 +290,10 @@ def example_dropout(x: torch.Tensor, p: float, training: bool, sequence_dims: Tu
         raise RuntimeError(f"example_seeds has {len(block.keys)} seeds for a batch of {x.shape[0]} rows")
     call = block.calls
     block.calls += 1
+    if block.compiled and _compiled_kernel() is not None:
+        dropped = _compiled_draw_and_apply(x, block, call, p, sequence_dims)
+        if dropped is not None:
+            return dropped
     keep = example_keep_mask(tuple(x.shape), block.keys, call, p, block.max_length, sequence_dims)
     # where, not x * keep: a bool factor would be copied to x's dtype first; backward keeps only the bool mask
     return torch.where(keep, x, 0.0).mul_(1.0 / (1.0 - p))

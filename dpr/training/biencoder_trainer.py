@@ -53,6 +53,7 @@ class BiEncoderSettings:
     ctx_chunk_size: int
     grad_compensation_ref_world: int  # 0: none
     example_dropout: bool
+    compile_dropout: bool  # per-example dropout drawn by its compiled kernel (the same masks as the eager draw)
     eval_per_epoch: int
     val_av_rank_start_epoch: int
     val_av_rank_hard_neg: int
@@ -76,6 +77,7 @@ class BiEncoderSettings:
             ctx_chunk_size=int(t.ctx_chunk_size),
             grad_compensation_ref_world=int(t.get("grad_compensation_ref_world") or 0),
             example_dropout=bool(t.get("example_dropout", True)),
+            compile_dropout=bool(t.compile_dropout),
             eval_per_epoch=int(t.eval_per_epoch),
             val_av_rank_start_epoch=int(cfg.val_av_rank_start_epoch),
             val_av_rank_hard_neg=int(t.val_av_rank_hard_neg),
@@ -83,6 +85,9 @@ class BiEncoderSettings:
             val_av_rank_bsz=int(t.val_av_rank_bsz),
             val_av_rank_max_qs=int(t.val_av_rank_max_qs),
         )
+        if not isinstance(t.compile_dropout, bool):
+            raise ConfigError(f"train.compile_dropout={t.compile_dropout!r} must be true or false (where it is not "
+                              "given, the environment variable DPR_COMPILE_DROPOUT sets it)")
         if settings.grad_cache and (settings.q_chunk_size < 1 or settings.ctx_chunk_size < 1):
             raise ConfigError("train.q_chunk_size and train.ctx_chunk_size must be >= 1")
         for key in ("eval_per_epoch", "val_av_rank_bsz"):
@@ -104,7 +109,7 @@ class BiEncoderTrainer(Trainer):
         self._check_dataset_lists(len(self.train_sets))
         self.dev_set = [s for d in load_datasets(cfg.dev_datasets, cfg, "dev") for s in d]
 
-        self.model: BiEncoder = build_biencoder(spec).to(self.device)
+        self.model: BiEncoder = build_biencoder(spec, self.options.compile_dropout).to(self.device)
         self._prepare_model(list(zip((self.model.question_model, self.model.ctx_model), self.model.trainable_towers())))
         self.grad_cache = GradCache(self._global_loss, self.precision.autocast, self.precision.grad_scaler)
 
@@ -127,7 +132,8 @@ class BiEncoderTrainer(Trainer):
             + (f"on, chunks q={o.q_chunk_size} ctx={o.ctx_chunk_size}" if o.grad_cache else "off")
             + f"; precision {self.precision.name}; gradient compensation {self.gradient_compensation():g} "
             f"(grad_compensation_ref_world={o.grad_compensation_ref_world or None}); "
-            f"example dropout {'on' if o.example_dropout else 'off'}; similarity {self.spec.similarity}; "
+            f"example dropout {('on, ' + ('compiled' if o.compile_dropout else 'eager')) if o.example_dropout else 'off'}; "
+            f"similarity {self.spec.similarity}; "
             f"hard negatives {o.hard_negatives}, other negatives {o.other_negatives}"
         )
 
