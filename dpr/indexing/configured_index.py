@@ -118,17 +118,29 @@ def check_shard_search_options(cfg: DictConfig) -> None:
             "shard_search=true reads the embedding shards and builds no index, so there is no index to save or "
             "load: drop index_path / save_or_load_index, or shard_search"
         )
+    memory_budget_gib(cfg)
+
+
+def memory_budget_gib(cfg: DictConfig) -> Optional[float]:
+    """`shard_search_memory_gb` as a positive number of GiB, or None when unset."""
     budget = cfg.get("shard_search_memory_gb")
-    if budget is not None and not budget > 0:
+    if budget is None:
+        return None
+    try:
+        gib = float(budget)
+    except (TypeError, ValueError):
+        gib = float("nan")
+    if not gib > 0:
         raise ShardSearchOptionError(f"shard_search_memory_gb must be a positive number of GiB, got {budget!r}")
+    return gib
 
 
 def shard_wise_search(cfg: DictConfig, shards: ChainedBlocks, queries: np.ndarray, depth: int) -> list[SearchResult]:
     """`shard_search=true`: the flat index's results, one group of shards (within shard_search_memory_gb) at a
     time."""
-    budget = cfg.get("shard_search_memory_gb")
+    budget = memory_budget_gib(cfg)
     shard_sets = [(files.paths, files.id_prefix) for files in shards.files]
-    return search_shards(shard_sets, queries, depth, None if budget is None else int(float(budget) * 2**30))
+    return search_shards(shard_sets, queries, depth, None if budget is None else int(budget * 2**30))
 
 
 def build_or_load_index(cfg: DictConfig, shards: Optional[ChainedBlocks],
