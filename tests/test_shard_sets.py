@@ -11,7 +11,7 @@ import pytest
 from dpr.data import embeddings_io
 from dpr.data.embeddings_io import shard_path
 from dpr.foundation.files import OutputWriteError, UnwritableDirectoryError
-from dpr.indexing import faiss_indexers, generate_embeddings
+from dpr.indexing import configured_index, faiss_indexers, generate_embeddings
 from dpr.indexing.configured_index import ShardSearchOptionError
 from dpr.indexing.shard_provenance import ShardProvenanceError, read_provenance, sidecar_path
 from dpr.indexing.shard_search import search_shards
@@ -137,3 +137,21 @@ def test_a_non_numeric_memory_budget_is_one_line_naming_the_key(data, tmp_path):
     embed(data, tmp_path / "emb")
     with pytest.raises(ShardSearchOptionError, match="shard_search_memory_gb"):
         _retrieve_with(data, str(tmp_path / "emb_*"), tmp_path, shard_search=True, shard_search_memory_gb="abc")
+
+
+@pytest.mark.parametrize("option", ["index_path", "save_or_load_index"])
+def test_an_unwritable_index_location_fails_before_indexing(data, tmp_path, monkeypatch, option):
+    def not_reached(*args, **kwargs):
+        raise AssertionError("the index was built before its location was checked")
+
+    monkeypatch.setattr(configured_index, "estimate_vector_count", not_reached)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    embed(data, tmp_path / "emb")
+    if option == "index_path":
+        values = {"index_path": str(blocker / "index")}
+    else:  # GC-DPR saves beside the shards (emb_0 -> emb.index.dpr), here taken by a folder
+        (tmp_path / "emb.index.dpr").mkdir()
+        values = {"save_or_load_index": True}
+    with pytest.raises(UnwritableDirectoryError, match=option):
+        _retrieve_with(data, str(tmp_path / "emb_*"), tmp_path, **values)
