@@ -155,3 +155,13 @@ def test_an_unwritable_index_location_fails_before_indexing(data, tmp_path, monk
         values = {"save_or_load_index": True}
     with pytest.raises(UnwritableDirectoryError, match=option):
         _retrieve_with(data, str(tmp_path / "emb_*"), tmp_path, **values)
+
+
+def test_a_killed_index_save_s_temporaries_are_removed_by_the_next(data, tmp_path):
+    embed(data, tmp_path / "emb")
+    stale = [tmp_path / ".idx.index.dpr.abcd1234.tmp", tmp_path / ".idx.index_meta.dpr.abcd1234.tmp"]
+    for path in stale:
+        path.write_bytes(b"partial")
+    _retrieve_with(data, str(tmp_path / "emb_*"), tmp_path, index_path=str(tmp_path / "idx"))
+    assert [path.exists() for path in stale] == [False, False]
+    assert (tmp_path / "idx.index.dpr").is_file()

@@ -14,7 +14,7 @@ from omegaconf import DictConfig
 from dpr.data.ctx_sources import CtxSource, iter_sources
 from dpr.data.embeddings_io import EmbeddingFiles
 from dpr.foundation.errors import ConfigError, UserInputError
-from dpr.foundation.files import ensure_writable_output
+from dpr.foundation.files import ensure_writable_output, remove_stale_temporaries
 from dpr.indexing.bm25 import BM25Index, passage_text
 from dpr.indexing.faiss_indexers import DenseIndexer, SearchResult, create_indexer, index_exists, index_file_paths
 from dpr.indexing.shard_provenance import check_saved_index
@@ -156,6 +156,8 @@ def build_or_load_index(cfg: DictConfig, shards: Optional[ChainedBlocks],
         return indexer
     if location:  # before the build, so that an hour of indexing never ends at an unwritable location
         ensure_writable_output(index_file_paths(location)[0], "index_path" if cfg.index_path else "save_or_load_index")
+        for file in index_file_paths(location):  # what a killed save left
+            remove_stale_temporaries(file.parent, file.name + ".")
     indexer.provenance = shards_model[1] if shards_model else None
     count, dim = estimate_vector_count(shards.paths)
     indexer.ensure_fits(count, dim)  # logs the estimate; raises when the index will not fit
