@@ -14,7 +14,7 @@ import os
 import pickle
 import zipfile
 from pathlib import Path
-from typing import BinaryIO, Callable, Iterator, Sequence, Union
+from typing import BinaryIO, Callable, Iterator, Optional, Sequence, Union
 
 import numpy as np
 
@@ -134,10 +134,25 @@ def expand_embedding_paths(patterns: Union[PathLike, Sequence[PathLike]]) -> lis
     return paths
 
 
+def check_dimension(path: PathLike, vectors: np.ndarray, dim: Optional[int], first: Optional[PathLike]) -> None:
+    """Refuse a shard whose vectors have another dimension than `dim`, those of shard `first` (empty shards say
+    nothing)."""
+    if dim is not None and len(vectors) and vectors.shape[1] != dim:
+        raise ShardFileError(
+            f"{path} holds vectors of dimension {vectors.shape[1]}, {first} of dimension {dim}: they come from "
+            "different models; name only shards of one model in encoded_ctx_files"
+        )
+
+
 def _read_each(paths: Sequence[Path], id_prefix: str) -> Iterator[EmbeddingBlock]:
+    dim, first = None, None
     for path in paths:
         logger.info("reading embeddings from %s", path)
-        yield read_embeddings(path, id_prefix)
+        ids, vectors = read_embeddings(path, id_prefix)
+        check_dimension(path, vectors, dim, first)
+        if dim is None and len(vectors):
+            dim, first = vectors.shape[1], path
+        yield ids, vectors
 
 
 def iter_embedding_blocks(

@@ -14,8 +14,9 @@ from omegaconf import DictConfig
 from dpr.data.ctx_sources import CtxSource, iter_sources
 from dpr.data.embeddings_io import EmbeddingFiles
 from dpr.foundation.errors import ConfigError, UserInputError
+from dpr.foundation.files import ensure_writable_output, remove_stale_temporaries
 from dpr.indexing.bm25 import BM25Index, passage_text
-from dpr.indexing.faiss_indexers import DenseIndexer, SearchResult, create_indexer, index_exists
+from dpr.indexing.faiss_indexers import DenseIndexer, SearchResult, create_indexer, index_exists, index_file_paths
 from dpr.indexing.shard_provenance import check_saved_index
 from dpr.indexing.shard_search import describe_shards, search_shards
 
@@ -118,17 +119,29 @@ def check_shard_search_options(cfg: DictConfig) -> None:
             "shard_search=true reads the embedding shards and builds no index, so there is no index to save or "
             "load: drop index_path / save_or_load_index, or shard_search"
         )
+    memory_budget_gib(cfg)
+
+
+def memory_budget_gib(cfg: DictConfig) -> Optional[float]:
+    """`shard_search_memory_gb` as a positive number of GiB, or None when unset."""
     budget = cfg.get("shard_search_memory_gb")
-    if budget is not None and not budget > 0:
+    if budget is None:
+        return None
+    try:
+        gib = float(budget)
+    except (TypeError, ValueError):
+        gib = float("nan")
+    if not gib > 0:
         raise ShardSearchOptionError(f"shard_search_memory_gb must be a positive number of GiB, got {budget!r}")
+    return gib
 
 
 def shard_wise_search(cfg: DictConfig, shards: ChainedBlocks, queries: np.ndarray, depth: int) -> list[SearchResult]:
     """`shard_search=true`: the flat index's results, one group of shards (within shard_search_memory_gb) at a
     time."""
-    budget = cfg.get("shard_search_memory_gb")
+    budget = memory_budget_gib(cfg)
     shard_sets = [(files.paths, files.id_prefix) for files in shards.files]
-    return search_shards(shard_sets, queries, depth, None if budget is None else int(float(budget) * 2**30))
+    return search_shards(shard_sets, queries, depth, None if budget is None else int(budget * 2**30))
 
 
 def build_or_load_index(cfg: DictConfig, shards: Optional[ChainedBlocks],
@@ -141,6 +154,10 @@ def build_or_load_index(cfg: DictConfig, shards: Optional[ChainedBlocks],
         indexer.deserialize(location)
         check_saved_index(location, indexer.provenance, shards_model)
         return indexer
+    if location:  # before the build, so that an hour of indexing never ends at an unwritable location
+        ensure_writable_output(index_file_paths(location)[0], "index_path" if cfg.index_path else "save_or_load_index")
+        for file in index_file_paths(location):  # what a killed save left
+            remove_stale_temporaries(file.parent, file.name + ".")
     indexer.provenance = shards_model[1] if shards_model else None
     count, dim = estimate_vector_count(shards.paths)
     indexer.ensure_fits(count, dim)  # logs the estimate; raises when the index will not fit

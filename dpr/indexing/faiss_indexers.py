@@ -9,6 +9,7 @@ a training sample) make a first pass over the blocks, so they take a re-iterable
 Serialised form: `index.dpr` (faiss.write_index) and `index_meta.dpr` (JSON holding the ids) inside a directory,
 or `{path}.index.dpr` / `{path}.index_meta.dpr` for a prefix path. DPR's pickled id lists are still read.
 """
+import errno
 import json
 import logging
 import os
@@ -191,6 +192,21 @@ def index_file_paths(path: PathLike) -> tuple[Path, Path]:
     return Path(f"{path}.{INDEX_FILE_NAME}"), Path(f"{path}.{META_FILE_NAME}")
 
 
+# faiss's write error ends in strerror(errno); these are a full disk or quota (ENOSPC, EDQUOT)
+_FULL_DISK_MESSAGES = (os.strerror(errno.ENOSPC), os.strerror(errno.EDQUOT))
+
+
+def _write_faiss_index(index: faiss.Index, file_name: str) -> None:
+    """`faiss.write_index`, whose RuntimeError on a full disk becomes the OSError `atomic_output` reports in one
+    line naming the file."""
+    try:
+        faiss.write_index(index, file_name)
+    except RuntimeError as e:
+        if any(message in str(e) for message in _FULL_DISK_MESSAGES):
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC), file_name) from e
+        raise
+
+
 def index_exists(path: PathLike) -> bool:
     """Whether both the index and the meta file of a serialised index are at `path`."""
     return all(file.is_file() for file in index_file_paths(path))
@@ -335,7 +351,7 @@ class DenseIndexer(ABC):
         index_file.parent.mkdir(parents=True, exist_ok=True)
         logger.info("serializing a %s index of %d vectors to %s", self.kind, self.index.ntotal, index_file)
         with atomic_output(index_file) as temp_name:
-            faiss.write_index(self.index, temp_name)
+            _write_faiss_index(self.index, temp_name)
         meta = {
             "format": META_FORMAT,
             "version": 1,

@@ -11,6 +11,9 @@
   `..._{shard_id}.npz` (no pickle), with a provenance record beside it (`dpr.indexing.shard_provenance`). A rerun
   skips a complete shard only when its record matches exactly (same model weights and spec, passages file, shard
   and shard count); otherwise it re-embeds the shard and says why.
+- A kill never leaves a searchable stale shard: the old shard and then its record are deleted before encoding, and
+  the new record is written before the new shard. `out_file` is checked to be writable before any passage is read;
+  the temporaries of a killed run of the same shard are removed.
 """
 import itertools
 import logging
@@ -28,9 +31,16 @@ from dpr.data.passages import Passage, count_passages, iter_passage_shard, shard
 from dpr.data.tensorizer import Tensorizer
 from dpr.foundation.devices import process_device
 from dpr.foundation.errors import ConfigError
+from dpr.foundation.files import ensure_writable_output, remove_stale_temporaries
 from dpr.foundation.precision import make_precision
 from dpr.indexing.encoding import encode_batches, load_configured_encoder, padded_batches
-from dpr.indexing.shard_provenance import remove_provenance, reuse_refusal, shard_provenance, write_provenance
+from dpr.indexing.shard_provenance import (
+    remove_shard_and_provenance,
+    reuse_refusal,
+    shard_provenance,
+    sidecar_path,
+    write_provenance,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -112,6 +122,10 @@ def generate_dense_embeddings(cfg: DictConfig) -> Path:
     """Embed shard `cfg.shard_id` of `cfg.num_shards` of `cfg.ctx_src`; returns the shard file's path."""
     _check_config(cfg)
     out_path = shard_path(cfg.out_file, cfg.shard_id, cfg.out_format)
+    ensure_writable_output(out_path, "out_file")
+    # "emb_1." and ".emb_1.provenance.json": this shard's temporaries only, not those of shard 10's job
+    remove_stale_temporaries(out_path.parent, out_path.name + ".")
+    remove_stale_temporaries(out_path.parent, sidecar_path(out_path).name + ".")
     source = resolve_ctx_source(cfg.ctx_src, cfg)
     device = process_device(cfg.no_cuda, cfg.get("local_rank"))
     precision = make_precision(device, cfg.fp16, cfg.bf16)
@@ -124,7 +138,7 @@ def generate_dense_embeddings(cfg: DictConfig) -> Path:
                         out_path, cfg.shard_id)
             return out_path
         logger.warning("re-embedding %s: %s", out_path, refusal)
-    remove_provenance(out_path)
+    remove_shard_and_provenance(out_path)
 
     plan = ShardPlan(source, cfg.shard_id, cfg.num_shards, count_passages(source.path))
     encoder.model.to(device)
@@ -146,6 +160,6 @@ def generate_dense_embeddings(cfg: DictConfig) -> Path:
     ids: list = [None] * plan.size
     vectors = encode_batches(encoder, _recording_ids(iter(loader), ids), plan.size, device, precision,
                              f"shard {cfg.shard_id}")
-    write_embeddings(out_path, ids, vectors)
     write_provenance(out_path, provenance)
+    write_embeddings(out_path, ids, vectors)
     return out_path

@@ -19,12 +19,20 @@ Three comparisons use it:
 - mixing: the shards of one `encoded_ctx_files` entry must agree on everything but `shard_id` and where the files
   were (checkpoint path, passages path and mtime, which differ between machines of one sweep); the shards of all
   entries must come from one model.
+- completeness: an entry holds each shard id once (one shard written in two formats, or by runs of different
+  `num_shards`, would be searched twice), every id below its records' `num_shards`, and either every shard or none
+  with a record (a record-less shard among recorded ones is left from an interrupted or older run).
 - questions: the question encoder must be of the shards' model (same weights fingerprint and vector settings).
-Shards without a record (DPR's released ones) are accepted as they are, with an info line.
+Shards without a record (DPR's released ones) are accepted as they are, with an info line, when all of their entry's
+shards lack one.
+
+A re-embed deletes the old shard, then its record, and writes the new record before the new shard: at every moment
+a shard is absent or the one its record describes.
 """
 import json
 import logging
 import os
+import re
 from pathlib import Path
 from typing import Iterable, Optional, Sequence, Union
 
@@ -97,8 +105,10 @@ def write_provenance(shard: PathLike, record: dict) -> None:
         json.dump(record, file, indent=2, sort_keys=True)
 
 
-def remove_provenance(shard: PathLike) -> None:
-    """Before a shard is rewritten: a crash between the new shard and its record then leaves no stale record."""
+def remove_shard_and_provenance(shard: PathLike) -> None:
+    """Before a shard is re-embedded: the shard goes first, so that a kill at any moment leaves it either with its
+    record or absent (a record without its shard is never read)."""
+    Path(shard).unlink(missing_ok=True)
     sidecar_path(shard).unlink(missing_ok=True)
 
 
@@ -128,16 +138,65 @@ def reuse_refusal(shard: PathLike, record: dict) -> Optional[str]:
 _MIXING_IGNORED = ("shard_id", "format", "version") + _LOCATION_KEYS
 
 
+# `{out_file}_{shard_id}` in any of the formats of `dpr.data.embeddings_io.SHARD_SUFFIXES`
+_SHARD_NAME = re.compile(r"(?P<stem>.*)_(?P<shard_id>\d+)(\.pkl|\.npz)?")
+
+
+def _refuse_duplicate_ids(shards: Sequence[Path]) -> None:
+    """One file per shard id: the same shard in two formats (or from runs of different shard counts) would be
+    searched twice."""
+    seen: dict[tuple[Path, str, int], Path] = {}
+    for shard in shards:
+        name = _SHARD_NAME.fullmatch(shard.name)
+        if name is None:
+            continue
+        key = (shard.parent, name["stem"], int(name["shard_id"]))
+        if key in seen:
+            raise ShardProvenanceError(
+                f"embedding shards {seen[key]} and {shard} are both shard {key[2]} of {key[0] / key[1]}: its passages "
+                "would be searched twice. Delete the one of the other run (or format), or name one format's files "
+                "in encoded_ctx_files (e.g. emb_*.npz)"
+            )
+        seen[key] = shard
+
+
+def _refuse_incomplete_set(records: dict[Path, Optional[dict]]) -> None:
+    """A set whose shards have records must have all of them, each shard id below `num_shards` present."""
+    recorded = {shard: record for shard, record in records.items() if record is not None}
+    if not recorded:
+        return
+    unrecorded = [shard for shard, record in records.items() if record is None]
+    if unrecorded:
+        shard, example = unrecorded[0], next(iter(recorded))
+        raise ShardProvenanceError(
+            f"embedding shard {shard} has no provenance record ({sidecar_path(shard).name}) but {example} has: it is "
+            "left from an interrupted or older run. Re-embed it (generate_dense_embeddings.py with its shard_id) or "
+            "delete it"
+        )
+    example, record = next(iter(recorded.items()))
+    num_shards = record["num_shards"]
+    missing = sorted(set(range(num_shards)) - {r["shard_id"] for r in recorded.values()})
+    if missing:
+        shown = ", ".join(map(str, missing[:10])) + (" ..." if len(missing) > 10 else "")
+        raise ShardProvenanceError(
+            f"the embedding shards of {example.parent} ({example.name} ...) lack shard(s) {shown} of {num_shards}: "
+            "the passages they hold would never be found. Embed the missing shard_id(s) with "
+            "generate_dense_embeddings.py (a killed job leaves its shard absent)"
+        )
+
+
 def check_shard_sets(shard_sets: Sequence[Sequence[PathLike]]) -> Optional[tuple[Path, dict]]:
     """Refuse shards of different provenance: within a set (one passages source) they must agree on all but the
-    shard id and file locations, across sets on the model. Returns a (shard, record) of the shards' model, or
-    None when no shard has a record."""
+    shard id and file locations, across sets on the model; and refuse an incomplete set (see the module's
+    docstring). Returns a (shard, record) of the shards' model, or None when no shard has a record."""
     reference: Optional[tuple[Path, dict]] = None
     unrecorded: list[Path] = []
     for shards in shard_sets:
+        shards = list(map(Path, shards))
+        _refuse_duplicate_ids(shards)
+        records = {shard: read_provenance(shard) for shard in shards}
         first: Optional[tuple[Path, dict]] = None
-        for shard in map(Path, shards):
-            record = read_provenance(shard)
+        for shard, record in records.items():
             if record is None:
                 unrecorded.append(shard)
                 continue
@@ -149,6 +208,7 @@ def check_shard_sets(shard_sets: Sequence[Sequence[PathLike]]) -> Optional[tuple
                 reference = first
             else:
                 _refuse_difference(first, (shard, record), ignore=_MIXING_IGNORED, what="were made differently")
+        _refuse_incomplete_set(records)
     if unrecorded:
         log = logger.warning if reference is not None else logger.info
         log("%d shard(s) have no provenance record (e.g. DPR's released shards), used as they are: %s%s",

@@ -20,7 +20,7 @@ from typing import Optional, Sequence
 import numpy as np
 from tqdm import tqdm
 
-from dpr.data.embeddings_io import read_embeddings
+from dpr.data.embeddings_io import ShardFileError, check_dimension, read_embeddings
 from dpr.foundation.errors import UserInputError
 from dpr.indexing.exact_search import MISSING, ExactTopK, search_results, working_memory_bytes
 from dpr.indexing.faiss_indexers import SearchResult, ensure_memory
@@ -78,10 +78,14 @@ def describe_shards(shard_sets: Sequence[tuple[Sequence[Path], str]]) -> list[Sh
 
 
 def _npz_vectors_shape(path: Path) -> tuple[int, int]:
-    with zipfile.ZipFile(path) as archive, archive.open("vectors.npy") as array_file:
-        version = np.lib.format.read_magic(array_file)
-        read_header = np.lib.format.read_array_header_1_0 if version == (1, 0) else np.lib.format.read_array_header_2_0
-        shape, _, _ = read_header(array_file)
+    try:
+        with zipfile.ZipFile(path) as archive, archive.open("vectors.npy") as array_file:
+            version = np.lib.format.read_magic(array_file)
+            read_header = (np.lib.format.read_array_header_1_0 if version == (1, 0)
+                           else np.lib.format.read_array_header_2_0)
+            shape, _, _ = read_header(array_file)
+    except (OSError, ValueError, KeyError, zipfile.BadZipFile, EOFError) as e:
+        raise ShardFileError(f"{path}: truncated or not an embedding shard ({type(e).__name__}: {e})") from e
     return shape[0], shape[1] if len(shape) > 1 else 0
 
 
@@ -157,9 +161,7 @@ def search_shards(
         for shard, (ids, vectors) in zip(group, blocks):
             if not len(ids):
                 continue
-            if vectors.shape[1] != queries.shape[1]:
-                raise ValueError(f"{shard.path} holds vectors of dimension {vectors.shape[1]}, the questions "
-                                 f"{queries.shape[1]}")
+            check_dimension(shard.path, vectors, queries.shape[1], "the questions")
             retained.add(search.added, ids)
             search.add(vectors)
         del blocks
