@@ -127,7 +127,8 @@ def iter_passages(path: PathLike, id_prefix: str = "") -> Iterator[Passage]:
 
 
 def count_passages(path: PathLike) -> int:
-    """The number of passages (one per line). Being a full pass, it also refuses malformed rows and repeated ids, before any passage is embedded."""
+    """The number of passages (one per line). Being a full pass, it also refuses malformed rows and repeated ids,
+    before any passage is embedded."""
     unique_ids = _UniqueIdCheck([(path, "")])
     count = 0
     for line, row in _numbered_rows(path):  # no Passage objects: this pass only counts and checks
