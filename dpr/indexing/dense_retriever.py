@@ -49,7 +49,7 @@ from dpr.indexing.configured_index import (
 from dpr.indexing.encoding import encode_questions, load_configured_encoder
 from dpr.indexing.faiss_indexers import DenseIndexer
 from dpr.indexing.hybrid import hybrid_results
-from dpr.indexing.shard_provenance import check_question_encoder, check_shard_sets
+from dpr.indexing.shard_provenance import check_question_encoder, check_shard_passages, check_shard_sets
 
 logger = logging.getLogger(__name__)
 
@@ -168,8 +168,12 @@ def retrieve(cfg: DictConfig, names: Sequence[str], questions: Sequence[str],
         if shards is None:  # a saved index: its meta file names the model of its vectors
             index = build_or_load_index(cfg, None)
             shards_model = (Path(index_location(cfg, None)), index.provenance) if index.provenance else None
+            if shards_model is not None and len(sources) == 1:  # the record is of one source's shards
+                check_shard_passages([[shards_model[0]]], sources, {shards_model[0]: index.provenance})
         else:
-            shards_model = check_shard_sets([files.paths for files in shards.files])
+            shard_sets = [files.paths for files in shards.files]
+            shards_model = check_shard_sets(shard_sets)
+            check_shard_passages(shard_sets, sources)
         queries = question_vectors(cfg, questions, shards_model)
         if cfg.get("shard_search"):
             dense = shard_wise_search(cfg, shards, queries, depth)
