@@ -3,7 +3,11 @@ made the vectors is checked before they are searched; every output is written at
 before any work; unreadable inputs are one line naming the file."""
 import json
 import os
-import pickle
+import random
+import signal
+import subprocess
+import sys
+import time
 
 import pytest
 import torch
@@ -12,6 +16,7 @@ from dpr.foundation.files import UnwritableDirectoryError
 from dpr.indexing import dense_retriever
 from dpr.indexing.dense_retriever import run_dense_retriever
 from dpr.indexing.question_encodings import QuestionEncodingsError, record_path
+from tests.conftest import REPO_ROOT
 from tests.retrieval_helpers import retriever_config, tiny_model
 from tests.test_dense_retriever import data  # noqa: F401 (the fixture: tiny model, 2 shards, 12 questions)
 
@@ -133,3 +138,40 @@ def test_failed_writes_keep_the_previous_outputs(data, tmp_path, monkeypatch):  
     assert {path: path.read_bytes() for path in before} == before
     assert sorted(p.name for p in tmp_path.iterdir()) == sorted(p.name for p in before)
     json.loads(out_file.read_text())
+
+
+def _script(data, out_dir):  # noqa: F811
+    cfg = config(data, out_dir / "results.json", q_encoding_path=str(out_dir / "q.pt"))
+    args = [f"{key}={value}" for key, value in (
+        ("encoder.pretrained_model_cfg", data["model"]), ("encoder.sequence_length", cfg.encoder.sequence_length),
+        ("qa_dataset", data["qas"]), ("ctx_datatsets", f"[{data['psgs']}]"),
+        ("encoded_ctx_files", f"['{data['embs']}']"), ("out_file", cfg.out_file), ("n_docs", cfg.n_docs),
+        ("validation_workers", 1), ("batch_size", cfg.batch_size), ("q_encoding_path", cfg.q_encoding_path))]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    return [sys.executable, str(REPO_ROOT / "dense_retriever.py"), *args], env
+
+
+def test_kill_at_random_points_never_leaves_a_partial_output(data, tmp_path):  # noqa: F811
+    """kill -9 anywhere in a run: the results JSON and the question encodings are absent or complete under their
+    final names, and a rerun gives the uninterrupted results."""
+    reference_dir = tmp_path / "reference"
+    command, env = _script(data, reference_dir)
+    started = time.monotonic()
+    subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+    duration = time.monotonic() - started
+    expected = (reference_dir / "results.json").read_text()
+    expected_vectors = torch.load(reference_dir / "q.pt", weights_only=True)
+    for point, fraction in enumerate(sorted(random.Random(0).uniform(0.4, 1.0) for _ in range(3))):
+        out_dir = tmp_path / f"killed_{point}"
+        command, env = _script(data, out_dir)
+        process = subprocess.Popen(command, cwd=tmp_path, env=env, stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        time.sleep(duration * fraction)
+        process.send_signal(signal.SIGKILL)
+        process.wait()
+        if (out_dir / "results.json").exists():
+            assert (out_dir / "results.json").read_text() == expected
+        if (out_dir / "q.pt").exists():
+            assert torch.equal(torch.load(out_dir / "q.pt", weights_only=True), expected_vectors)
+        subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
+        assert (out_dir / "results.json").read_text() == expected

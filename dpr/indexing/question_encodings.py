@@ -12,7 +12,7 @@ The vectors file `q.pt` gets the hidden JSON record `.q.pt.provenance.json` (as 
     vectors_sha256    the vectors file it describes: a record left beside other vectors (a write killed between
                       the two files) is refused rather than believed
 
-Both files are written atomically, the vectors first. Vectors without a record (written by GC-DPR) are used as they
+Both files are written atomically, the record first (`save_question_vectors`). Vectors without a record (written by GC-DPR) are used as they
 are, with an info line.
 """
 import hashlib
@@ -56,14 +56,15 @@ def questions_record(questions: Sequence[str], qa_files: Sequence[PathLike] = ()
 
 
 def save_question_vectors(vectors: np.ndarray, path: PathLike, model: dict, questions: dict) -> None:
-    """The vectors as GC-DPR saves them (torch.save of a float tensor), then their record; each file appears under
-    its name only when complete."""
-    with atomic_output(path) as temp_name:
-        torch.save(torch.from_numpy(vectors), temp_name)
-    record = {"format": FORMAT, "version": VERSION, "model": model, "questions": questions,
-              "vectors_sha256": sha256_of_file(path)}
-    with atomic_output(record_path(path)) as temp_name, open(temp_name, "w", encoding="utf-8") as file:
-        json.dump(record, file, indent=2, sort_keys=True)
+    """The vectors as GC-DPR saves them (torch.save of a float tensor) and their record, each file appearing under
+    its name only when complete. The record goes first, naming the new vectors' hash: a kill between the two
+    leaves the old vectors beside a record that refuses them, never new vectors without a record."""
+    with atomic_output(path) as vectors_temp:
+        torch.save(torch.from_numpy(vectors), vectors_temp)
+        record = {"format": FORMAT, "version": VERSION, "model": model, "questions": questions,
+                  "vectors_sha256": sha256_of_file(vectors_temp)}
+        with atomic_output(record_path(path)) as record_temp, open(record_temp, "w", encoding="utf-8") as file:
+            json.dump(record, file, indent=2, sort_keys=True)
     logger.info("saved question encodings %s to %s", tuple(vectors.shape), path)
 
 
