@@ -12,6 +12,7 @@ import time
 import pytest
 import torch
 
+from dpr.foundation.errors import ConfigError
 from dpr.foundation.files import UnwritableDirectoryError
 from dpr.indexing import dense_retriever
 from dpr.indexing.dense_retriever import run_dense_retriever
@@ -66,6 +67,15 @@ def test_record_of_other_vectors_is_refused(data, tmp_path):  # noqa: F811
     encode_and_save(data, q_path)
     torch.save(torch.zeros(12, 8), q_path)
     with pytest.raises(QuestionEncodingsError, match=r"describes other vectors than q_encoding_path="):
+        run_dense_retriever(config(data, tmp_path / "out.json", q_encoding_path=str(q_path)))
+
+
+def test_unrecorded_encodings_of_another_width_are_one_line(data, tmp_path):  # noqa: F811
+    """GC-DPR's encodings carry no record; vectors of another width than the index's are still refused in one
+    line instead of failing inside FAISS."""
+    q_path = tmp_path / "q.pt"
+    torch.save(torch.zeros(12, 5), q_path)
+    with pytest.raises(ConfigError, match=r"question vectors have 5 dimensions but the index's passage vectors"):
         run_dense_retriever(config(data, tmp_path / "out.json", q_encoding_path=str(q_path)))
 
 
