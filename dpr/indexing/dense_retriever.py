@@ -117,9 +117,9 @@ def question_vectors(cfg: DictConfig, questions: Sequence[str], shards_model: Sh
 # ------------------------------------------------------------------------------------------------ dense search
 def dense_search(indexer: DenseIndexer, queries: np.ndarray, depth: int) -> tuple[list[RetrievedDocs], bool]:
     """(results, higher_is_better): `depth` passages per question from the dense index."""
-    if queries.shape[1] != indexer.index.d:
+    if queries.shape[1] != indexer.vector_dim:
         raise ConfigError(f"the question vectors have {queries.shape[1]} dimensions but the index's passage vectors "
-                          f"{indexer.index.d}: they come from different models (saved q_encoding_path?)")
+                          f"{indexer.vector_dim}: they come from different models (saved q_encoding_path?)")
     started = time.perf_counter()
     results = indexer.search_knn(queries, depth)
     elapsed = time.perf_counter() - started
