@@ -65,9 +65,12 @@ def test_equal_hashes_of_different_ids_are_not_duplicates(tmp_path, monkeypatch)
     assert [p.id for p in iter_passages(path)] == ["1", "2", "3"]
 
 
-def test_multi_line_texts_give_the_starting_line(tmp_path):
-    path = write(tmp_path / "psgs.tsv", HEADER + '1\t"two\nlines"\tA\n1\tagain\tB\n')
-    with pytest.raises(DataFileError, match="line 4: passage id '1' is already used on line 2;"):
+def test_multi_line_texts_are_refused_at_the_starting_line(tmp_path):
+    """DPR's psgs_w100.tsv holds one passage per line: a quoted text running across lines is refused where it
+    starts, not read as one passage."""
+    path = write(tmp_path / "psgs.tsv", HEADER + '1\t"two\nlines"\tA\n2\tagain\tB\n')
+    with pytest.raises(DataFileError, match=r"psgs\.tsv, line 2: a double-quoted text opened here runs across "
+                                            r"lines 2-3"):
         count_passages(path)
 
 

@@ -23,6 +23,7 @@ from dpr.options.retriever_flags import DENSE_RETRIEVER_FLAGS, DENSE_RETRIEVER_G
 from tests.conftest import REPO_ROOT
 from tests.retrieval_helpers import (
     gen_embs_config,
+    passages,
     retriever_config,
     tiny_model,
     write_passages_tsv,
@@ -275,4 +276,48 @@ def test_index_saved_beside_shards_refuses_shards_of_another_model(data, tmp_pat
     cfg = retriever_config(other_model, data["qas"], data["psgs"], embs, str(tmp_path / "stale.json"),
                            save_or_load_index=True)
     with pytest.raises(ShardProvenanceError, match="holds another model's vectors than the shards"):
+        run_dense_retriever(cfg)
+
+
+def _rewrite_texts_behind_the_same_ids(path):
+    """Other texts under the same ids, the file keeping its size (only the content fingerprint can tell)."""
+    rows = [(pid, text[::-1], title) for pid, text, title in passages()]
+    write_passages_tsv(path, rows)
+
+
+@pytest.mark.parametrize("indexing", [{}, {"shard_search": True}, {"index_path": "saved"}])
+def test_passages_changed_after_embedding_are_refused(data, tmp_path, indexing):
+    """Texts changed behind the same ids after embedding: retrieval refused, naming the passages file and a shard
+    (it searched the old vectors and showed the new texts: top-20 59.1% -> 45.5%, exit 0)."""
+    psgs = tmp_path / "psgs.tsv"
+    psgs.write_bytes(open(data["psgs"], "rb").read())  # the same content elsewhere, another mtime: accepted
+    if "index_path" in indexing:
+        indexing = {"index_path": str(tmp_path / "index") + "/"}
+        run(data, tmp_path / "build.json", **indexing)
+    cfg = retriever_config(data["model"], data["qas"], str(psgs), data["embs"], str(tmp_path / "ok.json"), **indexing)
+    run_dense_retriever(cfg)
+    _rewrite_texts_behind_the_same_ids(psgs)
+    cfg = retriever_config(data["model"], data["qas"], str(psgs), data["embs"], str(tmp_path / "stale.json"),
+                           **indexing)
+    with pytest.raises(ShardProvenanceError, match=rf"passages file {re.escape(str(psgs))} is not the one .*"
+                                                   r"(psgs_\d|index).* passages.sample_hash"):
+        run_dense_retriever(cfg)
+    assert not (tmp_path / "stale.json").exists()
+
+
+def test_each_shard_set_is_checked_against_its_own_passages_file(data, tmp_path):
+    """Two sources: the pairing encoded_ctx_files[i] <-> ctx_datatsets[i] is what is checked, so the same files
+    given in the other order are refused."""
+    other = tmp_path / "other.tsv"
+    rows = [(str(100 + int(pid)), text, title) for pid, text, title in passages()]
+    write_passages_tsv(other, rows)
+    generate_dense_embeddings(gen_embs_config(data["model"], str(other), tmp_path / "embs" / "other"))
+    other_embs = str(tmp_path / "embs" / "other_*")
+    both = f"[{data['psgs']},{other}]"
+    cfg = retriever_config(data["model"], data["qas"], data["psgs"], data["embs"], str(tmp_path / "ok.json"),
+                           ctx_datatsets=both, encoded_ctx_files=f"['{data['embs']}','{other_embs}']")
+    run_dense_retriever(cfg)
+    cfg = retriever_config(data["model"], data["qas"], data["psgs"], data["embs"], str(tmp_path / "swapped.json"),
+                           ctx_datatsets=both, encoded_ctx_files=f"['{other_embs}','{data['embs']}']")
+    with pytest.raises(ShardProvenanceError, match=rf"passages file {re.escape(data['psgs'])} is not the one"):
         run_dense_retriever(cfg)

@@ -3,6 +3,7 @@ import gzip
 
 import pytest
 
+from dpr.data.data_files import DataFileError
 from dpr.data.passages import (
     Passage,
     count_passages,
@@ -15,7 +16,7 @@ from dpr.data.passages import (
 ROWS = [
     ("1", 'A "quoted" text,\twith a tab', "Title One"),
     ("2", '"Wrapped in quotes"', "Title Two"),
-    ("3", "Line one\nline two", "Title Three"),
+    ("3", "Title and text, 'single' quotes", "Title Three"),
     ("4", "plain", ""),
 ]
 
@@ -37,7 +38,7 @@ def test_iter_passages_reads_csv_quoting_and_strips_quotes(tmp_path, name):
     assert passages == [
         Passage("wiki:1", 'A "quoted" text,\twith a tab', "Title One"),
         Passage("wiki:2", "Wrapped in quotes", "Title Two"),  # DPR's text.strip('"')
-        Passage("wiki:3", "Line one\nline two", "Title Three"),
+        Passage("wiki:3", "Title and text, 'single' quotes", "Title Three"),
         Passage("wiki:4", "plain", ""),
     ]
     assert count_passages(path) == 4
@@ -53,6 +54,19 @@ def test_short_row_is_an_error(tmp_path):
     path.write_text("id\ttext\ttitle\n1\tonly text\n", encoding="utf-8")
     with pytest.raises(ValueError, match="bad.tsv"):
         list(iter_passages(path))
+
+
+@pytest.mark.parametrize("reader", [lambda path: list(iter_passages(path)), count_passages])
+def test_unbalanced_quote_is_refused_naming_the_line_where_it_started(tmp_path, reader):
+    """A text that opens a double quote and never closes it would swallow the following rows into one passage
+    (60 rows gave 51 vectors); a row whose quoting runs across lines is refused at the line where it began."""
+    rows = [(str(i), f"text {i}", f"title {i}") for i in range(1, 61)]
+    lines = ["id\ttext\ttitle"] + ["\t".join(row) for row in rows]
+    lines[5] = '5\t"an unbalanced quote\ttitle 5'
+    path = tmp_path / "psgs.tsv"
+    path.write_text("\n".join(lines) + "\n", encoding="utf-8")
+    with pytest.raises(DataFileError, match=r"psgs.tsv, line 6: .*quot"):
+        reader(path)
 
 
 def test_iter_passages_is_lazy(tmp_path):

@@ -177,3 +177,31 @@ def test_every_entry_script_refuses_payloads_in_one_line(payloads, tmp_path, scr
     assert last_line.startswith("error: ") and "posix.system" in last_line, proc.stderr[-2000:]
     assert "Traceback" not in proc.stderr
     assert not (payloads["folder"] / "ran_checkpoint").exists() and not (payloads["folder"] / "ran_shard").exists()
+
+
+def test_payload_in_a_model_directory_is_one_line_naming_the_weights_file(payloads, tmp_path):
+    """A pretrained model directory whose pytorch_model.bin carries a pickle payload: torch's weights-only load
+    refuses it, and the script says so in one line naming the file."""
+    model = Path(tiny_model(tmp_path / "bert"))
+    for weights in model.glob("*.safetensors"):
+        weights.unlink()
+    torch.save({"embeddings.word_embeddings.weight": PickledPayload(tmp_path / "ran")}, model / "pytorch_model.bin")
+    proc = run_script([str(REPO / "dense_retriever.py"), f"encoder.pretrained_model_cfg={model}",
+                       "encoder.sequence_length=32", f"qa_dataset={payloads['questions']}",
+                       f"ctx_datatsets=[{payloads['passages']}]", "retriever=dense", "encode_q_and_save=true",
+                       f"q_encoding_path={tmp_path / 'q.pt'}"], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: {model / 'pytorch_model.bin'}: refused")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "ran").exists() and not (tmp_path / "q.pt").exists()
+
+
+def test_payload_in_question_encodings_is_one_line_naming_the_file(payloads, tmp_path):
+    q_path = tmp_path / "q.pt"
+    torch.save([PickledPayload(tmp_path / "ran")], q_path)
+    proc = run_script([str(REPO / "dense_retriever.py"), f"encoder.pretrained_model_cfg={payloads['model']}",
+                       "encoder.sequence_length=32", f"qa_dataset={payloads['questions']}",
+                       f"ctx_datatsets=[{payloads['passages']}]", f"encoded_ctx_files=[{payloads['shard']}]",
+                       f"q_encoding_path={q_path}", f"out_file={tmp_path / 'results.json'}"], tmp_path)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    assert proc.stderr.strip().splitlines()[-1].startswith(f"error: q_encoding_path={q_path}: refused")
+    assert "Traceback" not in proc.stderr and not (tmp_path / "ran").exists()

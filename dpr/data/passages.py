@@ -2,9 +2,10 @@
 
 The file is tab separated with a header `id\ttext\ttitle` and CSV-quoted texts, so it is read with
 `csv.reader(delimiter='\t')`; texts get `strip('"')` as DPR's CsvCtxSrc does. `.gz` files are read transparently.
-A malformed file is refused, never read approximately: a row without exactly three fields (an unquoted tab in a
-text splits it) and an id used twice (both index entries would show one of the two texts, so an answer in the
-other could never be found) are errors naming the file and lines.
+A malformed file is refused, never read approximately: a row whose quoting runs across lines (an unbalanced quote
+would merge the following rows), a row without exactly three fields (an unquoted tab in a text splits it) and an id
+used twice (both index entries would show one of the two texts, so an answer in the other could never be found) are
+errors naming the file and lines.
 """
 import csv
 import itertools
@@ -35,16 +36,26 @@ class Passage(NamedTuple):
 
 
 def _numbered_rows(path: PathLike) -> Iterator[Tuple[int, list]]:
-    """(line number where the row starts, fields) of the data rows of a passages TSV; header and blank lines are
-    left out. A quoted text may span several lines."""
+    """(line number, fields) of the data rows of a passages TSV, read as DPR reads it (csv.reader, tab delimiter,
+    its default double-quote quoting); header and blank lines are left out. A row must end on the line it starts
+    on: DPR's file has one passage per line, and a text opening a quote it never closes would otherwise swallow
+    the following rows into one passage."""
     with open_text(path) as reader:
         rows = csv.reader(reader, delimiter="\t")
-        last_line = 0
-        for row in rows:
-            start, last_line = last_line + 1, rows.line_num
-            if not row or (start == 1 and row[0] == "id"):
-                continue
-            yield start, row
+        line = 0
+        try:
+            for row in rows:
+                line += 1
+                if rows.line_num != line:
+                    raise DataFileError(
+                        f"{path}, line {line}: a double-quoted text opened here runs across lines "
+                        f"{line}-{rows.line_num} (an unbalanced quote, or a newline inside a text): a passages "
+                        "TSV holds one passage per line; close the quote or write an inner quote as \"\"")
+                if not row or (line == 1 and row[0] == "id"):
+                    continue
+                yield line, row
+        except csv.Error as e:
+            raise DataFileError(f"{path}, line {rows.line_num}: not a readable passages TSV ({e})") from e
 
 
 def _check_fields(row: list, path: PathLike, line: int) -> None:
@@ -116,8 +127,8 @@ def iter_passages(path: PathLike, id_prefix: str = "") -> Iterator[Passage]:
 
 
 def count_passages(path: PathLike) -> int:
-    """The number of passages (CSV rows, which may span several lines when a quoted text holds newlines). Being a
-    full pass, it also refuses malformed rows and repeated ids, before any passage is embedded."""
+    """The number of passages (one per line). Being a full pass, it also refuses malformed rows and repeated ids,
+    before any passage is embedded."""
     unique_ids = _UniqueIdCheck([(path, "")])
     count = 0
     for line, row in _numbered_rows(path):  # no Passage objects: this pass only counts and checks

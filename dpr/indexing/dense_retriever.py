@@ -18,7 +18,6 @@ from typing import Iterable, Optional, Sequence
 
 import faiss
 import numpy as np
-import torch
 from omegaconf import DictConfig, ListConfig
 
 from dpr.data.biencoder_data import normalize_question
@@ -37,6 +36,7 @@ from dpr.evaluation.qa_validation import (
 )
 from dpr.foundation.devices import process_device
 from dpr.foundation.errors import ConfigError
+from dpr.foundation.files import atomic_output, ensure_writable_output
 from dpr.foundation.precision import make_precision
 from dpr.indexing.configured_index import (
     bm25_index,
@@ -49,7 +49,8 @@ from dpr.indexing.configured_index import (
 from dpr.indexing.encoding import encode_questions, load_configured_encoder
 from dpr.indexing.faiss_indexers import DenseIndexer
 from dpr.indexing.hybrid import hybrid_results
-from dpr.indexing.shard_provenance import check_question_encoder, check_shard_sets
+from dpr.indexing.question_encodings import load_question_vectors, questions_record, save_question_vectors
+from dpr.indexing.shard_provenance import check_question_encoder, check_shard_passages, check_shard_sets, model_record
 
 logger = logging.getLogger(__name__)
 
@@ -60,18 +61,24 @@ ShardsModel = Optional[tuple[Path, dict]]
 
 
 # ------------------------------------------------------------------------------------------------ questions
-def load_questions(cfg: DictConfig) -> list[QASample]:
-    """The questions of `cfg.qa_dataset`: a `cfg.datasets` name (resource key or path) or a file path."""
+def question_files(cfg: DictConfig) -> list[str]:
+    """The files of `cfg.qa_dataset`: a `cfg.datasets` name (resource key or path) or a file path."""
     if not cfg.qa_dataset:
         raise ConfigError("qa_dataset is required: a name from conf/datasets or a qas CSV / JSON-lines path")
     entry = (cfg.get("datasets") or {}).get(cfg.qa_dataset)
-    target = entry.file if entry is not None else cfg.qa_dataset
-    paths = resolve_data_path(str(target), cfg.get("data_dir"))
+    return resolve_data_path(str(entry.file if entry is not None else cfg.qa_dataset), cfg.get("data_dir"))
+
+
+def load_questions(cfg: DictConfig) -> list[QASample]:
+    """The questions of `cfg.qa_dataset`, read with the dataset entry's column settings."""
+    entry = (cfg.get("datasets") or {}).get(cfg.qa_dataset) if cfg.qa_dataset else None
     columns = {key: entry[key] for key in ("question_col", "answers_col", "id_col") if entry and key in entry}
-    return [sample for path in paths for sample in read_qa_file(path, **columns)]
+    return [sample for path in question_files(cfg) for sample in read_qa_file(path, **columns)]
 
 
-def _encode_with_model(cfg: DictConfig, questions: Sequence[str], shards_model: ShardsModel = None) -> np.ndarray:
+def _encode_with_model(cfg: DictConfig, questions: Sequence[str], shards_model: ShardsModel = None
+                       ) -> tuple[np.ndarray, dict]:
+    """The questions' vectors and the record of the model that made them (`question_encodings.model_record`)."""
     if cfg.encoder_path not in ENCODER_PATHS:
         raise ConfigError(f"encoder_path must be question_model or ctx_model, not {cfg.encoder_path!r}")
     device = process_device(cfg.no_cuda, cfg.get("local_rank"))
@@ -80,35 +87,39 @@ def _encode_with_model(cfg: DictConfig, questions: Sequence[str], shards_model: 
     if shards_model is not None:
         check_question_encoder(encoder, shards_model)
     encoder.model.to(device)
-    return encode_questions(encoder, questions, cfg.batch_size, device, precision)
+    return encode_questions(encoder, questions, cfg.batch_size, device, precision), model_record(encoder, cfg.model_file)
+
+
+def _questions_record(cfg: DictConfig, questions: Sequence[str]) -> dict:
+    qa_files = question_files(cfg) if cfg.get("qa_dataset") else []
+    return questions_record(questions, qa_files)
+
+
+def _loads_saved_questions(cfg: DictConfig) -> bool:
+    path = cfg.get("q_encoding_path")
+    return bool(path) and os.path.isfile(path) and not cfg.re_encode_q
 
 
 def question_vectors(cfg: DictConfig, questions: Sequence[str], shards_model: ShardsModel = None) -> np.ndarray:
-    """The questions' vectors: loaded from `q_encoding_path` when it exists (unless `re_encode_q`), else encoded
-    by the shards' model (and saved there when the path is set)."""
+    """The questions' vectors: loaded from `q_encoding_path` when it exists (unless `re_encode_q`), after checking
+    its record against the shards' model and these questions; else encoded by the shards' model (and saved there,
+    with its record, when the path is set)."""
     path = cfg.q_encoding_path
-    if path and os.path.isfile(path) and not cfg.re_encode_q:
-        vectors = torch.load(path, map_location="cpu", weights_only=True).numpy()
-        logger.info("loaded question encodings %s from %s", tuple(vectors.shape), path)
-        if len(vectors) != len(questions):
-            raise ConfigError(f"{path} holds {len(vectors)} question vectors for {len(questions)} questions")
+    if _loads_saved_questions(cfg):
+        vectors = load_question_vectors(path, _questions_record(cfg, questions), shards_model)
     else:
-        vectors = _encode_with_model(cfg, questions, shards_model)
+        vectors, model = _encode_with_model(cfg, questions, shards_model)
         if path:
-            save_question_vectors(vectors, path)
+            save_question_vectors(vectors, path, model, _questions_record(cfg, questions))
     return vectors.astype(np.float32, copy=False)
-
-
-def save_question_vectors(vectors: np.ndarray, path: str) -> None:
-    """A torch tensor file, as GC-DPR saves its question encodings."""
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    torch.save(torch.from_numpy(vectors), path)
-    logger.info("saved question encodings %s to %s", tuple(vectors.shape), path)
 
 
 # ------------------------------------------------------------------------------------------------ dense search
 def dense_search(indexer: DenseIndexer, queries: np.ndarray, depth: int) -> tuple[list[RetrievedDocs], bool]:
     """(results, higher_is_better): `depth` passages per question from the dense index."""
+    if queries.shape[1] != indexer.vector_dim:
+        raise ConfigError(f"the question vectors have {queries.shape[1]} dimensions but the index's passage vectors "
+                          f"{indexer.vector_dim}: they come from different models (saved q_encoding_path?)")
     started = time.perf_counter()
     results = indexer.search_knn(queries, depth)
     elapsed = time.perf_counter() - started
@@ -161,6 +172,8 @@ def retrieve(cfg: DictConfig, names: Sequence[str], questions: Sequence[str],
     depth = max(cfg.n_docs, cfg.hybrid_depth) if "hybrid" in names else cfg.n_docs
     results: dict[str, list[RetrievedDocs]] = {}
     dense, higher_is_better = None, True
+    if need_dense and cfg.get("q_encoding_path") and not _loads_saved_questions(cfg):
+        ensure_writable_output(cfg.q_encoding_path, "q_encoding_path")
     if need_dense:
         check_shard_search_options(cfg)
         shards = shards_of(cfg, sources)
@@ -168,8 +181,12 @@ def retrieve(cfg: DictConfig, names: Sequence[str], questions: Sequence[str],
         if shards is None:  # a saved index: its meta file names the model of its vectors
             index = build_or_load_index(cfg, None)
             shards_model = (Path(index_location(cfg, None)), index.provenance) if index.provenance else None
+            if shards_model is not None and len(sources) == 1:  # the record is of one source's shards
+                check_shard_passages([[shards_model[0]]], sources, {shards_model[0]: index.provenance})
         else:
-            shards_model = check_shard_sets([files.paths for files in shards.files])
+            shard_sets = [files.paths for files in shards.files]
+            shards_model = check_shard_sets(shard_sets)
+            check_shard_passages(shard_sets, sources)
         queries = question_vectors(cfg, questions, shards_model)
         if cfg.get("shard_search"):
             dense = shard_wise_search(cfg, shards, queries, depth)
@@ -208,7 +225,8 @@ def validate_and_report(cfg: DictConfig, samples: Sequence[QASample], results: d
             records = retrieval_results_records(
                 [s.question for s in samples], answers, passages, closest, stats.questions_doc_hits
             )
-            write_retrieval_results(results_path(cfg.out_file, name, position == 0), records)
+            with atomic_output(results_path(cfg.out_file, name, position == 0)) as temp_name:
+                write_retrieval_results(temp_name, records)
     if len(results) > 1:
         print(format_comparison(all_stats, len(samples)), flush=True)
     return all_stats
@@ -217,12 +235,17 @@ def validate_and_report(cfg: DictConfig, samples: Sequence[QASample], results: d
 def run_dense_retriever(cfg: DictConfig) -> dict[str, QAMatchStats]:
     """The whole run; returns each retriever's match statistics ({} after `encode_q_and_save`)."""
     names = retriever_names(cfg.retriever)
-    samples = load_questions(cfg)
-    questions = [normalize_question(sample.question) for sample in samples]
     if cfg.encode_q_and_save:
         if not cfg.q_encoding_path:
             raise ConfigError("encode_q_and_save needs q_encoding_path, where the encodings are saved")
-        save_question_vectors(_encode_with_model(cfg, questions), cfg.q_encoding_path)
+        ensure_writable_output(cfg.q_encoding_path, "q_encoding_path")
+    elif cfg.out_file:
+        ensure_writable_output(cfg.out_file, "out_file")
+    samples = load_questions(cfg)
+    questions = [normalize_question(sample.question) for sample in samples]
+    if cfg.encode_q_and_save:
+        vectors, model = _encode_with_model(cfg, questions)
+        save_question_vectors(vectors, cfg.q_encoding_path, model, _questions_record(cfg, questions))
         return {}
     sources = resolve_ctx_sources(cfg.ctx_datatsets, cfg)
     if not sources:

@@ -256,3 +256,29 @@ def check_question_encoder(encoder: InferenceEncoder, shards_model: tuple[Path, 
         f"the question encoder is not the model that embedded {where}: {changed} (shard vs questions). Give "
         "the model_file and encoder settings the passages were embedded with, or re-embed the passages"
     )
+
+
+# What a passages file holds; its path and mtime may differ between the machines that embed and retrieve.
+_PASSAGES_CONTENT_KEYS = ("size", "sample_hash")
+
+
+def check_shard_passages(shard_sets: Sequence[Sequence[PathLike]], sources: Sequence[CtxSource],
+                         records: Optional[dict] = None) -> None:
+    """Refuse to retrieve with a passages file whose content is not the one the paired shards were embedded from
+    (`encoded_ctx_files[i]` with `ctx_datatsets[i]`): the results would show other texts than the vectors encode.
+    `records`: path -> record, for records kept elsewhere than beside a shard (a saved index's meta file). Shards
+    without a record are left to `check_shard_sets`' info line."""
+    for shards, source in zip(shard_sets, sources):
+        current: Optional[dict] = None
+        for shard in map(Path, shards):
+            record = (records or {}).get(shard) or read_provenance(shard)
+            if record is None or "passages" not in record:
+                continue
+            current = current or passages_identity(source)
+            changed = differing_field(record["passages"], current, keys=_PASSAGES_CONTENT_KEYS)
+            if changed is not None:
+                raise ShardProvenanceError(
+                    f"the passages file {source.path} is not the one the shard {shard} was embedded from "
+                    f"({record['passages'].get('path')}): passages.{changed} (shard vs now). Give the passages file "
+                    "the shards were embedded from, or re-embed the passages"
+                )

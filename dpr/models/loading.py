@@ -3,13 +3,16 @@ spec it must be used with (the configured one, overridden by the checkpoint's sa
 import contextlib
 import hashlib
 import logging
+import pickle
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Mapping, Optional
 
 import torch
 from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 
 from dpr.foundation import checkpoints
+from dpr.foundation.errors import UserInputError
 from dpr.models.biencoder import search_vectors
 from dpr.models.encoder_spec import EncoderSpec
 from dpr.models.hf_encoder import (
@@ -58,6 +61,24 @@ def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
     return "blake2b:" + digest.hexdigest()
 
 
+class PretrainedWeightsError(UserInputError):
+    """A pretrained model directory whose weights file cannot be loaded safely."""
+
+
+def _pretrained_encoder(config, path: str, projection_dim: int) -> PreTrainedModel:
+    """The pretrained model at `path`; torch's weights-only load refuses a pickled payload in `pytorch_model.bin`,
+    and the refusal becomes one line naming the file (torch's own message names neither file nor way out)."""
+    try:
+        return encoder_from_config(config, path, projection_dim)
+    except pickle.UnpicklingError as e:
+        weights = [str(file) for file in sorted(Path(path).glob("*.bin"))] or [path]
+        reason = next((line for line in str(e).splitlines() if "GLOBAL" in line), type(e).__name__).strip()
+        raise PretrainedWeightsError(
+            f"{', '.join(weights)}: refused to load the pretrained weights, they hold more than tensors (loading "
+            f"them could run code from the file: {reason}); use weights from a trusted source, e.g. as "
+            "model.safetensors") from e
+
+
 def load_inference_encoder(
     configured: EncoderSpec, encoder_type: str = "ctx", model_file: Optional[str] = None, trust: bool = False
 ) -> InferenceEncoder:
@@ -80,7 +101,7 @@ def load_inference_encoder(
     path = resolve_pretrained_path(spec.pretrained_model_cfg)
     config = AutoConfig.from_pretrained(path)
     if state is None:
-        model = encoder_from_config(config, path, spec.projection_dim)
+        model = _pretrained_encoder(config, path, spec.projection_dim)
         fingerprint = weights_fingerprint(model.state_dict())
     else:
         model = encoder_from_config(config, None, spec.projection_dim)
