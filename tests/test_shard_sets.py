@@ -11,7 +11,7 @@ import pytest
 from dpr.data import embeddings_io
 from dpr.data.embeddings_io import shard_path
 from dpr.foundation.files import OutputWriteError, UnwritableDirectoryError
-from dpr.indexing import configured_index, faiss_indexers, generate_embeddings
+from dpr.indexing import configured_index, dense_retriever, faiss_indexers, generate_embeddings
 from dpr.indexing.configured_index import ShardSearchOptionError
 from dpr.indexing.shard_provenance import ShardProvenanceError, read_provenance, sidecar_path
 from dpr.indexing.shard_search import search_shards
@@ -145,6 +145,7 @@ def test_an_unwritable_index_location_fails_before_indexing(data, tmp_path, monk
         raise AssertionError("the index was built before its location was checked")
 
     monkeypatch.setattr(configured_index, "estimate_vector_count", not_reached)
+    monkeypatch.setattr(dense_retriever, "question_vectors", not_reached)  # hours on NQ's questions: checked first
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     embed(data, tmp_path / "emb")
@@ -165,3 +166,33 @@ def test_a_killed_index_save_s_temporaries_are_removed_by_the_next(data, tmp_pat
     _retrieve_with(data, str(tmp_path / "emb_*"), tmp_path, index_path=str(tmp_path / "idx"))
     assert [path.exists() for path in stale] == [False, False]
     assert (tmp_path / "idx.index.dpr").is_file()
+
+
+def test_an_unwritable_bm25_index_path_fails_before_any_encoding(data, tmp_path, monkeypatch):
+    def not_reached(*args, **kwargs):
+        raise AssertionError("questions were encoded before bm25_index_path was checked")
+
+    monkeypatch.setattr(dense_retriever, "question_vectors", not_reached)
+    blocker = tmp_path / "a_file"
+    blocker.write_text("")
+    embed(data, tmp_path / "emb")
+    with pytest.raises(UnwritableDirectoryError, match="bm25_index_path"):
+        _retrieve_with(data, str(tmp_path / "emb_*"), tmp_path, retriever="hybrid",
+                       bm25_index_path=str(blocker / "bm25"))
+
+
+def test_a_saved_bm25_index_of_other_passages_is_refused(data, tmp_path):
+    """A BM25 index saved by an earlier run over other texts behind the same ids would rank by those texts."""
+    bm25_path = str(tmp_path / "bm25")
+    first = _retrieve_with(data, "", tmp_path, retriever="bm25", bm25_index_path=bm25_path)
+    copy = tmp_path / "copy.tsv"  # the same content elsewhere, as on another machine: the index is reused
+    copy.write_bytes(open(data["psgs"], "rb").read())
+    again = _retrieve_with({**data, "psgs": str(copy)}, "", tmp_path, retriever="bm25", bm25_index_path=bm25_path)
+    assert again["bm25"].top_k_hits == first["bm25"].top_k_hits
+    rows = copy.read_text(encoding="utf-8").splitlines()
+    copy.write_text("\n".join(rows[:1] + [row[::-1] if i % 2 else row for i, row in enumerate(rows[1:])]) + "\n",
+                    encoding="utf-8")
+    with pytest.raises(configured_index.BM25IndexError, match=r"bm25_index_path=.*bm25 was built from other passages"):
+        _retrieve_with({**data, "psgs": str(copy)}, "", tmp_path, retriever="bm25", bm25_index_path=bm25_path)
+    with pytest.raises(configured_index.BM25IndexError, match=r"k1 differs \(0\.9 vs 1\.2\)"):
+        _retrieve_with(data, "", tmp_path, retriever="bm25", bm25_index_path=bm25_path, bm25_k1=1.2)

@@ -1,11 +1,29 @@
 """Provenance records: what a derived file (an embedding shard, reader samples) was made from, and the first
 field in which two records differ."""
 import hashlib
+import json
 import os
 from pathlib import Path
-from typing import Iterable, NamedTuple, Optional, Sequence, Union
+from typing import Iterable, NamedTuple, Optional, Sequence, Type, Union
 
 _SAMPLE_BLOCKS, _SAMPLE_BLOCK_BYTES = 64, 4096
+
+
+
+def read_record(location: Union[str, Path], record_format: str, error: Type[Exception], what: str,
+                way_out: str) -> Optional[dict]:
+    """The JSON record at `location` whose `format` is `record_format`, or None when there is none; a file that is
+    not one raises `error` naming it as `what`, with `way_out`."""
+    location = Path(location)
+    if not location.is_file():
+        return None
+    try:
+        record = json.loads(location.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise error(f"{location}: unreadable {what} ({e}); {way_out}") from e
+    if not isinstance(record, dict) or record.get("format") != record_format:
+        raise error(f"{location} is not a {what}; {way_out}")
+    return record
 
 
 def file_identity(path: Union[str, Path]) -> dict:

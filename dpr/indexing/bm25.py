@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 from pathlib import Path
+from typing import Optional
 
 import bm25s
 import numpy as np
@@ -66,11 +67,14 @@ def _incomplete_message(directory: Path, missing: list[str]) -> str:
 class BM25Index:
     """Lexical index: ``build`` from passages, ``search`` a batch of queries, ``save``/``load`` a folder."""
 
-    def __init__(self, ids: list[str], model: bm25s.BM25, remove_stopwords: bool, show_progress: bool = False):
+    def __init__(self, ids: list[str], model: bm25s.BM25, remove_stopwords: bool, show_progress: bool = False,
+                 built_from: Optional[dict] = None):
         self.ids = ids
         self.model = model
         self.remove_stopwords = remove_stopwords
         self.show_progress = show_progress
+        # what the index was built from (passages files and settings), saved with it; None for older indexes
+        self.built_from = built_from
         self._stopwords = frozenset(STOPWORDS_EN) if remove_stopwords else frozenset()
 
     @classmethod
@@ -113,8 +117,8 @@ class BM25Index:
         with atomic_output_directory(directory) as temporary:
             self.model.save(temporary, show_progress=self.show_progress)
             Path(temporary, IDS_FILE).write_text(json.dumps(self.ids), encoding="utf-8")
-            Path(temporary, SETTINGS_FILE).write_text(json.dumps({"remove_stopwords": self.remove_stopwords}),
-                                                      encoding="utf-8")
+            settings = {"remove_stopwords": self.remove_stopwords, "built_from": self.built_from}
+            Path(temporary, SETTINGS_FILE).write_text(json.dumps(settings), encoding="utf-8")
 
     @classmethod
     def load(cls, directory: str | Path, show_progress: bool = False) -> BM25Index:
@@ -125,4 +129,4 @@ class BM25Index:
         model = bm25s.BM25.load(str(directory), show_progress=show_progress)
         ids = json.loads((directory / IDS_FILE).read_text(encoding="utf-8"))
         settings = json.loads((directory / SETTINGS_FILE).read_text(encoding="utf-8"))
-        return cls(ids, model, settings["remove_stopwords"], show_progress)
+        return cls(ids, model, settings["remove_stopwords"], show_progress, settings.get("built_from"))

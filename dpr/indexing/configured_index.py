@@ -14,10 +14,11 @@ from omegaconf import DictConfig
 from dpr.data.ctx_sources import CtxSource, iter_sources
 from dpr.data.embeddings_io import EmbeddingFiles
 from dpr.foundation.errors import ConfigError, UserInputError
+from dpr.foundation.provenance import Difference, differing_field
 from dpr.foundation.files import ensure_writable_output, remove_stale_temporaries
-from dpr.indexing.bm25 import BM25Index, passage_text
+from dpr.indexing.bm25 import BM25Index, BM25IndexError, passage_text
 from dpr.indexing.faiss_indexers import DenseIndexer, SearchResult, create_indexer, index_exists, index_file_paths
-from dpr.indexing.shard_provenance import check_saved_index
+from dpr.indexing.shard_provenance import PASSAGES_CONTENT_KEYS, check_saved_index, passages_identity
 from dpr.indexing.shard_search import describe_shards, search_shards
 
 logger = logging.getLogger(__name__)
@@ -144,6 +145,14 @@ def shard_wise_search(cfg: DictConfig, shards: ChainedBlocks, queries: np.ndarra
     return search_shards(shard_sets, queries, depth, None if budget is None else int(budget * 2**30))
 
 
+def prepare_index_location(cfg: DictConfig, location: str) -> None:
+    """Before an index is built for saving at `location`: prove it can be written (an hour of indexing never ends
+    at an unwritable location) and remove what killed saves left there."""
+    ensure_writable_output(index_file_paths(location)[0], "index_path" if cfg.index_path else "save_or_load_index")
+    for file in index_file_paths(location):
+        remove_stale_temporaries(file.parent, file.name + ".")
+
+
 def build_or_load_index(cfg: DictConfig, shards: Optional[ChainedBlocks],
                         shards_model: Optional[tuple[Path, dict]] = None) -> DenseIndexer:
     """The dense index: loaded from its location when saved there (and made from the same model as the shards
@@ -154,10 +163,8 @@ def build_or_load_index(cfg: DictConfig, shards: Optional[ChainedBlocks],
         indexer.deserialize(location)
         check_saved_index(location, indexer.provenance, shards_model)
         return indexer
-    if location:  # before the build, so that an hour of indexing never ends at an unwritable location
-        ensure_writable_output(index_file_paths(location)[0], "index_path" if cfg.index_path else "save_or_load_index")
-        for file in index_file_paths(location):  # what a killed save left
-            remove_stale_temporaries(file.parent, file.name + ".")
+    if location:
+        prepare_index_location(cfg, location)
     indexer.provenance = shards_model[1] if shards_model else None
     count, dim = estimate_vector_count(shards.paths)
     indexer.ensure_fits(count, dim)  # logs the estimate; raises when the index will not fit
@@ -169,16 +176,46 @@ def build_or_load_index(cfg: DictConfig, shards: Optional[ChainedBlocks],
     return indexer
 
 
+def bm25_built_from(cfg: DictConfig, sources: Sequence[CtxSource]) -> dict:
+    """What a BM25 index over `sources` with `cfg`'s settings is built from, as its saved folder records it."""
+    return {"passages": [passages_identity(source) for source in sources], "k1": cfg.bm25_k1, "b": cfg.bm25_b}
+
+
+def check_saved_bm25(path: str, saved: Optional[dict], wanted: dict) -> None:
+    """Refuse a saved BM25 index built from other passages (by content: path and mtime may differ) or settings."""
+    if saved is None:
+        logger.info("the BM25 index %s has no record of its passages (saved by an older version): used as it is", path)
+        return
+    changed = differing_field(saved, wanted, keys=("k1", "b"))
+    if changed is None and len(saved["passages"]) != len(wanted["passages"]):
+        changed = Difference("passages", f"{len(saved['passages'])} files", f"{len(wanted['passages'])} files")
+    for position, (before, now) in enumerate(zip(saved["passages"], wanted["passages"])):
+        file_changed = differing_field(before, now, keys=PASSAGES_CONTENT_KEYS)
+        if changed is None and file_changed is not None:
+            changed = Difference(f"passages[{position}] ({now['path']}).{file_changed.field}", file_changed.first,
+                                 file_changed.second)
+    if changed is not None:
+        raise BM25IndexError(
+            f"bm25_index_path={path} was built from other passages or settings than these: {changed} "
+            "(saved index vs now). Delete the folder to build it from these passages, or give another "
+            "bm25_index_path")
+
+
 def bm25_index(cfg: DictConfig, sources: Sequence[CtxSource]) -> BM25Index:
-    """Loaded from `bm25_index_path` when saved there, else built over the passage sources (and saved)."""
+    """Loaded from `bm25_index_path` when saved there from these passages, else built over the passage sources
+    (and saved, with what it was built from)."""
     path = cfg.bm25_index_path
+    built_from = bm25_built_from(cfg, sources)
     if path and os.path.isdir(path):
-        return BM25Index.load(path)
+        index = BM25Index.load(path)
+        check_saved_bm25(path, index.built_from, built_from)
+        return index
     ids, texts = [], []
     for passage in iter_sources(sources):
         ids.append(passage.id)
         texts.append(passage_text(passage.title, passage.text))
     index = BM25Index.build(ids, texts, k1=cfg.bm25_k1, b=cfg.bm25_b)
+    index.built_from = built_from
     if path:
         index.save(path)
     return index

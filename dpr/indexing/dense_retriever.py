@@ -43,11 +43,13 @@ from dpr.indexing.configured_index import (
     build_or_load_index,
     check_shard_search_options,
     index_location,
+    prepare_index_location,
     shard_wise_search,
     shards_of,
 )
 from dpr.indexing.encoding import encode_questions, load_configured_encoder
-from dpr.indexing.faiss_indexers import DenseIndexer
+from dpr.indexing.bm25 import check_index_location
+from dpr.indexing.faiss_indexers import DenseIndexer, index_exists
 from dpr.indexing.hybrid import hybrid_results
 from dpr.indexing.question_encodings import load_question_vectors, questions_record, save_question_vectors
 from dpr.indexing.shard_provenance import check_question_encoder, check_shard_passages, check_shard_sets, model_record
@@ -172,8 +174,11 @@ def retrieve(cfg: DictConfig, names: Sequence[str], questions: Sequence[str],
     depth = max(cfg.n_docs, cfg.hybrid_depth) if "hybrid" in names else cfg.n_docs
     results: dict[str, list[RetrievedDocs]] = {}
     dense, higher_is_better = None, True
+    # every output location before any work: encoding and indexing take hours on Wikipedia
     if need_dense and cfg.get("q_encoding_path") and not _loads_saved_questions(cfg):
         ensure_writable_output(cfg.q_encoding_path, "q_encoding_path")
+    if need_bm25 and cfg.bm25_index_path:
+        check_index_location(cfg.bm25_index_path, "bm25_index_path")
     if need_dense:
         check_shard_search_options(cfg)
         shards = shards_of(cfg, sources)
@@ -187,6 +192,9 @@ def retrieve(cfg: DictConfig, names: Sequence[str], questions: Sequence[str],
             shard_sets = [files.paths for files in shards.files]
             shards_model = check_shard_sets(shard_sets)
             check_shard_passages(shard_sets, sources)
+            location = index_location(cfg, shards)
+            if location and not cfg.get("shard_search") and not index_exists(location):
+                prepare_index_location(cfg, location)
         queries = question_vectors(cfg, questions, shards_model)
         if cfg.get("shard_search"):
             dense = shard_wise_search(cfg, shards, queries, depth)

@@ -27,7 +27,7 @@ import torch
 
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output
-from dpr.foundation.provenance import differing_field, file_identity, sha256_of_file
+from dpr.foundation.provenance import differing_field, file_identity, read_record, sha256_of_file
 from dpr.indexing.shard_provenance import MODEL_KEYS
 
 logger = logging.getLogger(__name__)
@@ -90,16 +90,8 @@ def _read_vectors(path: PathLike) -> np.ndarray:
 
 
 def _read_record(path: PathLike) -> Optional[dict]:
-    location = record_path(path)
-    if not location.is_file():
-        return None
-    try:
-        record = json.loads(location.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise QuestionEncodingsError(f"{location}: unreadable record of {path} ({e}); delete both to re-encode") from e
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise QuestionEncodingsError(f"{location} is not a question-encodings record; delete both to re-encode")
-    return record
+    return read_record(record_path(path), FORMAT, QuestionEncodingsError, f"question-encodings record of {path}",
+                       "delete both to re-encode")
 
 
 def load_question_vectors(path: PathLike, questions: dict, shards_model: Optional[tuple[Path, dict]]) -> np.ndarray:

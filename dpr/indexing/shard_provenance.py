@@ -39,7 +39,7 @@ from typing import Iterable, Optional, Sequence, Union
 from dpr.data.ctx_sources import CtxSource
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output
-from dpr.foundation.provenance import differing_field, file_identity
+from dpr.foundation.provenance import differing_field, file_identity, read_record
 from dpr.indexing.faiss_indexers import index_exists
 from dpr.models.encoder_spec import VECTOR_FIELDS
 from dpr.models.loading import InferenceEncoder
@@ -114,16 +114,8 @@ def remove_shard_and_provenance(shard: PathLike) -> None:
 
 def read_provenance(shard: PathLike) -> Optional[dict]:
     """The shard's record, or None when it has none; a record that is not one is an error naming it."""
-    path = sidecar_path(shard)
-    if not path.is_file():
-        return None
-    try:
-        record = json.loads(path.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as e:
-        raise ShardProvenanceError(f"{path}: unreadable provenance record ({e}); delete it to re-embed {shard}") from e
-    if not isinstance(record, dict) or record.get("format") != FORMAT:
-        raise ShardProvenanceError(f"{path} is not a shard provenance record; delete it to re-embed {shard}")
-    return record
+    return read_record(sidecar_path(shard), FORMAT, ShardProvenanceError, "shard provenance record",
+                       f"delete it to re-embed {shard}")
 
 
 def reuse_refusal(shard: PathLike, record: dict) -> Optional[str]:
@@ -259,7 +251,8 @@ def check_question_encoder(encoder: InferenceEncoder, shards_model: tuple[Path, 
 
 
 # What a passages file holds; its path and mtime may differ between the machines that embed and retrieve.
-_PASSAGES_CONTENT_KEYS = ("size", "sample_hash")
+# What says a passages file holds the same texts, wherever it lies: not its path or mtime.
+PASSAGES_CONTENT_KEYS = ("size", "sample_hash")
 
 
 def check_shard_passages(shard_sets: Sequence[Sequence[PathLike]], sources: Sequence[CtxSource],
@@ -275,7 +268,7 @@ def check_shard_passages(shard_sets: Sequence[Sequence[PathLike]], sources: Sequ
             if record is None or "passages" not in record:
                 continue
             current = current or passages_identity(source)
-            changed = differing_field(record["passages"], current, keys=_PASSAGES_CONTENT_KEYS)
+            changed = differing_field(record["passages"], current, keys=PASSAGES_CONTENT_KEYS)
             if changed is not None:
                 raise ShardProvenanceError(
                     f"the passages file {source.path} is not the one the shard {shard} was embedded from "
