@@ -1,10 +1,11 @@
-from setuptools import find_packages, setup
+from setuptools import find_namespace_packages, find_packages, setup
 
 setup(
     name="dpr-gc",
     version="0.1.0",
     description="Dense Passage Retrieval with gradient cache: a from-scratch reimplementation of DPR and GC-DPR",
-    packages=find_packages(include=["dpr", "dpr.*"]),
+    # hydra_plugins: the cluster launchers that conf/hydra/launcher names (hydra finds launchers only there)
+    packages=find_packages(include=["dpr", "dpr.*"]) + find_namespace_packages(include=["hydra_plugins.*"]),
     python_requires=">=3.9",
     install_requires=[
         # CPU machines: install torch first (`pip install torch==2.13.0`) so pip never picks a CUDA build.

@@ -22,12 +22,12 @@ def data(tmp_path_factory):
     return {"model": tiny_model(folder / "bert"), "psgs": write_passages_tsv(folder / "psgs.tsv")}
 
 
-def sweep(data, tmp_path, shard_ids, out_file):
-    command = [sys.executable, str(REPO / "generate_dense_embeddings.py"), "-m", "hydra/launcher=submitit_local",
+def sweep(data, tmp_path, shard_ids, out_file, python_path=()):
+    command = [sys.executable, str(REPO / "generate_dense_embeddings.py"), "-m", "hydra/launcher=local",
                f"shard_id={shard_ids}", "num_shards=2", f"encoder.pretrained_model_cfg={data['model']}",
                "encoder.sequence_length=32", f"ctx_src={data['psgs']}", f"out_file={out_file}", "out_format=npz",
                "num_workers=0", f"hydra.sweep.dir={tmp_path / 'multirun'}"]
-    env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    env = dict(os.environ, PYTHONPATH=os.pathsep.join([*map(str, python_path), str(REPO)]), OMP_NUM_THREADS="1")
     env.pop("HYDRA_FULL_ERROR", None)
     return subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
 
@@ -53,3 +53,35 @@ def test_a_failed_shard_job_is_named_with_its_log(data, tmp_path):
     assert failure, result.stderr[-3000:]
     assert "shard_id 7 is not in" in failure.group(1) and "Traceback" not in result.stderr
     assert "shard_id 7 is not in" in Path(failure.group(2)).read_text()  # the job's log names the error
+
+
+# In the first submitit job process to start (and only there): die as a job the cluster kills does.
+KILL_FIRST_JOB = """
+import os, signal
+if os.environ.get("SUBMITIT_LOCAL_JOB_ID"):
+    try:
+        os.close(os.open(os.environ["DPR_TEST_KILLED_MARK"], os.O_CREAT | os.O_EXCL))
+    except FileExistsError:
+        pass
+    else:
+        os.kill(os.getpid(), signal.SIGKILL)
+"""
+
+
+def test_a_killed_shard_job_is_named_in_one_line(data, tmp_path, monkeypatch):
+    hooks = tmp_path / "hooks"
+    hooks.mkdir()
+    (hooks / "sitecustomize.py").write_text(KILL_FIRST_JOB)
+    monkeypatch.setenv("DPR_TEST_KILLED_MARK", str(tmp_path / "killed"))
+    out_file = tmp_path / "embs" / "psgs"
+    result = sweep(data, tmp_path, "0,1", out_file, python_path=[hooks])
+    assert result.returncode == 1 and (tmp_path / "killed").exists()
+    failure = re.search(r"job (\d) \(shard_id=(\d) .*\) ended without a result.*Its log: (\S+)\. Run the sweep again",
+                        result.stderr)
+    assert failure, result.stderr[-3000:]
+    assert "Traceback" not in result.stderr and failure.group(1) == failure.group(2)  # job n is shard n here
+    killed = int(failure.group(2))
+    assert not shard_path(out_file, killed, "npz").exists()
+    again = sweep(data, tmp_path, "0,1", out_file)  # the way out the line gives
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert shard_path(out_file, killed, "npz").exists()
