@@ -27,6 +27,7 @@ import platform
 import resource
 import subprocess
 import sys
+from dataclasses import replace
 from pathlib import Path
 from typing import List
 
@@ -36,9 +37,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from transformers import BertConfig  # noqa: E402
 
-from gpu_check import build_model, make_towers, forward_backward, new_optimizer, optimizer_step, precision_for  # noqa: E402,I100
-from dpr.data.biencoder_batch import CONTEXT_DROPOUT, QUESTION_DROPOUT, BiEncoderBatch  # noqa: E402
-from dpr.data.biencoder_data import example_seed  # noqa: E402
+from gpu_check import (  # noqa: E402,I100
+    build_model, forward_backward, make_towers, new_optimizer, optimizer_step, precision_for, synthetic_batch)
+from dpr.data.biencoder_batch import BiEncoderBatch  # noqa: E402
 
 GIB = 2**30
 CARD_BYTES = 11 * 10**9  # an "11 GB" card (GTX 1080 Ti / RTX 2080 Ti): 11 GB, about 10.2 GiB usable
@@ -56,21 +57,17 @@ def recipe_config(tiny: bool) -> dict:
 
 
 def filled_batch(questions: int, vocab_size: int, sequence_length: int, seed: int = 0) -> BiEncoderBatch:
-    """Random token ids filling sequence_length in every row: a question, a positive and a hard negative each."""
+    """gpu_check's synthetic batch (a question, a positive and a hard negative each) with token ids filling
+    sequence_length in every row."""
     generator = torch.Generator().manual_seed(seed)
 
-    def rows(n: int):
-        return torch.randint(5, vocab_size, (n, sequence_length), generator=generator), torch.ones(
-            n, sequence_length, dtype=torch.long)
+    def rows(n: int) -> dict:
+        return {"ids": torch.randint(5, vocab_size, (n, sequence_length), generator=generator),
+                "mask": torch.ones(n, sequence_length, dtype=torch.long)}
 
-    (q_ids, q_mask), (c_ids, c_mask) = rows(questions), rows(2 * questions)
-    return BiEncoderBatch(
-        question_ids=q_ids, question_mask=q_mask, context_ids=c_ids, context_mask=c_mask,
-        positive_indices=torch.arange(questions) * 2,
-        hard_negative_indices=[[2 * i + 1] for i in range(questions)],
-        question_seeds=[example_seed(seed, 0, i, QUESTION_DROPOUT) for i in range(questions)],
-        context_seeds=[example_seed(seed, 0, i, CONTEXT_DROPOUT + slot) for i in range(questions) for slot in (0, 1)],
-    )
+    q, c = rows(questions), rows(2 * questions)
+    return replace(synthetic_batch(questions, vocab_size, sequence_length, seed), question_ids=q["ids"],
+                   question_mask=q["mask"], context_ids=c["ids"], context_mask=c["mask"])
 
 
 def tensor_bytes(tensors) -> int:
