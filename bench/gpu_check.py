@@ -18,7 +18,9 @@ recorded as skipped):
    (dpr/training/flops.py), torch.cuda.max_memory_allocated;
 4. passage embedding (bf16, length 256): this repository's encode path against SentenceTransformer.encode on the
    same weights (CLS pooling);
-5. the step without the cache at the largest batch that fits (powers of two downwards, out-of-memory caught).
+5. the step without the cache at the largest batch that fits (powers of two downwards, out-of-memory caught);
+6. the recipe's memory split into parameters, gradients, AdamW state, one chunk's activations and the cache's
+   representations, against torch.cuda.max_memory_allocated at fp16 (bench/bench_memory.py's measure).
 
 The batches are synthetic token ids (questions of 12-40 tokens, passages of 160-256): the GPU machine needs no
 data and no model download (bert-base is BertConfig() with random weights).
@@ -59,6 +61,7 @@ from typing import Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "outputs" / "gpu_check.json"  # outputs/ is ignored by git: results never land in a commit
 sys.path.insert(0, str(REPO))
+sys.path.insert(1, str(REPO / "bench"))  # bench_memory.py, which the memory section runs
 
 import torch  # noqa: E402
 from transformers import BertConfig, BertModel, BertTokenizerFast  # noqa: E402
@@ -423,6 +426,18 @@ def recipe_throughput(model, s: Sizes, device, budget: Budget) -> dict:
     return {"steps": rows}
 
 
+def recipe_memory(s: Sizes, device) -> dict:
+    """The recipe's memory breakdown (bench/bench_memory.py) at fp16 on CUDA, peak by torch.cuda.max_memory_allocated;
+    on CPU, bf16 autocast and the whole process's peak resident memory, which says nothing of a GPU's."""
+    from bench_memory import measure  # bench/ is on sys.path: bench_memory imports this script's helpers
+
+    precision_name = "fp16" if device.type == "cuda" else "bf16"
+    breakdown = measure(s.config, s.sequence_length, s.batch, s.q_chunk, s.ctx_chunk, precision_name, 2, device)
+    breakdown["peak_is"] = ("torch.cuda.max_memory_allocated" if device.type == "cuda"
+                            else "the process's peak resident memory (CPU: not a GPU measure)")
+    return breakdown
+
+
 def largest_batch_without_cache(model, s: Sizes, device, budget: Budget) -> dict:
     """The step without the cache (bf16, per-example dropout) at the largest of s.no_cache_batches that fits."""
     tried = {}
@@ -567,6 +582,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
     with tempfile.TemporaryDirectory() as folder:
         run_section(results, "embedding", budget, 60, partial(embedding_throughput, s, device, Path(folder)))
     run_section(results, "no_cache", budget, 60, partial(largest_batch_without_cache, model, s, device, budget))
+    run_section(results, "memory", budget, 30, partial(recipe_memory, s, device))
     Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     Path(args.out).write_text(json.dumps(results, indent=1))
     print_table(results)
@@ -575,7 +591,7 @@ def main(argv: Optional[List[str]] = None) -> dict:
 
 def all_passed(results: dict) -> bool:
     sections = list(results["checks"].values()) + [
-        results[n] for n in ("dropout_call", "compiled_dropout", "recipe", "embedding", "no_cache")]
+        results[n] for n in ("dropout_call", "compiled_dropout", "recipe", "embedding", "no_cache", "memory")]
     return all(section.get("passed", True) and "error" not in section for section in sections)
 
 
@@ -600,6 +616,11 @@ def print_table(results: dict) -> None:
         print(f"one dropout call on {call['shape']} {call['dtype']}: per-example {call['per_example_ms']:.2f} ms, "
               f"standard {call['standard_ms']:.2f} ms")
     print_compiled_dropout(results["compiled_dropout"])
+    memory = results.get("memory", {})
+    if "parts" in memory:
+        parts = ", ".join(f"{name} {size / 2**30:.2f}" for name, size in memory["parts"].items())
+        print(f"recipe memory at {memory['precision']} (GiB): {parts}; peak {memory['peak'] / 2**30:.2f} "
+              f"({memory['peak_is']}), of which before the model {memory['runtime'] / 2**30:.2f}")
     embedding = results.get("embedding", {})
     if "dpr_passages_per_s" in embedding:
         print(f"passages/s (bf16): dpr {embedding['dpr_passages_per_s']:.0f}, sentence-transformers "

@@ -41,6 +41,10 @@ def test_gpu_check_passes_its_checks_and_measures_every_section_on_cpu(tmp_path)
     assert embedding["dpr_passages_per_s"] > 0 and embedding["sentence_transformers_passages_per_s"] > 0
     assert embedding["min_cosine_dpr_vs_sentence_transformers"] > 0.99  # the same model on both sides
 
+    memory = results["memory"]
+    assert memory["precision"] == "bf16" and memory["peak_is"].startswith("the process's")  # the CPU mode's
+    assert all(size > 0 for size in memory["parts"].values())  # the breakdown's consistency: test_bench_memory.py
+
     largest = results["no_cache"]["largest"]
     assert largest is not None and not largest["cache"] and largest["s_per_step"] > 0
 

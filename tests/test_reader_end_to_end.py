@@ -159,3 +159,17 @@ def test_command_lines_preprocess_and_run_inference(data, trained, tmp_path, mon
     assert proc.returncode == 0, output[-3000:]
     assert re.search(r"n=1\tEM \d+\.\d\d", output) and re.search(r"n=3\tEM \d+\.\d\d", output)
     assert len(json.loads((tmp_path / "p.json").read_text())) == 6
+
+
+def test_recorded_flops_count_real_tokens_whatever_the_padding(data, tmp_path, caplog, monkeypatch):
+    """The same reader batches padded to their longest sequence and to sequence_length record the same model FLOPs
+    (dpr/training/flops.py: each sequence at its attention-mask length)."""
+    monkeypatch.setattr(ReaderTrainer, "exact_match", lambda self: {1: 0.0, 4: 0.0})
+    flops = {}
+    for pad_to_max in (False, True):
+        cfg = compose_config(overrides(data, tmp_path / str(pad_to_max), encoder__pad_to_max=pad_to_max,
+                                       train__eval_step=100), CONFIG)
+        _, result = run(cfg, caplog)
+        flops[pad_to_max] = [s.tflops * s.seconds * 1e12 for s in result.steps]
+    assert len(flops[False]) == 4 and all(f > 0 for f in flops[False])
+    assert flops[True] == pytest.approx(flops[False], rel=1e-9)

@@ -147,19 +147,20 @@ class ReaderTrainer(Trainer):
         if self.options.fully_resumable:
             torch.manual_seed(self.options.seed + update)  # dropout masks as a function of the update
         questions = len(batch.indices)
-        loss, sequences = self.forward_backward(local_slice(batch, self.dist.rank, self.dist.world_size), epoch)
-        return BatchResult(loss, questions, model_flops=self.flops.of_sequences(0, *sequences))
+        loss, attention_mask = self.forward_backward(local_slice(batch, self.dist.rank, self.dist.world_size), epoch)
+        return BatchResult(loss, questions, model_flops=self.flops.of_sequences(0, attention_mask))
 
-    def forward_backward(self, indices: np.ndarray, epoch: int) -> Tuple[float, Tuple[int, int]]:
+    def forward_backward(self, indices: np.ndarray, epoch: int) -> Tuple[float, torch.Tensor]:
         """Loss of this process's questions (summed, as DPR), gradients times self.backward_weight accumulated
-        into .grad, and the (rows, width) of the sequences encoded; 0 when none of them has a usable positive."""
+        into .grad, and the attention mask of the sequences encoded (their FLOPs); 0 and an empty mask when none
+        of them has a usable positive."""
         o = self.options
         rngs = [np.random.default_rng([o.seed, epoch, int(q)]) for q in indices]
         batch = make_train_batch(self.train_samples, indices, self.tensorizer, o.passages_per_question,
                                  o.max_n_answers, rngs)
         if batch is None:
             logger.warning("No question of this batch has a usable positive passage; skipped")
-            return 0.0, (0, 0)
+            return 0.0, torch.zeros(0, 0)
         batch = batch.to(self.device)
         with self.precision.autocast():
             start_logits, end_logits, relevance_logits = self.model(batch.input_ids, batch.attention_mask)
@@ -168,8 +169,7 @@ class ReaderTrainer(Trainer):
         weighted = loss * self.backward_weight
         scaler = self.precision.grad_scaler
         (scaler.scale(weighted) if scaler is not None else weighted).backward()
-        n, m, width = batch.input_ids.shape
-        return float(loss.detach()), (n * m, width)
+        return float(loss.detach()), batch.attention_mask
 
     def validation_due(self, epoch_update: int, update: int, updates_per_epoch: int) -> bool:
         """DPR's: every eval_step updates, counted over the whole training."""

@@ -1,0 +1,198 @@
+"""Memory of GC-DPR's 11 GB recipe, measured: bert-base (random weights, BertConfig()), 128 questions with a
+positive and a hard negative each, sequence length 256 filled by every input, gradient cache with chunks q 16 /
+ctx 8, AdamW; the repository's gradient cache and the trainers' optimizer step (through bench/gpu_check.py's
+helpers). Each configuration runs `--steps` optimizer steps in a fresh process:
+
+    nice -n 10 python bench/bench_memory.py --batches 16 128 --out memory.json
+
+The peak is split into
+- parameters, gradients (fp32) and AdamW state: the bytes of those tensors after the steps;
+- one chunk's activations: the bytes of the tensors autograd saves during one chunk's forward with gradients
+  (torch.autograd.graph.saved_tensors_hooks, each storage counted once), the larger of a question chunk and a
+  passage chunk; under 16-bit autocast this includes the 16-bit copies of the weights it saves;
+- the cache's representations: questions and passages, in the autocast dtype, their fp32 copies and the fp32
+  gradients the cache keeps of them;
+and the peak itself: torch.cuda.max_memory_allocated on a GPU, the process's peak resident memory on CPU (which
+also holds the Python runtime and libraries); `runtime` is the part of it there before the model is built (the
+peak resident memory so far on CPU, torch.cuda.memory_allocated on a GPU).
+
+From the CPU breakdown it projects the recipe's GPU memory at fp16 (bf16 autocast on CPU saves tensors of the same
+sizes as fp16 autocast on a GPU): parameters + gradients + AdamW state + one chunk's activations + the cache's
+representations + a CUDA context of CUDA_CONTEXT_GIB (not counted by the allocator) + ALLOCATOR_OVERHEAD of
+the allocated bytes (caching-allocator fragmentation and the optimizer step's temporaries), against 11 GB.
+"""
+import argparse
+import json
+import platform
+import resource
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+from typing import List
+
+REPO = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from transformers import BertConfig  # noqa: E402
+
+from gpu_check import (  # noqa: E402,I100
+    build_model, forward_backward, make_towers, new_optimizer, optimizer_step, precision_for, synthetic_batch)
+from dpr.data.biencoder_batch import BiEncoderBatch  # noqa: E402
+
+GIB = 2**30
+CARD_BYTES = 11 * 10**9  # an "11 GB" card (GTX 1080 Ti / RTX 2080 Ti): 11 GB, about 10.2 GiB usable
+TARGET_GIB = 10.0
+CUDA_CONTEXT_GIB = 0.5  # the CUDA context and cuBLAS/cuDNN workspaces, outside max_memory_allocated
+ALLOCATOR_OVERHEAD = 0.15
+
+
+def recipe_config(tiny: bool) -> dict:
+    if tiny:
+        config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
+                            intermediate_size=64, max_position_embeddings=64)
+        return {"config": config, "sequence_length": 32, "q_chunk": 4, "ctx_chunk": 2}
+    return {"config": BertConfig(), "sequence_length": 256, "q_chunk": 16, "ctx_chunk": 8}
+
+
+def filled_batch(questions: int, vocab_size: int, sequence_length: int, seed: int = 0) -> BiEncoderBatch:
+    """gpu_check's synthetic batch (a question, a positive and a hard negative each) with token ids filling
+    sequence_length in every row."""
+    generator = torch.Generator().manual_seed(seed)
+
+    def rows(n: int) -> dict:
+        return {"ids": torch.randint(5, vocab_size, (n, sequence_length), generator=generator),
+                "mask": torch.ones(n, sequence_length, dtype=torch.long)}
+
+    q, c = rows(questions), rows(2 * questions)
+    return replace(synthetic_batch(questions, vocab_size, sequence_length, seed), question_ids=q["ids"],
+                   question_mask=q["mask"], context_ids=c["ids"], context_mask=c["mask"])
+
+
+def tensor_bytes(tensors) -> int:
+    return sum(t.numel() * t.element_size() for t in tensors)
+
+
+def saved_bytes_of_one_chunk(tower, rows: int, precision) -> int:
+    """Bytes autograd saves for the backward of the tower's first `rows` rows (each storage once)."""
+    storages = {}
+
+    def pack(t):
+        storage = t.untyped_storage()
+        storages[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    # copies, as the cache's chunks are (index_select): a view would count the whole batch's storage
+    chunk = {k: (v[:rows].clone() if torch.is_tensor(v) else v[:rows]) for k, v in tower.inputs.items()}
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision.autocast():
+        reps = tower.encode(chunk)
+    del reps
+    return sum(storages.values())
+
+
+def measure(config: BertConfig, sequence_length: int, batch: int, q_chunk: int, ctx_chunk: int, precision_name: str,
+            steps: int, device: torch.device) -> dict:
+    """The recipe's memory breakdown in bytes (see the module doc), after `steps` optimizer steps."""
+    # what is there before: the Python runtime and libraries on CPU, other models on a GPU
+    runtime = (torch.cuda.memory_allocated(device) if device.type == "cuda"
+               else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    precision = precision_for(device, precision_name)
+    model = build_model(config, sequence_length, device)
+    optimizer = new_optimizer(model)
+    data = filled_batch(batch, config.vocab_size, sequence_length).to(device)
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+    for _ in range(steps):
+        forward_backward(model, data, precision, True, q_chunk, ctx_chunk)
+        optimizer_step(model, optimizer, precision)
+    peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
+            else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
+    params = [p for p in model.parameters() if p.requires_grad]
+    q_tower, ctx_tower = make_towers(model, data, q_chunk, ctx_chunk, example_dropout=True)
+    activations = {"question_chunk": saved_bytes_of_one_chunk(q_tower, q_chunk, precision),
+                   "passage_chunk": saved_bytes_of_one_chunk(ctx_tower, ctx_chunk, precision)}
+    reps_element = 2 if precision_name in ("fp16", "bf16") else 4
+    fp32_copy = 4 if reps_element == 2 else 0  # the cache's .float() of 16-bit representations
+    representations = 3 * batch * config.hidden_size * (reps_element + fp32_copy + 4)
+    parts = {
+        "parameters": tensor_bytes(model.parameters()),
+        "gradients": tensor_bytes(params),  # fp32, of the trained parameters (not the unused poolers)
+        "adamw_state": tensor_bytes(t for state in optimizer.state.values() for t in state.values()
+                                    if torch.is_tensor(t)),
+        "chunk_activations": max(activations.values()),
+        "cache_representations": representations,
+    }
+    return {"device": device.type, "precision": precision_name, "batch": batch, "sequence_length": sequence_length,
+            "q_chunk": q_chunk, "ctx_chunk": ctx_chunk, "steps": steps, "parts": parts,
+            "activations": activations, "peak": peak, "runtime": runtime, "parameter_count": sum(
+                p.numel() for p in model.parameters()), "trained_parameter_count": sum(p.numel() for p in params)}
+
+
+def projection_fp16_gpu(breakdown: dict) -> dict:
+    """The recipe's GPU memory at fp16 projected from a 16-bit autocast breakdown (the module doc's assumptions)."""
+    allocated = sum(breakdown["parts"].values())
+    total = allocated * (1 + ALLOCATOR_OVERHEAD) + CUDA_CONTEXT_GIB * GIB
+    return {"allocated_gib": allocated / GIB, "total_gib": total / GIB, "card_gib": CARD_BYTES / GIB,
+            "target_gib": TARGET_GIB, "fits_target": total / GIB <= TARGET_GIB,
+            "assumptions": f"CUDA context {CUDA_CONTEXT_GIB} GiB; allocator and optimizer temporaries "
+                           f"+{ALLOCATOR_OVERHEAD:.0%} of the allocated bytes; fp32 master weights, gradients "
+                           f"and AdamW state; activations of 16-bit autocast as measured with bf16 on CPU"}
+
+
+def run_in_subprocess(spec: dict) -> dict:
+    """One configuration in a fresh process, so that its peak resident memory is its own."""
+    code = (f"import json, sys; sys.path.insert(0, {str(Path(__file__).resolve().parent)!r}); "
+            f"import bench_memory as b; print(json.dumps(b.measure_spec({spec!r})))")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, cwd=REPO)
+    if proc.returncode != 0:
+        raise RuntimeError(f"configuration {spec} failed:\n{proc.stderr[-3000:]}")
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def measure_spec(spec: dict) -> dict:
+    torch.set_num_threads(spec["threads"])
+    recipe = recipe_config(spec["tiny"])
+    return measure(recipe["config"], recipe["sequence_length"], spec["batch"], recipe["q_chunk"], recipe["ctx_chunk"],
+                   spec["precision"], spec["steps"], torch.device(spec["device"]))
+
+
+def print_table(results: List[dict]) -> None:
+    names = list(results[0]["parts"])
+    print("| precision | batch | " + " | ".join(names) + " | sum of parts | peak | runtime | (MiB) |")
+    print("|" + "---|" * (len(names) + 6))
+    for r in results:
+        parts = [r["parts"][n] / 2**20 for n in names]
+        cells = [f"{v:.0f}" for v in parts + [sum(parts), r["peak"] / 2**20, r["runtime"] / 2**20]]
+        print(f"| {r['precision']} | {r['batch']} | " + " | ".join(cells) + " | |")
+
+
+def main(argv=None) -> List[dict]:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    parser.add_argument("--batches", type=int, nargs="+", default=[16, 128])
+    parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["fp32", "bf16", "fp16"])
+    parser.add_argument("--steps", type=int, default=2, help="optimizer steps (the AdamW state exists after one)")
+    parser.add_argument("--tiny", action="store_true", help="a tiny BERT, for tests")
+    parser.add_argument("--threads", type=int, default=torch.get_num_threads())
+    parser.add_argument("--out", default=None, help="JSON file of the results")
+    args = parser.parse_args(argv)
+    device = "cuda" if torch.cuda.is_available() else "cpu"
+    results = []
+    for precision in args.precisions:
+        for batch in args.batches:
+            results.append(run_in_subprocess({"batch": batch, "precision": precision, "steps": args.steps,
+                                              "tiny": args.tiny, "threads": args.threads, "device": device}))
+            print(json.dumps(results[-1]), flush=True)  # a long run shows each configuration as it ends
+    print_table(results)
+    sixteen_bit = [r for r in results if r["precision"] in ("bf16", "fp16")]
+    report = {"machine": platform.processor() or platform.machine(), "results": results}
+    if sixteen_bit:
+        report["projection_fp16_gpu"] = projection_fp16_gpu(max(sixteen_bit, key=lambda r: sum(r["parts"].values())))
+        print(json.dumps(report["projection_fp16_gpu"], indent=1))
+    if args.out:
+        Path(args.out).write_text(json.dumps(report, indent=1))
+    return results
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,22 @@
+"""bench/bench_memory.py on a tiny BERT: its breakdown of the recipe's memory is consistent (each configuration in
+a fresh process, as the real run)."""
+import runpy
+from pathlib import Path
+
+BENCH = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "bench_memory.py"))
+
+
+def test_breakdown_is_consistent_and_flat_in_the_batch():
+    small, large = BENCH["main"](["--tiny", "--batches", "4", "8", "--precisions", "fp32", "--threads", "1"])
+    for r in (small, large):
+        parts = r["parts"]
+        assert parts["parameters"] == 4 * r["parameter_count"]  # fp32
+        assert parts["gradients"] == 4 * r["trained_parameter_count"]  # fp32; the unused poolers have none
+        # exp_avg and exp_avg_sq per trained parameter, and a scalar step count per tensor
+        assert 2 * parts["gradients"] <= parts["adamw_state"] <= 2.01 * parts["gradients"]
+        assert parts["chunk_activations"] > 0
+        # not peak - runtime: at this size the imports' transient resident peak can exceed the whole training's
+        assert sum(parts.values()) <= r["peak"]
+    # the cache's representations grow with the batch, one chunk's activations do not
+    assert large["parts"]["cache_representations"] == 2 * small["parts"]["cache_representations"]
+    assert large["parts"]["chunk_activations"] == small["parts"]["chunk_activations"]
