@@ -53,7 +53,7 @@ def launcher_environment(**extra) -> dict:
     return dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1", **extra)
 
 
-def wait_all(processes, logs, timeout=300):
+def wait_all(processes, logs, timeout=300, expected_code=0):
     """Wait for every process; on failure the assertion shows the tail of each log."""
     deadline = time.monotonic() + timeout
     try:
@@ -64,10 +64,10 @@ def wait_all(processes, logs, timeout=300):
                 p.kill()
                 p.wait()
     tails = "\n".join(f"--- {log}\n{Path(log).read_text()[-3000:]}" for log in logs)
-    assert codes == [0] * len(processes), tails
+    assert codes == [expected_code] * len(processes), tails
 
 
-def train_on_two_nodes(data, output_dir, work_dir, start_order):
+def train_on_two_nodes(data, output_dir, work_dir, start_order, expected_code=0):
     """Two launchers, one process each, as nodes `start_order` (node_ranks) started in that order."""
     port = free_port()
     processes, logs = [], []
@@ -76,12 +76,13 @@ def train_on_two_nodes(data, output_dir, work_dir, start_order):
                    "--node_rank", str(node_rank), "--rdzv_backend", "c10d", "--rdzv_endpoint", f"127.0.0.1:{port}",
                    "--rdzv_id", "two-nodes", "--rdzv_conf", "join_timeout=120",
                    SCRIPT, *training_arguments(data, output_dir, **PER_NODE_BATCH)]
-        log = work_dir / f"{Path(output_dir).name}.node{node_rank}.log"
+        log = work_dir / f"{Path(output_dir).name.replace('${oc.env:RANK}', '')}.node{node_rank}.log"
         with open(log, "w") as out:
             processes.append(subprocess.Popen(command, cwd=work_dir, env=launcher_environment(), stdout=out,
                                               stderr=subprocess.STDOUT))
         logs.append(log)
-    wait_all(processes, logs)
+    wait_all(processes, logs, expected_code=expected_code)
+    return logs
 
 
 def steps(output_dir):
@@ -102,6 +103,18 @@ def test_two_nodes_train_as_one_process_and_resume_to_the_same_end(data, tmp_pat
     train_on_two_nodes(data, resumed, tmp_path, start_order=(0, 1))
     assert steps(resumed) == [2]
     assert_trains_as(data["single"], resumed)
+
+
+def test_nodes_that_would_resume_from_different_checkpoints_stop_in_one_line(data, tmp_path):
+    """Each node with an output_dir of its own (a local disk), one of them holding a checkpoint: the ranks would
+    run different numbers of steps and wait for each other at a collective until the timeout. They stop at once."""
+    (tmp_path / "own_0").mkdir()
+    shutil.copy(data["single"] / "dpr_biencoder.0.1", tmp_path / "own_0")
+    logs = train_on_two_nodes(data, tmp_path / "own_${oc.env:RANK}", tmp_path, start_order=(0, 1), expected_code=1)
+    for log in logs:
+        assert ("error: the processes would resume from different checkpoints (rank 0: dpr_biencoder.0.1, rank 1: "
+                "none (from the start)): output_dir must be one folder that every node sees") in Path(log).read_text()
+    assert not (tmp_path / "own_1").exists() or not list((tmp_path / "own_1").glob("dpr_biencoder*"))
 
 
 def write_stand_in(folder: Path, name: str, text: str) -> None:

@@ -41,7 +41,7 @@ from dpr.foundation.precision import make_precision
 from dpr.foundation.seed import set_seed
 from dpr.foundation.tensorboard import ScalarLog
 from dpr.models.encoder_spec import EncoderSpec
-from dpr.training.distributed import all_reduce_gradients, broadcast_parameters, init_distributed
+from dpr.training.distributed import all_gather_objects, all_reduce_gradients, broadcast_parameters, init_distributed
 from dpr.training.flops import ModelFlops
 from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
 
@@ -62,6 +62,23 @@ UNSUPPORTED_KEYS: Dict[str, Tuple[Any, str]] = {
     "multi_q_encoder": (False, "one question encoder is trained"),
     "local_shards_dataloader": (False, "every process reads the data and takes its own slice of each batch"),
 }
+
+
+def checkpoint_position(path: Optional[str], state: Optional[CheckpointState]) -> Optional[Tuple[str, int, int]]:
+    """Where a process resumes: the checkpoint's file name, epoch and offset (None: from the start)."""
+    return None if state is None else (os.path.basename(path), state.epoch, state.offset)
+
+
+def check_same_start(positions: Sequence[Optional[Tuple[str, int, int]]]) -> None:
+    """Refuse processes that would resume from different checkpoints (each node reading its own output_dir): they
+    would run different numbers of steps and wait for each other at a collective until the timeout."""
+    if len(set(positions)) > 1:
+        starts = ", ".join(f"rank {rank}: {position[0] if position else 'none (from the start)'}"
+                           for rank, position in enumerate(positions))
+        raise ConfigError(
+            f"the processes would resume from different checkpoints ({starts}): output_dir must be one folder that "
+            "every node sees (a shared disk), or give model_file"
+        )
 
 
 def check_unsupported_keys(cfg: DictConfig) -> None:
@@ -241,6 +258,7 @@ class Trainer:
                 ensure_writable_directory(output_dir, "output_dir")
                 self._remove_stale_temporaries()
         self.checkpoint_file, self.checkpoint = self._find_checkpoint()
+        check_same_start(all_gather_objects(checkpoint_position(self.checkpoint_file, self.checkpoint)))
         if self.checkpoint is not None:
             self.spec = self.spec.with_checkpoint_params(self.checkpoint.encoder_params)
         self.backward_weight = self.gradient_compensation() / self.settings.gradient_accumulation_steps
