@@ -12,8 +12,8 @@ The vectors file `q.pt` gets the hidden JSON record `.q.pt.provenance.json` (as 
     vectors_sha256    the vectors file it describes: a record left beside other vectors (a write killed between
                       the two files) is refused rather than believed
 
-Both files are written atomically, the record first (`save_question_vectors`). Vectors without a record (written by GC-DPR) are used as they
-are, with an info line.
+Both files are written atomically, the record first (`save_question_vectors`). Vectors without a record (written by
+GC-DPR) are used as they are, with an info line.
 """
 import hashlib
 import json

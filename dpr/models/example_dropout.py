@@ -1,29 +1,30 @@
 """Dropout whose masks belong to the example, not to the batch the example happens to be in.
 
-Standard dropout draws its masks from one random stream for the whole batch, so the mask an example gets
-depends on how many examples came before it in the forward call. Then a batch encoded in chunks (the gradient
-cache), or split across processes, sees different masks than the same batch encoded at once, and the results
-differ by more than float noise. Here every example carries its own seed: inside `example_seeds(...)` the mask
-of every dropout call is a counter-based draw (as Philox computes one), a pure function of (the example's seed,
-the call's number in the block, the element's canonical index), so the masks, and with them losses and
-gradients, are the same for any chunking, padding and world size. Replaying a chunk (the cache's second pass) is
-re-entering the context with the same seeds.
+Standard dropout draws its masks from one random stream for the whole batch, so the mask an example gets depends on
+how many examples came before it in the forward call. Then a batch encoded in chunks (the gradient cache), or split
+across processes, sees different masks than the same batch encoded at once, and the results differ by more than
+float noise. Here every example carries its own seed: inside `example_seeds(...)` the mask of every dropout call is
+a counter-based draw (as Philox computes one), a pure function of (the example's seed, the call's number in the
+block, the element's canonical index), so the masks, and with them losses and gradients, are the same for any
+chunking, padding and world size. Replaying a chunk (the cache's second pass) is re-entering the context with the
+same seeds.
 
-The draw is the same on CPU and CUDA: no generator and no Python loop per row. With mix = splitmix64's mixing function without its final xor-shift (that one only
-changes the low 33 bits) and G = 0x9E3779B97F4A7C15, all arithmetic modulo 2^64:
+The draw is the same on CPU and CUDA: no generator and no Python loop per row. With mix = splitmix64's mixing
+function without its final xor-shift (that one only changes the low 33 bits) and G = 0x9E3779B97F4A7C15, all
+arithmetic modulo 2^64:
 
     key = mix(seed + G);  h = mix(key + ((call << 32) + canonical index) * G);  u = ((h + 2^63) mod 2^64) / 2^64
 
 and the element is kept when u >= p. Its canonical index is its row-major index in the row's block with every
 sequence dimension at `max_length`, so cutting or padding a batch to another width renumbers nothing.
 
-Two implementations draw these same masks, bit for bit. The eager one makes about ten in-place int64 passes over
-the input (16 bytes of working memory per element): memory-bound, about 40% of a CPU training step. The
-compiled one (`example_seeds(..., compiled=True)`, the trainer's `train.compile_dropout`) is one torch.compile'd
-kernel with dynamic shapes that hashes in registers, applies the mask and writes only the result; backward keeps
-the bool mask. It compiles once per process (seconds with inductor's on-disk cache, up to a minute without);
-where it cannot compile (no C++ compiler, an unsupported platform) the eager draw runs, the log says so once,
-and `compiled_draw_failure()` tells why.
+Two implementations draw these same masks, bit for bit. The eager one makes about ten in-place int64 passes over the
+input (16 bytes of working memory per element): memory-bound, about 40% of a CPU training step. The compiled one
+(`example_seeds(..., compiled=True)`, the trainer's `train.compile_dropout`) is one torch.compile'd kernel with
+dynamic shapes that hashes in registers, applies the mask and writes only the result; backward draws the mask again
+(nothing of the input's size is kept). It compiles once per process (seconds with inductor's on-disk cache, up to a
+minute without); where it cannot compile (no C++ compiler, an unsupported platform) the eager draw runs, the log
+says so once, and `compiled_draw_failure()` tells why.
 
 Outside the context, or in eval mode, everything behaves as the standard modules do (attention runs through
 PyTorch's fused SDPA kernel).
