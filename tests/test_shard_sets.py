@@ -11,12 +11,13 @@ import pytest
 from dpr.data import embeddings_io
 from dpr.data.embeddings_io import shard_path
 from dpr.foundation.files import OutputWriteError, UnwritableDirectoryError
-from dpr.indexing import configured_index, dense_retriever, faiss_indexers, generate_embeddings
+from dpr.indexing import configured_index, faiss_indexers, generate_embeddings
 from dpr.indexing.configured_index import ShardSearchOptionError
 from dpr.indexing.shard_provenance import ShardProvenanceError, read_provenance, sidecar_path
 from dpr.indexing.shard_search import search_shards
 from dpr.data.embeddings_io import ShardFileError, write_embeddings
 from tests.test_shard_provenance import _retrieve, data, embed  # noqa: F401  (the module's fixture)
+from tests.fixtures import forbid_calls
 from tests.retrieval_helpers import retriever_config
 from dpr.indexing.dense_retriever import run_dense_retriever
 
@@ -69,10 +70,7 @@ def test_an_interrupted_re_embed_leaves_no_stale_shard(data, tmp_path, monkeypat
 
 
 def test_an_unwritable_out_file_fails_before_any_passage_is_read(data, tmp_path, monkeypatch):
-    def not_reached(*args, **kwargs):
-        raise AssertionError("passages were read before the output was checked")
-
-    monkeypatch.setattr(generate_embeddings, "resolve_ctx_source", not_reached)
+    forbid_calls(monkeypatch, "dpr.indexing.generate_embeddings.resolve_ctx_source")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     with pytest.raises(UnwritableDirectoryError, match="out_file"):
@@ -141,11 +139,9 @@ def test_a_non_numeric_memory_budget_is_one_line_naming_the_key(data, tmp_path):
 
 @pytest.mark.parametrize("option", ["index_path", "save_or_load_index"])
 def test_an_unwritable_index_location_fails_before_indexing(data, tmp_path, monkeypatch, option):
-    def not_reached(*args, **kwargs):
-        raise AssertionError("the index was built before its location was checked")
-
-    monkeypatch.setattr(configured_index, "estimate_vector_count", not_reached)
-    monkeypatch.setattr(dense_retriever, "question_vectors", not_reached)  # hours on NQ's questions: checked first
+    # neither the index built nor the questions encoded (hours on NQ) before the location is checked
+    forbid_calls(monkeypatch, "dpr.indexing.configured_index.estimate_vector_count",
+                 "dpr.indexing.dense_retriever.question_vectors")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     embed(data, tmp_path / "emb")
@@ -169,10 +165,7 @@ def test_a_killed_index_save_s_temporaries_are_removed_by_the_next(data, tmp_pat
 
 
 def test_an_unwritable_bm25_index_path_fails_before_any_encoding(data, tmp_path, monkeypatch):
-    def not_reached(*args, **kwargs):
-        raise AssertionError("questions were encoded before bm25_index_path was checked")
-
-    monkeypatch.setattr(dense_retriever, "question_vectors", not_reached)
+    forbid_calls(monkeypatch, "dpr.indexing.dense_retriever.question_vectors")
     blocker = tmp_path / "a_file"
     blocker.write_text("")
     embed(data, tmp_path / "emb")

@@ -112,6 +112,14 @@ def remove_stale_temporaries(folder: Union[str, Path], name_prefix: str) -> Tupl
     return count, size
 
 
+def _write_test(folder: Union[str, Path]) -> None:
+    """Create `folder` if need be and write (and remove) a file there; OSError where that fails."""
+    os.makedirs(folder, exist_ok=True)
+    descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.", suffix=TEMP_SUFFIX)
+    os.close(descriptor)
+    os.unlink(probe)
+
+
 def ensure_writable_output(path: Union[str, Path], option: str) -> None:
     """Prove, before any work, that the file `path` (set by `option`) can be written: its folder is created if
     need be and takes a file, and `path` is not a folder. An hour of work never ends at an unwritable output."""
@@ -120,10 +128,7 @@ def ensure_writable_output(path: Union[str, Path], option: str) -> None:
         raise UnwritableDirectoryError(f"{option}={path} is a folder, not a file: give a file name")
     folder = path.parent if str(path.parent) else Path(".")
     try:
-        os.makedirs(folder, exist_ok=True)
-        descriptor, probe = tempfile.mkstemp(dir=folder, prefix=".write_test.", suffix=TEMP_SUFFIX)
-        os.close(descriptor)
-        os.unlink(probe)
+        _write_test(folder)
     except OSError as e:
         raise UnwritableDirectoryError(
             f"{option}={path}: its folder {folder} is not one this process can write to ({e.strerror or e}): "
@@ -135,10 +140,7 @@ def ensure_writable_directory(path: Union[str, Path], option: str) -> None:
     """Create `path` if need be and prove that a file can be written there, so that a run fails at its start,
     not at its first save; the error names the option that set the folder."""
     try:
-        os.makedirs(path, exist_ok=True)
-        descriptor, probe = tempfile.mkstemp(dir=path, prefix=".write_test.", suffix=TEMP_SUFFIX)
-        os.close(descriptor)
-        os.unlink(probe)
+        _write_test(path)
     except OSError as e:
         raise UnwritableDirectoryError(
             f"{option}={path} is not a folder this process can write to ({e.strerror or e}): choose another {option}"
