@@ -112,8 +112,8 @@ def test_nodes_that_would_resume_from_different_checkpoints_stop_in_one_line(dat
     shutil.copy(data["single"] / "dpr_biencoder.0.1", tmp_path / "own_0")
     logs = train_on_two_nodes(data, tmp_path / "own_${oc.env:RANK}", tmp_path, start_order=(0, 1), expected_code=1)
     for log in logs:
-        assert ("error: the processes would resume from different checkpoints (rank 0: dpr_biencoder.0.1, rank 1: "
-                "none (from the start)): output_dir must be one folder that every node sees") in Path(log).read_text()
+        assert ("error: the processes would resume from different checkpoints (rank 0: epoch 0, offset 1, "
+                "rank 1: none (from the start)): output_dir must be one folder that every node sees") in Path(log).read_text()
     assert not (tmp_path / "own_1").exists() or not list((tmp_path / "own_1").glob("dpr_biencoder*"))
 
 

@@ -8,7 +8,7 @@ the same sum, sent once.
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Iterable, List, Optional
+from typing import Iterable, List, Optional
 
 import torch
 import torch.distributed as dist
@@ -109,15 +109,6 @@ def broadcast_parameters(module: torch.nn.Module) -> None:
         return
     for tensor in list(module.parameters()) + list(module.buffers()):
         dist.broadcast(tensor.data, src=0)
-
-
-def all_gather_objects(value: Any) -> List[Any]:
-    """Every process's `value` (small, picklable), in rank order; [value] in a single process."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return [value]
-    gathered: List[Any] = [None] * dist.get_world_size()
-    dist.all_gather_object(gathered, value)
-    return gathered
 
 
 def barrier() -> None:

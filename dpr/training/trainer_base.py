@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
@@ -41,7 +42,7 @@ from dpr.foundation.precision import make_precision
 from dpr.foundation.seed import set_seed
 from dpr.foundation.tensorboard import ScalarLog
 from dpr.models.encoder_spec import EncoderSpec
-from dpr.training.distributed import all_gather_objects, all_reduce_gradients, broadcast_parameters, init_distributed
+from dpr.training.distributed import all_gather_rows, all_reduce_gradients, broadcast_parameters, init_distributed
 from dpr.training.flops import ModelFlops
 from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
 
@@ -64,17 +65,21 @@ UNSUPPORTED_KEYS: Dict[str, Tuple[Any, str]] = {
 }
 
 
-def checkpoint_position(path: Optional[str], state: Optional[CheckpointState]) -> Optional[Tuple[str, int, int]]:
-    """Where a process resumes: the checkpoint's file name, epoch and offset (None: from the start)."""
-    return None if state is None else (os.path.basename(path), state.epoch, state.offset)
+def checkpoint_position(path: Optional[str], state: Optional[CheckpointState]) -> Tuple[int, int, int]:
+    """Where a process resumes, as integers all processes can gather: (epoch, offset, crc32 of the checkpoint's
+    file name); (-1, -1, 0) from the start."""
+    if state is None:
+        return -1, -1, 0
+    return state.epoch, state.offset, zlib.crc32(os.path.basename(path).encode())
 
 
-def check_same_start(positions: Sequence[Optional[Tuple[str, int, int]]]) -> None:
+def check_same_start(positions: Sequence[Tuple[int, int, int]]) -> None:
     """Refuse processes that would resume from different checkpoints (each node reading its own output_dir): they
     would run different numbers of steps and wait for each other at a collective until the timeout."""
     if len(set(positions)) > 1:
-        starts = ", ".join(f"rank {rank}: {position[0] if position else 'none (from the start)'}"
-                           for rank, position in enumerate(positions))
+        starts = ", ".join(
+            f"rank {rank}: " + (f"epoch {epoch}, offset {offset}" if epoch >= 0 else "none (from the start)")
+            for rank, (epoch, offset, _) in enumerate(positions))
         raise ConfigError(
             f"the processes would resume from different checkpoints ({starts}): output_dir must be one folder that "
             "every node sees (a shared disk), or give model_file"
@@ -258,7 +263,8 @@ class Trainer:
                 ensure_writable_directory(output_dir, "output_dir")
                 self._remove_stale_temporaries()
         self.checkpoint_file, self.checkpoint = self._find_checkpoint()
-        check_same_start(all_gather_objects(checkpoint_position(self.checkpoint_file, self.checkpoint)))
+        position = torch.tensor([checkpoint_position(self.checkpoint_file, self.checkpoint)], device=self.device)
+        check_same_start([tuple(row[0].tolist()) for row in all_gather_rows(position)])
         if self.checkpoint is not None:
             self.spec = self.spec.with_checkpoint_params(self.checkpoint.encoder_params)
         self.backward_weight = self.gradient_compensation() / self.settings.gradient_accumulation_steps
