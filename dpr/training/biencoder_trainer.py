@@ -13,6 +13,7 @@ from dpr.data.biencoder_batch import BiEncoderBatch, make_biencoder_batch
 from dpr.data.biencoder_data import BiEncoderSample, load_biencoder_samples
 from dpr.data.resources import resolve_dataset
 from dpr.data.tensorizer import Tensorizer
+from dpr.foundation.config_values import true_or_false
 from dpr.foundation.errors import ConfigError
 from dpr.models.biencoder import BiEncoder, build_biencoder, nll_loss, similarity_scores
 from dpr.training.distributed import all_gather_rows, all_reduce_sum
@@ -77,7 +78,7 @@ class BiEncoderSettings:
             ctx_chunk_size=int(t.ctx_chunk_size),
             grad_compensation_ref_world=int(t.get("grad_compensation_ref_world") or 0),
             example_dropout=bool(t.get("example_dropout", True)),
-            compile_dropout=bool(t.compile_dropout),
+            compile_dropout=true_or_false("train.compile_dropout", t.compile_dropout),
             eval_per_epoch=int(t.eval_per_epoch),
             val_av_rank_start_epoch=int(cfg.val_av_rank_start_epoch),
             val_av_rank_hard_neg=int(t.val_av_rank_hard_neg),
@@ -85,9 +86,6 @@ class BiEncoderSettings:
             val_av_rank_bsz=int(t.val_av_rank_bsz),
             val_av_rank_max_qs=int(t.val_av_rank_max_qs),
         )
-        if not isinstance(t.compile_dropout, bool):
-            raise ConfigError(f"train.compile_dropout={t.compile_dropout!r} must be true or false (where it is not "
-                              "given, the environment variable DPR_COMPILE_DROPOUT sets it)")
         if settings.grad_cache and (settings.q_chunk_size < 1 or settings.ctx_chunk_size < 1):
             raise ConfigError("train.q_chunk_size and train.ctx_chunk_size must be >= 1")
         for key in ("eval_per_epoch", "val_av_rank_bsz"):
