@@ -6,7 +6,8 @@ from types import SimpleNamespace
 import pytest
 
 from dpr.foundation import files
-from dpr.foundation.files import (OutputWriteError, UnwritableDirectoryError, atomic_output, ensure_writable_output,
+from dpr.foundation.files import (OutputWriteError, UnwritableDirectoryError, atomic_output, atomic_output_directory,
+                                  ensure_writable_output,
                                   remove_stale_temporaries)
 
 
@@ -48,3 +49,53 @@ def test_an_output_is_checked_before_the_work(tmp_path):
         ensure_writable_output(blocker / "index", "index_path")
     with pytest.raises(UnwritableDirectoryError, match="is a folder, not a file"):
         ensure_writable_output(tmp_path, "out_file")
+
+
+def recording_fsync_and_replace(monkeypatch, refuse=None):
+    """Log ("fsync", folder or file path) and ("replace", target) in order; fsync of a folder raises `refuse`."""
+    events = []
+    real_fsync, real_replace = os.fsync, os.replace
+
+    def fsync(descriptor):
+        path = os.readlink(f"/proc/self/fd/{descriptor}")
+        if refuse is not None and os.path.isdir(path):
+            raise OSError(refuse, os.strerror(refuse))
+        events.append(("fsync", path))
+        real_fsync(descriptor)
+
+    def replace(source, target):
+        events.append(("replace", str(target)))
+        real_replace(source, target)
+
+    monkeypatch.setattr(files.os, "fsync", fsync)
+    monkeypatch.setattr(files.os, "replace", replace)
+    return events
+
+
+def test_a_rename_is_made_durable_by_syncing_its_folder_after_it(tmp_path, monkeypatch):
+    """A power loss after the rename keeps the new name: the parent folder is fsynced after os.replace (a file's
+    own fsync makes its bytes durable, not its directory entry); the same for a folder written whole."""
+    events = recording_fsync_and_replace(monkeypatch)
+    with atomic_output(tmp_path / "out.json") as temp_name:
+        open(temp_name, "w").write("x")
+    assert events[-2:] == [("replace", str(tmp_path / "out.json")), ("fsync", str(tmp_path))]
+    events.clear()
+    with atomic_output_directory(tmp_path / "index") as temp_dir:
+        open(os.path.join(temp_dir, "a"), "w").write("x")
+    assert events[-3:] == [("replace", str(tmp_path / "index")), ("fsync", str(tmp_path / "index")),
+                           ("fsync", str(tmp_path))]
+
+
+@pytest.mark.parametrize("code", [errno.EINVAL, errno.ENOTSUP, errno.EBADF])
+def test_a_filesystem_that_cannot_sync_a_folder_still_gets_the_file(tmp_path, monkeypatch, code):
+    recording_fsync_and_replace(monkeypatch, refuse=code)
+    with atomic_output(tmp_path / "out.json") as temp_name:
+        open(temp_name, "w").write("x")
+    assert (tmp_path / "out.json").read_text() == "x"
+
+
+def test_a_failing_folder_sync_is_an_error_not_a_silent_loss(tmp_path, monkeypatch):
+    recording_fsync_and_replace(monkeypatch, refuse=errno.EIO)
+    with pytest.raises(OSError, match="Input/output error"):
+        with atomic_output(tmp_path / "out.json") as temp_name:
+            open(temp_name, "w").write("x")

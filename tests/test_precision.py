@@ -5,6 +5,7 @@ import torch
 from dpr.data.biencoder_batch import make_biencoder_batch
 from dpr.models.biencoder import nll_loss
 from dpr.training.grad_cache import GradCache, full_batch_step
+from dpr.foundation.errors import ConfigError
 from dpr.foundation.precision import make_precision
 from tests.biencoder_helpers import assert_same_gradients, gradients, make_model, tiny_setup, towers
 
@@ -15,9 +16,9 @@ def setup(tmp_path_factory):
 
 
 def test_fp16_on_cpu_is_refused_with_a_message():
-    with pytest.raises(ValueError, match="fp16 needs a CUDA device"):
+    with pytest.raises(ConfigError, match="fp16 needs a CUDA device"):
         make_precision(torch.device("cpu"), fp16=True)
-    with pytest.raises(ValueError, match="choose one"):
+    with pytest.raises(ConfigError, match="choose one"):
         make_precision(torch.device("cpu"), fp16=True, bf16=True)
 
 

@@ -22,6 +22,8 @@ class OutputWriteError(UserInputError):
 
 
 _FULL_DISK = (errno.ENOSPC, errno.EDQUOT)
+# fsync of a folder refused by the filesystem, not failed: a rename there is as durable as the filesystem makes it
+_FOLDER_SYNC_UNSUPPORTED = {errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP, errno.EBADF, errno.ENOSYS}
 
 
 def _umask() -> int:
@@ -30,10 +32,28 @@ def _umask() -> int:
     return mask
 
 
+def sync_directory(folder: Union[str, Path]) -> None:
+    """fsync `folder`, so that a rename into it survives a power loss, not only a killed process (the file's own
+    fsync makes its bytes durable, not its name). Best effort where the platform or filesystem cannot sync a folder
+    (no O_DIRECTORY, a folder that cannot be opened, EINVAL/ENOTSUP from fsync); a real I/O error is raised."""
+    try:
+        descriptor = os.open(folder, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:
+        return
+    try:
+        os.fsync(descriptor)
+    except OSError as e:
+        if e.errno not in _FOLDER_SYNC_UNSUPPORTED:
+            raise
+    finally:
+        os.close(descriptor)
+
+
 @contextmanager
 def atomic_output(path: Union[str, Path]) -> Iterator[str]:
     """A temporary path beside `path` to write to; when the block ends normally it is synced and renamed to
-    `path`, so a crash never leaves a partial file under the final name (nor damages an older one). The file gets
+    `path`, and the folder is synced, so a crash or a power loss never leaves a partial file under the final name
+    (nor damages an older one). The file gets
     the permissions of an ordinarily created one (mkstemp's are owner-only). A killed process leaves its
     temporary `.{name}.XXXXXXXX.tmp` behind: `remove_stale_temporaries` clears them."""
     path = Path(path)
@@ -46,6 +66,7 @@ def atomic_output(path: Union[str, Path]) -> Iterator[str]:
             os.fsync(written.fileno())
         os.chmod(temp_name, 0o666 & ~_umask())
         os.replace(temp_name, path)
+        sync_directory(path.parent)
     except BaseException as e:
         if os.path.exists(temp_name):
             os.unlink(temp_name)
@@ -57,7 +78,7 @@ def atomic_output(path: Union[str, Path]) -> Iterator[str]:
 @contextmanager
 def atomic_output_directory(path: Union[str, Path]) -> Iterator[str]:
     """A temporary folder beside `path` to fill; when the block ends normally its files are synced and it is
-    renamed to `path`, so a crash never leaves a partial folder under the final name. A previous folder there
+    renamed to `path` (the folder and its parent synced), so a crash never leaves a partial folder under the final name. A previous folder there
     stays whole until the new one is complete, then is moved aside and removed (a kill between those two renames
     leaves neither under the name, only temporaries: the next run builds it again). A full disk is an
     OutputWriteError naming `path`; a killed process leaves its `.{name}.XXXXXXXX.tmp` folder behind, which
@@ -79,6 +100,8 @@ def atomic_output_directory(path: Union[str, Path]) -> Iterator[str]:
             shutil.rmtree(aside)
         else:
             os.replace(temp_dir, path)
+        sync_directory(path)
+        sync_directory(path.parent)
     except BaseException as e:
         shutil.rmtree(temp_dir, ignore_errors=True)
         if isinstance(e, OSError) and e.errno in _FULL_DISK:

@@ -6,6 +6,8 @@ from typing import Callable, ContextManager, Optional
 
 import torch
 
+from dpr.foundation.errors import ConfigError
+
 
 @dataclass
 class Precision:
@@ -16,16 +18,16 @@ class Precision:
 
 def make_precision(device: torch.device, fp16: bool = False, bf16: bool = False) -> Precision:
     """fp16 runs under autocast with a GradScaler (gradients scaled once, unscaled before clipping, steps with
-    inf/nan gradients skipped); bf16 under autocast alone. fp16 needs CUDA: on CPU it is refused with a message,
-    not silently run in another precision."""
+    inf/nan gradients skipped); bf16 under autocast alone. fp16 needs CUDA: on CPU it is refused in one line (a
+    ConfigError), not silently run in another precision."""
     if fp16 and bf16:
-        raise ValueError("choose one of fp16 and bf16")
+        raise ConfigError("fp16=true and bf16=true: choose one of them")
     if fp16:
         if device.type != "cuda":
-            raise ValueError("fp16 needs a CUDA device (loss scaling on CPU is not supported); use bf16=true on CPU")
+            raise ConfigError("fp16 needs a CUDA device (loss scaling on CPU is not supported); use bf16=true on CPU")
         return Precision("fp16", partial(torch.autocast, "cuda", dtype=torch.float16), torch.amp.GradScaler("cuda"))
     if bf16:
         if device.type == "cuda" and not torch.cuda.is_bf16_supported():
-            raise ValueError("this GPU does not support bf16; use fp16=true")
+            raise ConfigError("this GPU does not support bf16: use fp16=true instead of bf16=true")
         return Precision("bf16", partial(torch.autocast, device.type, dtype=torch.bfloat16), None)
     return Precision("fp32", nullcontext, None)

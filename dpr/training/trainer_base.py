@@ -252,6 +252,8 @@ class Trainer:
         self.spec = EncoderSpec.from_config(cfg.encoder, cfg.do_lower_case)
         self.dist = init_distributed(cfg.get("local_rank"), cfg.get("no_cuda", False))
         self.device = self.dist.device
+        # before any data is read or model built: fp16 on a CPU fails in a second
+        self.precision = make_precision(self.device, self.cfg.get("fp16", False), self.cfg.get("bf16", False))
         if not self.dist.is_main:
             logging.getLogger("dpr").setLevel(logging.WARNING)  # one process speaks for all
         set_seed(cfg.seed)
@@ -339,13 +341,12 @@ class Trainer:
 
     def _prepare_model(self, encoders: Sequence[Tuple[torch.nn.Module, bool]]) -> None:
         """Load the resumed checkpoint's weights into self.model, start every process from rank 0's weights, and
-        build the precision, the optimizer of the trainable parameters and the FLOPs count of `encoders`
+        build the optimizer of the trainable parameters and the FLOPs count of `encoders`
         ((encoder, whether it trains) pairs of the model)."""
         s = self.settings
         if self.checkpoint is not None:
             checkpoints.load_model_state(self.model, self.checkpoint.model_dict)
         broadcast_parameters(self.model)
-        self.precision = make_precision(self.device, self.cfg.get("fp16", False), self.cfg.get("bf16", False))
         self.optimizer = build_optimizer(self.model, s.learning_rate, s.adam_eps, s.weight_decay, s.adam_betas)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.flops = ModelFlops(encoders, self.device, self.precision.name, s.peak_tflops)
