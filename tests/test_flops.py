@@ -48,3 +48,12 @@ def test_trainer_records_the_same_flops_whatever_the_padding(tmp_path):
     # and that is less than the padded shape's count: the fixture's rows are shorter than 64 tokens
     padded = trainer.flops.of_sequences(0, torch.ones(4, 64)) + trainer.flops.of_sequences(1, torch.ones(8, 64))
     assert max(recorded[True]) < padded
+
+
+def test_a_batch_without_sequences_costs_nothing():
+    """A reader batch whose questions all lack a usable positive encodes nothing: 0 FLOPs, whatever its shape."""
+    from dpr.training.flops import EncoderCost
+
+    cost = EncoderCost(params=1000, layers_hidden=64, passes=3)
+    for shape in ((0, 0), (0, 4, 0), (2, 0), (0, 7)):
+        assert cost.flops(torch.zeros(shape)) == 0.0

@@ -173,3 +173,61 @@ def test_recorded_flops_count_real_tokens_whatever_the_padding(data, tmp_path, c
         flops[pad_to_max] = [s.tflops * s.seconds * 1e12 for s in result.steps]
     assert len(flops[False]) == 4 and all(f > 0 for f in flops[False])
     assert flops[True] == pytest.approx(flops[False], rel=1e-9)
+
+
+
+USABLE = 5  # the one training question of `mostly_unusable` whose positive has an answer within the sequence
+
+
+@pytest.fixture(scope="module")
+def mostly_unusable(data, trained, tmp_path_factory):
+    """The 16 training questions (as `trained` preprocessed them) with every positive's answer spans moved past the
+    sequence length (as a long passage cut at sequence_length leaves them), except question USABLE's: with 4
+    questions per global batch, 3 batches have no usable positive at all and one batch has one."""
+    from dpr.data.reader_data import load_samples, write_samples
+
+    samples = load_samples([str(path) for path in sorted(data["dir"].glob("train.*.pkl"))])
+    assert len(samples) == 16
+    for i, sample in enumerate(samples):
+        if i != USABLE:
+            for passage in sample.positive_passages:
+                passage.answers_spans = [(500, 501)]
+    return write_samples(str(tmp_path_factory.mktemp("unusable") / "train.0.pkl"), samples)
+
+
+def test_questions_without_a_usable_positive_are_skipped_and_counted(data, mostly_unusable, tmp_path, caplog,
+                                                                    monkeypatch):
+    """Batches without any usable positive train nothing (FLOPs 0, weights and optimizer moments untouched) and
+    the run goes on; the skipped questions are counted (DPR crashed, DPR #25; this one once died in the FLOPs
+    count)."""
+    monkeypatch.setattr(ReaderTrainer, "exact_match", lambda self: {1: 0.0, 4: 0.0})
+    cfg = compose_config(overrides(data, tmp_path, train_files=mostly_unusable, train__eval_step=100), CONFIG)
+    trainer, result = run(cfg, caplog)
+    assert result.skipped_questions == 15 and [s.step for s in result.steps] == [1, 2, 3, 4]
+    trained_steps = [s for s in result.steps if s.grad_norm > 0]
+    assert len(trained_steps) == 1 and trained_steps[0].tflops > 0
+    assert all(s.tflops == 0 for s in result.steps if s.grad_norm == 0)
+    epochs = [json.loads(line) for line in (tmp_path / RECORDS_FILE).read_text().splitlines()]
+    assert [r["skipped_questions"] for r in epochs if r["kind"] == "epoch"] == [15]
+    # one AdamW step in all: its step counter says so
+    assert {int(state["step"]) for state in trainer.optimizer.state_dict()["state"].values()} == {1}
+
+
+def test_a_batch_empty_on_one_process_only_keeps_both_in_step(data, mostly_unusable, tmp_path):
+    """torchrun, 2 processes of 2 questions: in the batch holding question USABLE one process trains on it while
+    the other's questions all lack a positive; in the other 3 both have none. Both reach the end (no collective
+    missed) and agree on every update: the run trains exactly one AdamW step, as one process does."""
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+               str(REPO_ROOT / "train_reader.py"), *overrides(data, tmp_path / "two", train_files=mostly_unusable,
+                                                              train__batch_size=2, train__eval_step=100,
+                                                              dev_files=None, eval_top_docs=None),
+               f"hydra.run.dir={tmp_path / 'hydra'}"]
+    env = dict(os.environ, PYTHONPATH=str(REPO_ROOT), OMP_NUM_THREADS="1")
+    proc = subprocess.run(command, cwd=tmp_path, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    records = [json.loads(line) for line in (tmp_path / "two" / RECORDS_FILE).read_text().splitlines()]
+    assert [r["step"] for r in records if r["kind"] == "step"] == [1, 2, 3, 4]
+    assert sum(r["grad_norm"] > 0 for r in records if r["kind"] == "step") == 1
+    assert [r["skipped_questions"] for r in records if r["kind"] == "epoch"] == [15]
+    state = torch.load(tmp_path / "two" / "dpr_extractive_reader.0", weights_only=True)["optimizer_dict"]["state"]
+    assert {int(s["step"]) for s in state.values()} == {1}

@@ -75,24 +75,27 @@ def all_gather_rows(tensor: torch.Tensor) -> List[torch.Tensor]:
     return out
 
 
-def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> None:
-    """Sum the gradients of all processes, in one flat buffer. A trainable parameter without a gradient counts
-    as zero, so every process sends a buffer of the same layout."""
-    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
-        return
+def all_reduce_gradients(parameters: Iterable[torch.nn.Parameter]) -> bool:
+    """Sum the gradients of all processes, in one flat buffer; returns whether any process backpropagated at all
+    (a reader step whose questions all lack a usable positive has nothing to apply). A trainable parameter without
+    a gradient counts as zero, so every process sends a buffer of the same layout, whatever its batch held; the
+    flag travels as one more element of that buffer, not in a collective of its own."""
     params = [p for p in parameters if p.requires_grad]
+    backpropagated = any(p.grad is not None for p in params)
+    if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1 or not params:
+        return backpropagated
     for p in params:
         if p.grad is None:
             p.grad = torch.zeros_like(p)
     grads = [p.grad for p in params]
-    if not grads:
-        return
-    flat = torch.cat([g.reshape(-1) for g in grads])
+    flag = torch.full((1,), float(backpropagated), dtype=grads[0].dtype, device=grads[0].device)
+    flat = torch.cat([g.reshape(-1) for g in grads] + [flag])
     dist.all_reduce(flat)
     offset = 0
     for g in grads:
         g.copy_(flat[offset : offset + g.numel()].view_as(g))
         offset += g.numel()
+    return bool(flat[-1] > 0)
 
 
 def all_reduce_sum(values: List[float], device: torch.device) -> List[float]:

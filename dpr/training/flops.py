@@ -31,7 +31,10 @@ class EncoderCost:
         return cls(_non_embedding_params(model), cfg.num_hidden_layers * cfg.hidden_size, 3 if trains else 1)
 
     def flops(self, attention_mask: torch.Tensor) -> float:
-        """Of the rows of attention_mask (..., width), each at its real length."""
+        """Of the rows of attention_mask (..., width), each at its real length; 0 for no rows (a reader batch whose
+        questions all lack a usable positive)."""
+        if attention_mask.numel() == 0:
+            return 0.0
         lengths = attention_mask.reshape(-1, attention_mask.shape[-1]).sum(-1, dtype=torch.float64)
         return self.passes * float((2 * self.params * lengths + 4 * self.layers_hidden * lengths * lengths).sum())
 

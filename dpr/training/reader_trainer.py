@@ -147,20 +147,23 @@ class ReaderTrainer(Trainer):
         if self.options.fully_resumable:
             torch.manual_seed(self.options.seed + update)  # dropout masks as a function of the update
         questions = len(batch.indices)
-        loss, attention_mask = self.forward_backward(local_slice(batch, self.dist.rank, self.dist.world_size), epoch)
-        return BatchResult(loss, questions, model_flops=self.flops.of_sequences(0, attention_mask))
+        local = local_slice(batch, self.dist.rank, self.dist.world_size)
+        loss, attention_mask, trained = self.forward_backward(local, epoch)
+        return BatchResult(loss, questions, model_flops=self.flops.of_sequences(0, attention_mask),
+                           skipped=len(local) - trained)
 
-    def forward_backward(self, indices: np.ndarray, epoch: int) -> Tuple[float, torch.Tensor]:
+    def forward_backward(self, indices: np.ndarray, epoch: int) -> Tuple[float, torch.Tensor, int]:
         """Loss of this process's questions (summed, as DPR), gradients times self.backward_weight accumulated
-        into .grad, and the attention mask of the sequences encoded (their FLOPs); 0 and an empty mask when none
-        of them has a usable positive."""
+        into .grad, the attention mask of the sequences encoded (their FLOPs) and the number of questions trained
+        on (those with a usable positive); 0, an empty mask and 0 when none has one."""
         o = self.options
         rngs = [np.random.default_rng([o.seed, epoch, int(q)]) for q in indices]
         batch = make_train_batch(self.train_samples, indices, self.tensorizer, o.passages_per_question,
                                  o.max_n_answers, rngs)
         if batch is None:
-            logger.warning("No question of this batch has a usable positive passage; skipped")
-            return 0.0, torch.zeros(0, 0)
+            if len(indices):
+                logger.warning("No question of this batch has a usable positive passage; skipped")
+            return 0.0, torch.zeros(0, 0), 0
         batch = batch.to(self.device)
         with self.precision.autocast():
             start_logits, end_logits, relevance_logits = self.model(batch.input_ids, batch.attention_mask)
@@ -169,7 +172,7 @@ class ReaderTrainer(Trainer):
         weighted = loss * self.backward_weight
         scaler = self.precision.grad_scaler
         (scaler.scale(weighted) if scaler is not None else weighted).backward()
-        return float(loss.detach()), batch.attention_mask
+        return float(loss.detach()), batch.attention_mask, len(batch.questions)
 
     def validation_due(self, epoch_update: int, update: int, updates_per_epoch: int) -> bool:
         """DPR's: every eval_step updates, counted over the whole training."""

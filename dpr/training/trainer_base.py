@@ -25,6 +25,7 @@ import logging
 import os
 import sys
 import time
+import warnings
 import zlib
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -42,7 +43,8 @@ from dpr.foundation.precision import make_precision
 from dpr.foundation.seed import set_seed
 from dpr.foundation.tensorboard import ScalarLog
 from dpr.models.encoder_spec import EncoderSpec
-from dpr.training.distributed import all_gather_rows, all_reduce_gradients, broadcast_parameters, init_distributed
+from dpr.training.distributed import (all_gather_rows, all_reduce_gradients, all_reduce_sum, broadcast_parameters,
+                                      init_distributed)
 from dpr.training.flops import ModelFlops
 from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
 
@@ -167,6 +169,7 @@ class BatchResult:
     questions: int  # in the global batch
     correct: Optional[int] = None  # questions whose positive scored highest, where the trainer counts them
     model_flops: float = 0.0  # of this process (dpr/training/flops.py)
+    skipped: int = 0  # of this process's questions, left out of the step (a reader question without a usable positive)
 
 
 @dataclass(frozen=True)
@@ -209,11 +212,21 @@ class ValidationRecord:
     best: bool
 
 
+@dataclass(frozen=True)
+class EpochRecord:
+    """The end of one epoch."""
+
+    epoch: int
+    loss: float  # mean over the epoch's batches
+    skipped_questions: int  # of all processes (BatchResult.skipped)
+
+
 @dataclass
 class TrainingRun:
     best_checkpoint: Optional[str]
     steps: List[StepRecord]
     validations: List[ValidationRecord]
+    skipped_questions: int = 0  # of all processes and epochs (BatchResult.skipped)
 
 
 @dataclass
@@ -225,12 +238,14 @@ class _Window:
     questions: int = 0
     correct: Optional[int] = None
     flops: float = 0.0
+    skipped: int = 0
 
     def add(self, result: BatchResult) -> None:
         self.loss += result.loss
         self.batches += 1
         self.questions += result.questions
         self.flops += result.model_flops
+        self.skipped += result.skipped
         if result.correct is not None:
             self.correct = (self.correct or 0) + result.correct
 
@@ -276,6 +291,7 @@ class Trainer:
         self.best: Optional[ValidationRecord] = None
         self.step_records: List[StepRecord] = []
         self.validation_records: List[ValidationRecord] = []
+        self.skipped_questions = 0
 
     # ---------------------------------------------------------------- what a trainer supplies
     def gradient_compensation(self) -> float:
@@ -391,7 +407,7 @@ class Trainer:
         best = self.best.checkpoint if self.best else None
         logger.info("Training finished. Best validation checkpoint %s", best)
         self.scalars.close()
-        return TrainingRun(best, self.step_records, self.validation_records)
+        return TrainingRun(best, self.step_records, self.validation_records, self.skipped_questions)
 
     def _train_epoch(self, epoch: int, first: int) -> None:
         s = self.settings
@@ -419,13 +435,27 @@ class Trainer:
                 rolling = _Window()
         progress.close()
         logger.info("Av Loss per epoch=%f", epoch_window.mean_loss)
+        # every process reaches the end of the epoch: a collective of all of them, whatever their batches held
+        skipped = int(all_reduce_sum([float(epoch_window.skipped)], self.device)[0])
+        if skipped:
+            logger.warning("%d training question(s) of epoch %d had no usable positive passage and were skipped",
+                           skipped, epoch)
+        self.skipped_questions += skipped
+        self._write_record("epoch", EpochRecord(epoch, epoch_window.mean_loss, skipped))
         if epoch_window.correct is not None:
             logger.info("epoch total correct predictions=%d", epoch_window.correct)
         self._validate_and_save(epoch, 0)
 
     def optimizer_step(self, scheduler) -> float:
-        """All-reduce, unscale, clip, step; returns the total gradient norm before clipping."""
-        all_reduce_gradients(self.params)
+        """All-reduce, unscale, clip, step; returns the total gradient norm before clipping. An update in which no
+        process backpropagated (every question of it skipped) leaves the weights and the optimizer's moments as they
+        are; the schedule advances, as it counts updates."""
+        if not all_reduce_gradients(self.params):
+            with warnings.catch_warnings():  # a schedule that advances past an update without a step is meant
+                warnings.filterwarnings("ignore", message="Detected call of `lr_scheduler.step()` before")
+                scheduler.step()
+            self.optimizer.zero_grad(set_to_none=True)
+            return 0.0
         scaler = self.precision.grad_scaler
         if scaler is not None:
             scaler.unscale_(self.optimizer)
