@@ -26,8 +26,14 @@ def data(tmp_path_factory):
     }
 
 
-def run(args, cwd, launcher=(sys.executable,), expect_ok=True):
+def run(args, cwd, launcher=(sys.executable,), expect_ok=True, **env_changes):
+    """Exit status and output of the command; env_changes set (None: remove) environment variables."""
     env = dict(os.environ, PYTHONPATH=str(REPO), OMP_NUM_THREADS="1")
+    for name, value in env_changes.items():
+        if value is None:
+            env.pop(name, None)
+        else:
+            env[name] = value
     proc = subprocess.run([*launcher, *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
     output = proc.stdout + proc.stderr
     if expect_ok:
@@ -57,13 +63,16 @@ def test_gc_dpr_command_line(data, tmp_path):
 
 
 def test_hydra_command_line(data, tmp_path):
-    out = tmp_path / "hydra"
+    """With train.compile_dropout at its default (true: the suite's conftest turns it off for every other run), so
+    that the compiled dropout draw runs as a user's training runs it: it compiles (inductor writes its kernels)."""
+    out, inductor = tmp_path / "hydra", tmp_path / "inductor"
     _, output = run([
         SCRIPT, f"train_datasets=[{data['train']}]", f"dev_datasets=[{data['dev']}]", f"output_dir={out}",
         f"encoder.pretrained_model_cfg={data['model']}", "encoder.sequence_length=48", "train.batch_size=8",
         "train.num_train_epochs=1", "train.log_batch_step=1",
-    ], tmp_path)
+    ], tmp_path, DPR_COMPILE_DROPOUT=None, TORCHINDUCTOR_CACHE_DIR=str(inductor))
     assert [s[0] for s in steps(out)] == [1, 2] and (out / "dpr_biencoder.0").exists()
+    assert any(path.is_file() for path in inductor.rglob("*")), "the dropout kernel was compiled"
 
 
 def test_bad_flag_and_bad_file_fail_clearly(data, tmp_path):

@@ -1,9 +1,11 @@
 """Per-example dropout masks: a pure function of (example seed, call, canonical index), so the same in any batch,
 at any padding and on replay."""
 from fractions import Fraction
+from types import SimpleNamespace
 
 import pytest
 import torch
+from torch._inductor.exc import InvalidCxxCompiler
 from transformers import BertConfig
 
 import dpr.models.example_dropout as example_dropout_module
@@ -186,7 +188,7 @@ def failing_compile(calls):
     def compile_(function, **options):
         def compiled(*args):
             calls.append(options)
-            raise RuntimeError("InvalidCxxCompiler: no working C++ compiler found")
+            raise InvalidCxxCompiler()  # what inductor raises on a machine without a C++ compiler
         return compiled
     return compile_
 
@@ -256,3 +258,90 @@ def test_training_with_the_compiled_draw_equals_eager_training_and_the_cache_the
     assert cached_steps[0].grad_norm == pytest.approx(steps[0].grad_norm, rel=1e-4)
     for key, tensor in model_dict.items():
         torch.testing.assert_close(cached_model[key], tensor, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")
+
+
+@pytest.fixture
+def fresh_compilation(monkeypatch):
+    """This process as if it had never tried to compile the draw (restored after the test)."""
+    monkeypatch.setattr(example_dropout_module, "_compiled", None)
+    monkeypatch.setattr(example_dropout_module, "_compile_failure", None)
+
+
+def stub_compile(monkeypatch, kernel_calls):
+    """torch.compile replaced by one whose kernel is `kernel_calls(n, function, args)` for the n-th call."""
+    counter = []
+
+    def compile_(function, **options):
+        def compiled(*args):
+            counter.append(1)
+            return kernel_calls(len(counter), function, args)
+        return compiled
+    monkeypatch.setattr(torch, "compile", compile_)
+
+
+@pytest.mark.parametrize("config", [{"cache_size_limit": 8}, {}])
+def test_a_torch_whose_dynamo_lacks_recompile_limit_still_draws(monkeypatch, fresh_compilation, config):
+    """torch <= 2.6 calls the setting cache_size_limit (setup.py allows torch>=2.1); one with neither keeps its
+    default. Either way the draw runs, compiled, with the eager masks."""
+    old_config = SimpleNamespace(**config)
+    monkeypatch.setattr(torch._dynamo, "config", old_config)
+    stub_compile(monkeypatch, lambda n, function, args: function(*args))
+    shape, sequence_dims = ODD[1]
+    compiled = masks(SEEDS, shape, sequence_dims, compiled=True)
+    assert compiled_draw_failure() is None
+    assert all(torch.equal(c, e) for c, e in zip(compiled, masks(SEEDS, shape, sequence_dims, compiled=False)))
+    assert vars(old_config) == ({"cache_size_limit": example_dropout_module.RECOMPILE_LIMIT} if config else {})
+
+
+def test_a_failure_while_setting_up_the_compiler_draws_eagerly(monkeypatch, fresh_compilation):
+    def compile_(function, **options):
+        raise RuntimeError("this torch cannot compile")
+    monkeypatch.setattr(torch, "compile", compile_)
+    shape, sequence_dims = ODD[0]
+    compiled = masks(SEEDS, shape, sequence_dims, compiled=True)
+    assert all(torch.equal(c, e) for c, e in zip(compiled, masks(SEEDS, shape, sequence_dims, compiled=False)))
+    assert "this torch cannot compile" in compiled_draw_failure()
+
+
+def out_of_memory_wrapped_by_inductor():
+    try:
+        raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB")
+    except torch.OutOfMemoryError as error:
+        raise RuntimeError("compiled kernel failed") from error
+
+
+@pytest.mark.parametrize("failure", [
+    lambda: torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB"),
+    lambda: MemoryError(),
+    out_of_memory_wrapped_by_inductor,
+    lambda: RuntimeError("CUDA error: an illegal memory access was encountered"),
+], ids=["cuda_oom", "host_oom", "wrapped_oom", "device_error"])
+def test_an_error_of_running_the_kernel_is_raised_not_taken_for_a_compilation_failure(monkeypatch, fresh_compilation,
+                                                                                    failure):
+    """Out of memory inside the kernel: the eager draw needs more memory, so switching to it for good with a
+    warning that blames compilation would hide the cause and make it worse; the error is the caller's."""
+    def kernel(n, function, args):
+        error = failure()
+        if error is not None:
+            raise error
+    stub_compile(monkeypatch, kernel)
+    shape, sequence_dims = ODD[0]
+    expected = (torch.OutOfMemoryError, MemoryError, RuntimeError)
+    with pytest.raises(expected):
+        masks(SEEDS, shape, sequence_dims, compiled=True)
+    assert compiled_draw_failure() is None
+
+
+def test_a_backward_that_fails_to_compile_falls_back_as_forward_does(monkeypatch, fresh_compilation):
+    """Backward runs the compiled kernel again (a gradient of another dtype or layout can compile anew): where that
+    fails to compile, it draws the same mask eagerly, as forward does, and the process draws eagerly from then on."""
+    def kernel(n, function, args):
+        if n > 4:  # the four forward calls compile; the first backward does not
+            raise InvalidCxxCompiler()
+        return function(*args)
+    stub_compile(monkeypatch, kernel)
+    shape, sequence_dims = ODD[1]
+    compiled, compiled_grad = outputs_and_gradients(SEEDS, shape, sequence_dims, 0.5, torch.float32, compiled=True)
+    assert "C++ compiler" in compiled_draw_failure()
+    eager, eager_grad = outputs_and_gradients(SEEDS, shape, sequence_dims, 0.5, torch.float32, compiled=False)
+    assert all(torch.equal(c, e) for c, e in zip(compiled, eager)) and torch.equal(compiled_grad, eager_grad)

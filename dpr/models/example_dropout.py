@@ -23,8 +23,10 @@ input (16 bytes of working memory per element): memory-bound, about 40% of a CPU
 (`example_seeds(..., compiled=True)`, the trainer's `train.compile_dropout`) is one torch.compile'd kernel with
 dynamic shapes that hashes in registers, applies the mask and writes only the result; backward draws the mask again
 (nothing of the input's size is kept). It compiles once per process (seconds with inductor's on-disk cache, up to a
-minute without); where it cannot compile (no C++ compiler, an unsupported platform) the eager draw runs, the log
-says so once, and `compiled_draw_failure()` tells why.
+minute without); where it cannot compile (no C++ compiler, an unsupported platform, a torch without a setting it
+makes) the eager draw runs, forward and backward, the log says so once, and `compiled_draw_failure()` tells why.
+Only a failure to compile falls back: an error of running the kernel (out of memory above all: the eager draw
+needs more) is raised as it is.
 
 Outside the context, or in eval mode, everything behaves as the standard modules do (attention runs through
 PyTorch's fused SDPA kernel).
@@ -32,6 +34,7 @@ PyTorch's fused SDPA kernel).
 import logging
 import math
 import platform
+import subprocess
 import sys
 import threading
 from contextlib import contextmanager
@@ -219,17 +222,64 @@ def _draw_and_apply(x: torch.Tensor, starts: torch.Tensor, terms: Sequence[torch
 
 
 def _compiled_kernel() -> Optional[Callable]:
-    """The compiled _draw_and_apply, or None where compilation failed or is unavailable in this process."""
+    """The compiled _draw_and_apply, or None where compilation failed or is unavailable in this process. The whole
+    set-up is guarded: a torch whose dynamo lacks a setting or torch.compile fails draws eagerly."""
     global _compiled
     if _compile_failure is None and _compiled is None:
-        if not torch._dynamo.is_dynamo_supported():
-            _give_up_compiling(f"torch.compile does not support Python {platform.python_version()} on {sys.platform}")
-        else:
-            # dynamo keeps 8 graphs per function by default; this one has one per (dims, dtype), and one more where
-            # a batch or width of 1 specialises: about 12 at most in a run, none per call, layer or width
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, RECOMPILE_LIMIT)
+        try:
+            if not torch._dynamo.is_dynamo_supported():
+                raise RuntimeError(f"torch.compile does not support Python {platform.python_version()} on "
+                                   f"{sys.platform}")
+            _raise_recompile_limit(torch._dynamo.config)
             _compiled = torch.compile(_draw_and_apply, dynamic=True)
+        except Exception as error:  # noqa: BLE001 (no compiled draw here, whatever the cause: the eager one)
+            if _is_out_of_memory(error):
+                raise
+            _give_up_compiling(_failure_text(error))
     return _compiled if _compile_failure is None else None
+
+
+def _raise_recompile_limit(config) -> None:
+    """dynamo keeps 8 graphs per function by default; this one has one per (dims, dtype), and one more where a batch
+    or width of 1 specialises: about 12 at most in a run, none per call, layer or width. The setting is
+    `recompile_limit` since torch 2.7, `cache_size_limit` before; a torch with neither keeps its default."""
+    for name in ("recompile_limit", "cache_size_limit"):
+        if hasattr(config, name):
+            setattr(config, name, max(getattr(config, name), RECOMPILE_LIMIT))
+            return
+
+
+def _causes(error: BaseException):
+    """error and the exceptions it was raised from or during (dynamo and inductor wrap what they catch)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        yield error
+        error = error.__cause__ or error.__context__
+
+
+_OUT_OF_MEMORY = (getattr(torch, "OutOfMemoryError", torch.cuda.OutOfMemoryError), MemoryError)
+
+
+def _is_out_of_memory(error: BaseException) -> bool:
+    return any(isinstance(e, _OUT_OF_MEMORY) for e in _causes(error))
+
+
+def _is_compilation_failure(error: BaseException) -> bool:
+    """A failure to compile the kernel (dynamo, inductor, Triton, no C++ compiler), not a failure of running it: an
+    out-of-memory error is never one (the eager draw needs more memory, not less), nor a device error."""
+    if _is_out_of_memory(error):
+        return False
+    for e in _causes(error):
+        module = type(e).__module__ or ""
+        if (isinstance(e, (torch._dynamo.exc.TorchDynamoException, ImportError, OSError, subprocess.SubprocessError))
+                or module.startswith(("torch._inductor", "torch._dynamo", "triton"))):
+            return True
+    return False
+
+
+def _failure_text(error: BaseException) -> str:
+    return f"{type(error).__name__}: {error}"
 
 
 def _give_up_compiling(reason: str) -> None:
@@ -260,7 +310,18 @@ class _CompiledExampleDropout(torch.autograd.Function):
     def backward(ctx, grad):
         starts, threshold, *terms = ctx.saved_tensors
         # d/dx of where(keep, x, 0) * scale; contiguous and a tuple of terms, as in forward, so its graph serves
-        grad_x = _compiled(grad.contiguous(), starts, tuple(terms), threshold, ctx.scale)
+        grad = grad.contiguous()
+        kernel = _compiled if _compile_failure is None else None
+        grad_x = None
+        if kernel is not None:
+            try:
+                grad_x = kernel(grad, starts, tuple(terms), threshold, ctx.scale)
+            except Exception as error:  # noqa: BLE001 (filtered: only a failure to compile falls back)
+                if not _is_compilation_failure(error):
+                    raise
+                _give_up_compiling(_failure_text(error))
+        if grad_x is None:  # the same function run eagerly: the same mask
+            grad_x = _draw_and_apply(grad, starts, tuple(terms), threshold, ctx.scale)
         return (grad_x, None, None, None) + (None,) * len(terms)
 
 
@@ -276,8 +337,10 @@ def _compiled_draw_and_apply(x: torch.Tensor, block: _Block, call: int, p: float
     starts = block.keys + _int64((call << CALL_SHIFT) * GOLDEN)
     try:
         return _CompiledExampleDropout.apply(x, starts, threshold, 1.0 / (1.0 - p), *terms)
-    except Exception as error:  # noqa: BLE001 (any failure to compile: the eager draw gives the same masks)
-        _give_up_compiling(f"{type(error).__name__}: {error}")
+    except Exception as error:  # noqa: BLE001 (filtered: only a failure to compile falls back to the eager draw)
+        if not _is_compilation_failure(error):
+            raise
+        _give_up_compiling(_failure_text(error))
         return None
 
 
