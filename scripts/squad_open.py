@@ -35,36 +35,32 @@ Two recipes set the defaults; any option given explicitly wins:
     several times that under load (docs/quickstart.md).
 """
 import argparse
-import fcntl
 import json
 import os
 import random
 import shlex
 import shutil
-import signal
-import subprocess
 import sys
 import time
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Callable, Dict, Iterator, List, Optional, Sequence
+from typing import Callable, Dict, List, Optional, Sequence
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))  # runnable from anywhere: the `dpr` package of this checkout
 # light imports (no torch): --help and the input checks answer at once
-from dpr.foundation.errors import UserInputError, user_errors_in_one_line  # noqa: E402
-from dpr.foundation.files import (atomic_output, ensure_writable_directory,  # noqa: E402
-                                  remove_stale_temporaries)
-from dpr.foundation.provenance import file_identity  # noqa: E402
+from dpr.foundation.errors import user_errors_in_one_line  # noqa: E402
+from dpr.foundation.files import atomic_output, ensure_writable_directory, remove_stale_temporaries  # noqa: E402
+from dpr.foundation.process_groups import end_orphan_process_group, ending_raises, run_in_process_group  # noqa: E402
+from dpr.foundation.run_lock import RunLock, run_lock  # noqa: E402
+from dpr.foundation.stage_records import (DamagedStageRecordError, StageRecord, input_identities,  # noqa: E402
+                                          read_stage_record, stage_record_path, write_stage_record)
 
 TOP_KS = (1, 5, 20, 50, 100)
 DATA_FILES = ("psgs.tsv", "biencoder-train.json", "train.qa.csv", "dev.qa.csv")
 DISTRACTOR_COLLECTION = "psgs_plus_wikitext2.tsv"
 RETRIEVER_LABELS = {"bm25": "BM25", "hybrid": "hybrid"}  # in stage names
-LOCK_NAME = ".squad_open.lock"
-STOP_GRACE_S = 10.0  # a stage ended with the script gets this long after SIGTERM before SIGKILL
 MATPLOTLIB_MISSING = ("matplotlib is needed for the plot: pip install matplotlib (the install's demo extra has it), "
                       "or pass --no_plot")
 
@@ -189,190 +185,72 @@ class Pipeline:
         A stage that runs makes every later stage run again (they read its new outputs).
 
         `inputs` are every file the command reads (None: none there): the data files, the question samples this
-        script writes, the checkpoint it starts from; their `file_identity` (size, mtime and a hash of sampled
-        blocks: milliseconds for a 13 GB passage file, where a sha256 takes a minute on every rerun, and any
-        rewrite changes the mtime) is recorded beside the command. `outputs` are folders the stage would read back
+        script writes, the checkpoint it starts from; their identities are recorded beside the command
+        (dpr/foundation/stage_records.py). `outputs` are folders the stage would read back
         if they held an earlier run's files (checkpoints a trainer resumes from, a saved index a retriever loads):
         they are removed before the stage runs, unless the stage is `resumable` and this very command resuming
         after an interruption."""
         args = (*args, *self.common_overrides)
         command = [sys.executable, script, *args]
         shown = shlex.join(["python", script, *args])
-        record = self.run_dir / "stages" / f"{len(self.stages):02d}.json"
-        earlier = None if self.dry_run else read_stage_record(record)
-        identities = {} if self.dry_run else {str(path): file_identity(path) if path.is_file() else None
-                                              for path in inputs if path is not None}
-        same_stage = earlier is not None and earlier["command"] == shown and earlier.get("inputs") == identities
-        if same_stage and earlier["seconds"] is not None:
-            print(f"\n= {shown}\n  (done by an earlier run in {format_seconds(earlier['seconds'])}: {record})",
+        record = stage_record_path(self.run_dir / "stages", len(self.stages))
+        earlier = None if self.dry_run else read_earlier_stage(record)
+        identities = {} if self.dry_run else input_identities(inputs)
+        if earlier is not None and earlier.done_as(shown, identities):
+            print(f"\n= {shown}\n  (done by an earlier run in {format_seconds(earlier.seconds)}: {record})",
                   flush=True)
-            self.stages.append(Stage(name, earlier["seconds"], shown))
+            self.stages.append(Stage(name, earlier.seconds, shown))
             return
         print(f"\n+ {shown}", flush=True)
         if not self.dry_run:
-            if not (same_stage and resumable):
+            if not (earlier is not None and earlier.same_as(shown, identities) and resumable):
                 for folder in outputs:
                     if folder.exists():
                         print(f"  (removing {folder}: an earlier run's outputs)", flush=True)
                         shutil.rmtree(folder)
-            record.parent.mkdir(parents=True, exist_ok=True)
-            for later in record.parent.glob("*.json"):
-                if later.name > record.name:
-                    later.unlink()  # stages after a rerun one read its new outputs: they run again
-            self._record(record, name, shown, identities, None)  # started: an interrupted stage resumes its outputs
+            # started: an interrupted stage resumes its outputs; the stages after it run again
+            write_stage_record(record, StageRecord(name, shown, identities, None))
         started = time.perf_counter()
         if not self.dry_run and run_command(command, self.on_stage_start) != 0:
             sys.exit(f"squad_open: '{name}' failed; its log is under {self.run_dir / 'logs'}")
         stage = Stage(name, time.perf_counter() - started, shown)
         self.stages.append(stage)
         if not self.dry_run:
-            self._record(record, name, shown, identities, stage.seconds)
-
-    @staticmethod
-    def _record(record: Path, name: str, command: str, inputs: Dict[str, Optional[dict]],
-                seconds: Optional[float]) -> None:
-        write_text_atomically(record, json.dumps({"name": name, "command": command, "inputs": inputs,
-                                                  "seconds": seconds}) + "\n")
+            write_stage_record(record, StageRecord(name, shown, identities, stage.seconds))
 
     def hydra_dir(self, name: str) -> str:
         """Where hydra keeps a step's log and resolved config (not in the repository's outputs/)."""
         return f"hydra.run.dir={self.run_dir / 'logs' / name}"
 
 
-def read_stage_record(record: Path) -> Optional[dict]:
-    """An earlier run's record of a stage; None when there is none, or when it is damaged (records are written
-    atomically, but a disk error or a hand edit can still leave one unreadable): the stage then runs again."""
-    if not record.is_file():
-        return None
+def read_earlier_stage(record: Path) -> Optional[StageRecord]:
+    """An earlier run's record of a stage; None when there is none, or when it is damaged (the stage then runs
+    again)."""
     try:
-        earlier = json.loads(record.read_text(encoding="utf-8"))
-        if (isinstance(earlier, dict) and isinstance(earlier.get("command"), str)
-                and isinstance(earlier.get("inputs"), dict)
-                and isinstance(earlier.get("seconds", ""), (int, float, type(None)))):
-            return earlier
-    except ValueError:  # not JSON, not UTF-8
-        pass
-    print(f"  ({record} is damaged: the stage runs again)", flush=True)
-    return None
+        return read_stage_record(record)
+    except DamagedStageRecordError:
+        print(f"  ({record} is damaged: the stage runs again)", flush=True)
+        return None
 
 
 def run_command(command: List[str], on_start: Callable[[int], None]) -> int:
-    """Run a stage in its own process group (`on_start` is told its id) and return its exit status. If the script
-    is ended meanwhile (Ctrl-C, SIGTERM: see `ending_stops_the_stage`), the whole group ends with it (the entry
-    script, its data loader workers), so no orphan keeps writing into the run directory."""
-    process = subprocess.Popen(command, cwd=REPO, start_new_session=True)
-    try:
-        on_start(process.pid)
-        return process.wait()
-    except BaseException:
-        stop_process_group(process)
-        raise
+    """Run a stage from the repository root in its own process group (`on_start` is told its id); ending the script
+    ends the group."""
+    return run_in_process_group(command, REPO, on_start)
 
 
-def stop_process_group(process: subprocess.Popen) -> None:
-    """SIGTERM to the process group of `process` (its leader), STOP_GRACE_S to end, then SIGKILL to what is left."""
-    try:
-        os.killpg(process.pid, signal.SIGTERM)
-        process.wait(timeout=STOP_GRACE_S)
-    except (ProcessLookupError, subprocess.TimeoutExpired):
-        pass
-    finally:
-        try:
-            os.killpg(process.pid, signal.SIGKILL)
-        except ProcessLookupError:
-            pass
-        process.wait()
-
-
-class ScriptEnded(SystemExit):
-    """SIGTERM or SIGHUP to the script, raised where it waits so that the running stage is stopped."""
-
-
-@contextmanager
-def ending_stops_the_stage() -> Iterator[None]:
-    """While the block runs, SIGTERM and SIGHUP end the script as Ctrl-C does: through an exception, which stops
-    the running stage (`run_command`) on its way out."""
-    def end(signum: int, frame) -> None:
-        raise ScriptEnded(128 + signum)
-
-    previous = {signum: signal.signal(signum, end) for signum in (signal.SIGTERM, signal.SIGHUP)}
-    try:
-        yield
-    finally:
-        for signum, handler in previous.items():
-            signal.signal(signum, handler)
-
-
-class RunDirectoryBusyError(UserInputError):
-    """Another live run holds the run directory."""
-
-
-@contextmanager
-def run_directory_lock(run_dir: Path) -> Iterator[Callable[[int], None]]:
-    """Hold RUN_DIR/.squad_open.lock (flock) for the block; a second run into the same folder is refused in one
-    line. The kernel releases the lock when its holder dies, so a killed run's lock is taken over (stage
-    processes do not inherit it: Popen closes their descriptors). The lock file names its holder and the process
-    group of the stage it runs (the block is given the function that records it); a run that takes the lock over
-    from a `kill -9`ed one first ends that run's stage, if it still runs."""
-    ensure_writable_directory(run_dir, "--run_dir")
-    with open(run_dir / LOCK_NAME, "a+", encoding="utf-8") as lock:
-        try:
-            fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            lock.seek(0)
-            holder = (lock.read().split() or ["unknown"])[0]
-            raise RunDirectoryBusyError(f"--run_dir {run_dir} is in use by another squad_open.py run (pid {holder}): "
-                                        "wait for it to end, stop it, or choose another --run_dir") from None
-        lock.seek(0)
-        earlier = lock.read().split()
-        if len(earlier) == 2 and earlier[1].isdigit():
-            end_orphan_stage(int(earlier[1]), run_dir)
-
-        def note_stage(process_group: int) -> None:
-            lock.seek(0)
-            lock.truncate()
-            lock.write(f"{os.getpid()} {process_group}\n")
-            lock.flush()
-
-        lock.seek(0)
-        lock.truncate()
-        lock.write(f"{os.getpid()}\n")
-        lock.flush()
-        yield note_stage
-
-
-def end_orphan_stage(process_group: int, run_dir: Path) -> None:
-    """End the stage process group a killed run left behind, if it still runs a command of this run directory
-    (a process group id reused by an unrelated program is left alone)."""
-    if not any(str(run_dir) in cmdline for cmdline in live_members(process_group)):
+def take_over_orphan_stage(lock: Optional[RunLock], run_dir: Path) -> None:
+    """End the stage a `kill -9`ed run into run_dir left running, as its lock record names it: on this host only (a
+    run_dir on a shared disk may have been run from another node, whose process groups mean nothing here)."""
+    earlier = lock.earlier if lock is not None else None
+    if earlier is None or earlier.process_group is None:
         return
-    print(f"  (ending process group {process_group}: a stage of a killed run into {run_dir}, still running)",
-          flush=True)
-    try:
-        os.killpg(process_group, signal.SIGTERM)
-    except ProcessLookupError:
-        return
-    deadline = time.monotonic() + STOP_GRACE_S
-    while live_members(process_group) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    try:
-        os.killpg(process_group, signal.SIGKILL)
-    except ProcessLookupError:
-        pass
-
-
-def live_members(process_group: int) -> List[str]:
-    """The command lines of the processes of a process group that have not ended (zombies have)."""
-    members = []
-    for stat in Path("/proc").glob("[0-9]*/stat"):
-        try:
-            state, _, group = stat.read_text().rsplit(")", 1)[1].split()[:3]
-            cmdline = (stat.parent / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except (OSError, ValueError):
-            continue  # ended meanwhile
-        if int(group) == process_group and state not in ("Z", "X"):
-            members.append(cmdline)
-    return members
+    if not earlier.on_this_host:
+        print(f"  (a killed run on {earlier.host} may have left its stage, process group {earlier.process_group}, "
+              f"running there: end it on {earlier.host} if it still writes into {run_dir})", flush=True)
+    elif end_orphan_process_group(earlier.process_group, str(run_dir)):
+        print(f"  (ended process group {earlier.process_group}: a stage of a killed run into {run_dir}, still "
+              "running)", flush=True)
 
 
 @dataclass(frozen=True)
@@ -596,7 +474,10 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     if args.dry_run:
         run_recipe(args, run_dir)
         return
-    with run_directory_lock(run_dir) as note_stage, ending_stops_the_stage():
+    ensure_writable_directory(run_dir, "--run_dir")
+    with run_lock(run_dir, "--run_dir") as lock, ending_raises():
+        take_over_orphan_stage(lock, run_dir)
+        note_stage = lock.note_process_group if lock is not None else (lambda process_group: None)
         for folder, name_prefix in ((run_dir, ""), (run_dir / "stages", ""), (run_dir / "data", ""),
                                     (run_dir / "reader", "dev.json")):
             remove_stale_temporaries(folder, name_prefix)  # of this script's writes killed in an earlier run

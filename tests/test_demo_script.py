@@ -9,6 +9,7 @@ import re
 import shlex
 import shutil
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -17,6 +18,7 @@ from pathlib import Path
 import pytest
 from hydra import compose, initialize_config_dir
 
+from dpr.foundation.run_lock import OutputInUseError
 from dpr.options.legacy_flags import config_top_level_keys, translate_argv
 from dpr.options.reader_flags import PREPROCESSING_FLAGS, PREPROCESSING_GC_DEFAULTS, gc_preprocessing_argv
 
@@ -467,8 +469,8 @@ def test_squad_open_one_run_per_run_dir(squad_open, tmp_path, monkeypatch):
     script, stage_pids = start_stuck_run(tmp_path, run_dir)
     argv = ["--data", str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot", "--bf16", "false"]
     try:
-        with pytest.raises(squad_open.RunDirectoryBusyError, match=f"in use by another squad_open.py run "
-                                                                   rf"\(pid {script.pid}\).*another --run_dir"):
+        with pytest.raises(OutputInUseError, match=rf"in use by another run \(driver.py, pid {script.pid} on "
+                                                   rf"{socket.gethostname()}\).*another --run_dir"):
             squad_open.main(argv)
         second = subprocess.run([sys.executable, str(SQUAD_OPEN), *argv], capture_output=True, text=True,
                                 timeout=120)
