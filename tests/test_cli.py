@@ -109,3 +109,30 @@ def test_two_processes_equal_one_process_with_the_global_batch(data, tmp_path):
     assert [s[0] for s in steps(tmp_path / "one")] == [s[0] for s in steps(tmp_path / "two")] == [1, 2]
     assert len(records_file(tmp_path / "two", "validation")) == 1
     assert_trains_as(tmp_path / "one", tmp_path / "two")
+
+
+HOLD_OUTPUT_DIR = """import sys, time
+from dpr.foundation.run_lock import acquire_run_lock
+lock = acquire_run_lock(sys.argv[1], "output_dir")
+print("held", flush=True)
+time.sleep(120)
+"""
+
+
+def test_a_second_training_into_a_busy_output_dir_is_one_line(data, tmp_path):
+    out = tmp_path / "busy"
+    out.mkdir()
+    env = dict(os.environ, PYTHONPATH=str(REPO))
+    first = subprocess.Popen([sys.executable, "-c", HOLD_OUTPUT_DIR, str(out)], env=env, stdout=subprocess.PIPE,
+                             text=True)
+    try:
+        assert first.stdout.readline().strip() == "held"
+        code, output = run([SCRIPT, f"train_datasets=[{data['train']}]", f"output_dir={out}",
+                            f"encoder.pretrained_model_cfg={data['model']}", "encoder.sequence_length=48"],
+                           tmp_path, expect_ok=False, HYDRA_FULL_ERROR=None)
+    finally:
+        first.kill()
+        first.wait()
+    last = output.strip().splitlines()[-1]
+    assert code == 1 and "Traceback" not in output
+    assert last.startswith(f"error: output_dir={out} is in use by another run (-c, pid {first.pid} on ")

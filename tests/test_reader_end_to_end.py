@@ -231,3 +231,11 @@ def test_a_batch_empty_on_one_process_only_keeps_both_in_step(data, mostly_unusa
     assert [r["skipped_questions"] for r in records if r["kind"] == "epoch"] == [15]
     state = torch.load(tmp_path / "two" / "dpr_extractive_reader.0", weights_only=True)["optimizer_dict"]["state"]
     assert {int(s["step"]) for s in state.values()} == {1}
+
+
+def test_the_reader_holds_its_output_dir_as_the_bi_encoder_does(data, tmp_path):
+    from dpr.foundation.run_lock import OutputInUseError, run_lock
+
+    with run_lock(tmp_path, "output_dir"):
+        with pytest.raises(OutputInUseError, match=f"output_dir={tmp_path} is in use by another run"):
+            ReaderTrainer(compose_config(overrides(data, tmp_path), CONFIG))

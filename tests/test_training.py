@@ -189,3 +189,22 @@ def test_the_process_device_comes_from_the_one_device_picker(monkeypatch):
     monkeypatch.delenv("WORLD_SIZE", raising=False)
     context = distributed.init_distributed(-1, no_cuda=True)
     assert asked == [(True, 0)] and context.device == torch.device("cpu") and context.world_size == 1
+
+
+def test_a_second_training_into_one_output_dir_is_refused_before_it_touches_it(data, tmp_path):
+    """Two trainings into one output_dir deleted each other's checkpoints (the second's start-up clean-up removed
+    the first's half-written save) and mixed two runs: the second is refused in one line naming the holder, and
+    the first's files are left as they are. Once the first has ended, the output_dir is free again."""
+    from dpr.foundation.run_lock import OutputInUseError, lock_file_for, run_lock
+
+    being_saved = tmp_path / ".dpr_biencoder.0.abcd1234.tmp"  # the first run's checkpoint, being written
+    being_saved.write_text("half a checkpoint")
+    cfg = compose_config(tiny_overrides(data["model"], data["train"], data["dev"], str(tmp_path)))
+    with run_lock(tmp_path, "output_dir"):  # the first run
+        with pytest.raises(OutputInUseError, match=rf"output_dir={tmp_path} is in use by another run \(.*pid "
+                                                   rf"{os.getpid()} on .*choose another output_dir"):
+            BiEncoderTrainer(cfg)
+        assert being_saved.read_text() == "half a checkpoint"
+    trainer, run = run_trainer(cfg)
+    assert run.steps and not being_saved.exists()  # the sole run cleans up
+    assert not lock_file_for(tmp_path).exists() and trainer.output_lock is None

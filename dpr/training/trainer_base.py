@@ -37,9 +37,10 @@ from tqdm import tqdm
 from dpr.data.batching import GlobalBatch
 from dpr.foundation import checkpoints
 from dpr.foundation.checkpoints import CheckpointError, CheckpointState, UnreadableCheckpointError
-from dpr.foundation.errors import ConfigError
+from dpr.foundation.errors import ConfigError, UserInputError
 from dpr.foundation.files import ensure_writable_directory, remove_stale_temporaries
 from dpr.foundation.precision import make_precision
+from dpr.foundation.run_lock import RunLock, acquire_run_lock
 from dpr.foundation.seed import set_seed
 from dpr.foundation.tensorboard import ScalarLog
 from dpr.models.encoder_spec import EncoderSpec
@@ -273,12 +274,11 @@ class Trainer:
             logging.getLogger("dpr").setLevel(logging.WARNING)  # one process speaks for all
         set_seed(cfg.seed)
         output_dir = self.ckpt_settings.output_dir
+        self.output_lock: Optional[RunLock] = None
         if trains:
             if not output_dir:
                 raise ConfigError("output_dir is required for training (checkpoints are written there)")
-            if self.dist.is_main:
-                ensure_writable_directory(output_dir, "output_dir")
-                self._remove_stale_temporaries()
+            self._hold_output_dir()
         self.checkpoint_file, self.checkpoint = self._find_checkpoint()
         position = torch.tensor([checkpoint_position(self.checkpoint_file, self.checkpoint)], device=self.device)
         check_same_start([tuple(row[0].tolist()) for row in all_gather_rows(position)])
@@ -325,6 +325,30 @@ class Trainer:
         raise NotImplementedError
 
     # ---------------------------------------------------------------- set-up
+    def _hold_output_dir(self) -> None:
+        """One run per output_dir: the main process (the one that writes) takes its lock before it cleans anything
+        up, or refuses in one line naming the holder; the other processes learn the outcome from it, so that a
+        refusal ends every process of the run at once, none waiting at a collective for a process that left."""
+        refusal: Optional[UserInputError] = None
+        if self.dist.is_main:
+            try:
+                ensure_writable_directory(self.ckpt_settings.output_dir, "output_dir")
+                self.output_lock = acquire_run_lock(self.ckpt_settings.output_dir, "output_dir")
+                self._remove_stale_temporaries()
+            except UserInputError as e:
+                refusal = e
+        outcomes = all_gather_rows(torch.tensor([[int(refusal is not None)]], device=self.device))
+        if refusal is not None:
+            raise refusal
+        if int(outcomes[0][0, 0]):
+            raise ConfigError(f"rank 0 refused output_dir={self.ckpt_settings.output_dir} (its message says why)")
+
+    def release_output_dir(self) -> None:
+        """Give up output_dir's lock (at the end of `run`; a process that dies gives it up anyway)."""
+        if self.output_lock is not None:
+            self.output_lock.release()
+            self.output_lock = None
+
     def _remove_stale_temporaries(self) -> None:
         count, size = remove_stale_temporaries(self.ckpt_settings.output_dir, self.ckpt_settings.file_name)
         if count:
@@ -387,7 +411,14 @@ class Trainer:
 
     # ---------------------------------------------------------------- the loop
     def run(self) -> TrainingRun:
-        """Train (or, without training data, evaluate); returns the best checkpoint and the records."""
+        """Train (or, without training data, evaluate); returns the best checkpoint and the records. output_dir is
+        released at the end, however it ends."""
+        try:
+            return self._train_or_evaluate()
+        finally:
+            self.release_output_dir()
+
+    def _train_or_evaluate(self) -> TrainingRun:
         if not self.has_training_data():
             return self._evaluate_only()
         s = self.settings
