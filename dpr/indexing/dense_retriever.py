@@ -36,8 +36,9 @@ from dpr.evaluation.qa_validation import (
 )
 from dpr.foundation.devices import process_device
 from dpr.foundation.errors import ConfigError
-from dpr.foundation.files import atomic_output, ensure_writable_output
+from dpr.foundation.files import atomic_output, ensure_writable_output, remove_stale_temporaries
 from dpr.foundation.precision import make_precision
+from dpr.foundation.run_lock import run_lock
 from dpr.indexing.configured_index import (
     bm25_index,
     build_or_load_index,
@@ -241,7 +242,19 @@ def validate_and_report(cfg: DictConfig, samples: Sequence[QASample], results: d
 
 
 def run_dense_retriever(cfg: DictConfig) -> dict[str, QAMatchStats]:
-    """The whole run; returns each retriever's match statistics ({} after `encode_q_and_save`)."""
+    """The whole run; returns each retriever's match statistics ({} after `encode_q_and_save`). One run per
+    out_file: it holds out_file's lock, and removes the temporaries of results files a killed run left."""
+    if cfg.encode_q_and_save or not cfg.out_file:
+        return _run(cfg)
+    ensure_writable_output(cfg.out_file, "out_file")
+    with run_lock(cfg.out_file, "out_file"):
+        for name in RETRIEVERS:
+            for path in {results_path(cfg.out_file, name, True), results_path(cfg.out_file, name, False)}:
+                remove_stale_temporaries(path.parent, path.name + ".")
+        return _run(cfg)
+
+
+def _run(cfg: DictConfig) -> dict[str, QAMatchStats]:
     names = retriever_names(cfg.retriever)
     if cfg.encode_q_and_save:
         if not cfg.q_encoding_path:

@@ -32,6 +32,7 @@ from dpr.data.tensorizer import Tensorizer
 from dpr.foundation.devices import process_device
 from dpr.foundation.errors import ConfigError
 from dpr.foundation.files import ensure_writable_output, remove_stale_temporaries
+from dpr.foundation.run_lock import run_lock
 from dpr.foundation.precision import make_precision
 from dpr.indexing.encoding import encode_batches, load_configured_encoder, padded_batches
 from dpr.indexing.shard_provenance import (
@@ -123,6 +124,11 @@ def generate_dense_embeddings(cfg: DictConfig) -> Path:
     _check_config(cfg)
     out_path = shard_path(cfg.out_file, cfg.shard_id, cfg.out_format)
     ensure_writable_output(out_path, "out_file")
+    with run_lock(out_path, "out_file"):  # one job per shard file: two would remove each other's temporaries
+        return _embed_shard(cfg, out_path)
+
+
+def _embed_shard(cfg: DictConfig, out_path: Path) -> Path:
     # "emb_1." and ".emb_1.provenance.json": this shard's temporaries only, not those of shard 10's job
     remove_stale_temporaries(out_path.parent, out_path.name + ".")
     remove_stale_temporaries(out_path.parent, sidecar_path(out_path).name + ".")
