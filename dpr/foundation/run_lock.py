@@ -107,7 +107,10 @@ class RunLock:
         self._descriptor = None
 
     def __del__(self):
-        self.release()
+        try:
+            self.release()
+        except Exception:  # noqa: BLE001 (at interpreter exit the modules it needs may be gone; the kernel unlocks)
+            pass
 
 
 def acquire_run_lock(output: Union[str, Path], option: str) -> Optional[RunLock]:
