@@ -7,7 +7,6 @@ import sys
 
 import numpy as np
 import pytest
-import torch
 
 from dpr.foundation.errors import ConfigError
 from dpr.data.embeddings_io import read_embeddings, shard_path
