@@ -87,6 +87,14 @@ def test_results_json_is_dpr_format(data, tmp_path):
         [c["has_answer"] for c in r["ctxs"]] for r in records]
 
 
+def test_the_log_names_the_results_file_not_its_temporary(data, tmp_path, caplog):
+    out_file = tmp_path / "results.json"
+    with caplog.at_level("INFO"):
+        run(data, out_file, n_docs=3)
+    assert f"saved retrieval results of 12 questions to {out_file}" in caplog.messages
+    assert not [message for message in caplog.messages if ".tmp" in message]
+
+
 @pytest.mark.parametrize("indexer,location", [("flat", "dir/"), ("hnsw", "prefix"), ("hnsw_sq", "dir/"),
                                               ("factory", "prefix")])
 def test_index_saved_by_one_run_gives_the_same_results_when_loaded(data, tmp_path, indexer, location):
