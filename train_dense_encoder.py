@@ -8,6 +8,7 @@ import os
 import hydra
 from omegaconf import DictConfig
 
+from dpr.options.numeric_options import check_numeric_options
 from dpr.options.legacy_flags import BIENCODER_FLAGS, BIENCODER_GC_DEFAULTS, config_top_level_keys, rewrite_sys_argv
 from dpr.training.biencoder_trainer import run_training
 from dpr.foundation.errors import user_errors_in_one_line
@@ -20,6 +21,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 def main(cfg: DictConfig) -> None:
     setup_logging()
     with user_errors_in_one_line():
+        check_numeric_options(cfg, "biencoder_train_cfg")
         run_training(cfg)
 
 

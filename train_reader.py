@@ -13,6 +13,7 @@ import os
 import hydra
 from omegaconf import DictConfig
 
+from dpr.options.numeric_options import check_numeric_options
 from dpr.options.legacy_flags import config_top_level_keys, rewrite_sys_argv
 from dpr.options.reader_flags import READER_FLAGS, READER_GC_DEFAULTS
 from dpr.training.reader_trainer import run_training
@@ -26,6 +27,7 @@ CONFIG_DIR = os.path.join(os.path.dirname(os.path.abspath(__file__)), "conf")
 def main(cfg: DictConfig) -> None:
     setup_logging()
     with user_errors_in_one_line():
+        check_numeric_options(cfg, "extractive_reader_train_cfg")
         run_training(cfg)
 
 

@@ -79,3 +79,21 @@ def forbid_calls(monkeypatch, *targets: str) -> None:
 
     for target in targets:
         monkeypatch.setattr(target, forbidden)
+
+
+def assert_same_but_float_noise(actual, expected, rel: float = 1e-5, abs_: float = 1e-6, where: str = "") -> None:
+    """Two JSON values equal in structure, order, strings and integers, their floats equal to float noise: the
+    outputs of two processes, whose thread counts and kernels change the last bits of a score (never a ranking)."""
+    if isinstance(expected, float) or isinstance(actual, float):
+        assert isinstance(actual, (int, float)) and isinstance(expected, (int, float)), where
+        assert abs(actual - expected) <= max(abs_, rel * abs(expected)), f"{where}: {actual} != {expected}"
+    elif isinstance(expected, dict):
+        assert isinstance(actual, dict) and list(actual) == list(expected), f"{where}: keys differ"
+        for key, value in expected.items():
+            assert_same_but_float_noise(actual[key], value, rel, abs_, f"{where}.{key}")
+    elif isinstance(expected, list):
+        assert isinstance(actual, list) and len(actual) == len(expected), f"{where}: lengths differ"
+        for index, (item, expected_item) in enumerate(zip(actual, expected)):
+            assert_same_but_float_noise(item, expected_item, rel, abs_, f"{where}[{index}]")
+    else:
+        assert actual == expected, f"{where}: {actual!r} != {expected!r}"

@@ -20,7 +20,9 @@ from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.indexing.shard_provenance import ShardProvenanceError
 from dpr.options.legacy_flags import config_top_level_keys, translate_argv
 from dpr.options.retriever_flags import DENSE_RETRIEVER_FLAGS, DENSE_RETRIEVER_GC_DEFAULTS
+from dpr.foundation.errors import ConfigError
 from tests.conftest import REPO_ROOT
+from tests.fixtures import forbid_calls
 from tests.retrieval_helpers import (
     gen_embs_config,
     passages,
@@ -87,6 +89,14 @@ def test_results_json_is_dpr_format(data, tmp_path):
         [c["has_answer"] for c in r["ctxs"]] for r in records]
 
 
+def test_the_log_names_the_results_file_not_its_temporary(data, tmp_path, caplog):
+    out_file = tmp_path / "results.json"
+    with caplog.at_level("INFO"):
+        run(data, out_file, n_docs=3)
+    assert f"saved retrieval results of 12 questions to {out_file}" in caplog.messages
+    assert not [message for message in caplog.messages if ".tmp" in message]
+
+
 @pytest.mark.parametrize("indexer,location", [("flat", "dir/"), ("hnsw", "prefix"), ("hnsw_sq", "dir/"),
                                               ("factory", "prefix")])
 def test_index_saved_by_one_run_gives_the_same_results_when_loaded(data, tmp_path, indexer, location):
@@ -100,6 +110,15 @@ def test_index_saved_by_one_run_gives_the_same_results_when_loaded(data, tmp_pat
     # the second run has no embedding files at all: it can only use the saved index
     run(data, tmp_path / "loaded.json", encoded_ctx_files="[]", **extra)
     assert (tmp_path / "built.json").read_text() == (tmp_path / "loaded.json").read_text()
+
+
+@pytest.mark.parametrize("factory, reason", [("Bogus", "could not parse index string Bogus"),
+                                             ("'IVF2,PQ7'", "should be a multiple of the number of subquantizers")])
+def test_an_index_factory_string_faiss_refuses_is_one_line(data, tmp_path, factory, reason, monkeypatch):
+    forbid_calls(monkeypatch, "dpr.indexing.faiss_indexers.DenseIndexer.index_data")
+    with pytest.raises(ConfigError, match=rf"^index_factory='[^']+' is refused by FAISS for \d+-dimensional vectors "
+                                          rf"\(.*{reason}.*\); give a FAISS index_factory string"):
+        run(data, tmp_path / "out.json", indexer="factory", index_factory=factory)
 
 
 def test_flat_and_hnsw_agree_on_the_top_passage(data, tmp_path):

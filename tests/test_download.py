@@ -4,9 +4,11 @@ import hashlib
 import io
 import logging
 import os
+import socket
 import subprocess
 import sys
 import threading
+import time
 from dataclasses import replace
 from email.utils import formatdate
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -31,7 +33,8 @@ class RangeHandler(BaseHTTPRequestHandler):
     response of those in ``server.always_drop``), then replaces the file by ``server.changed_after_drop[path]`` if
     given. ``server.validators`` / ``server.lengths`` off: no ETag / no Content-Length headers;
     ``server.validator_header``: the ETag or a Last-Modified; ``server.fixed_etag``: one ETag for every version;
-    ``server.extra_bytes``: sent after the body."""
+    ``server.extra_bytes``: sent after the body; ``server.content_types[path]``: a Content-Type header;
+    ``server.byte_delay``: seconds between the bytes of every body (a server that trickles)."""
 
     timeout = 5  # a stuck client cannot hold a handler thread for long
 
@@ -64,7 +67,18 @@ class RangeHandler(BaseHTTPRequestHandler):
             self.send_header(self.server.validator_header, etag)
         if self.server.lengths:
             self.send_header("Content-Length", str(len(body) - start))
+        if relative_path in self.server.content_types:
+            self.send_header("Content-Type", self.server.content_types[relative_path])
         self.end_headers()
+        if self.server.byte_delay:
+            try:
+                for index in range(start, len(body)):
+                    self.wfile.write(body[index:index + 1])
+                    self.wfile.flush()
+                    time.sleep(self.server.byte_delay)
+            except OSError:
+                pass  # the client gave up
+            return
         if relative_path in self.server.drop | self.server.always_drop:
             self.server.drop.discard(relative_path)
             self.wfile.write(body[start:start + (len(body) - start) // 2])
@@ -103,6 +117,7 @@ def start_server(tmp_path):
         httpd.root, httpd.requests, httpd.if_ranges, httpd.drop, httpd.always_drop = remote, [], [], set(), set()
         httpd.changed_after_drop, httpd.validators, httpd.lengths = {}, True, True
         httpd.validator_header, httpd.fixed_etag, httpd.ignore_if_range, httpd.extra_bytes = "ETag", None, False, b""
+        httpd.content_types, httpd.byte_delay = {}, 0.0
         httpd.url = f"http://127.0.0.1:{httpd.server_address[1]}/"
         thread = threading.Thread(target=httpd.serve_forever, kwargs={"poll_interval": 0.05}, daemon=True)
         thread.start()
@@ -391,3 +406,95 @@ def test_entry_script_tries_its_mirrors_in_order(start_server, tmp_path):
               "--output_dir", str(tmp_path / "out"), "--mirror", empty.url, good.url]
     subprocess.run(script, capture_output=True, text=True, timeout=60, cwd=tmp_path, check=True)
     assert (tmp_path / "out/downloads/data/retriever/qas/nq-dev.csv").read_text() == NQ_DEV_QAS
+
+
+NQ_DEV_PATH = "data/retriever/nq-dev.qa.csv"
+NQ_DEV_LOCAL = "data/retriever/qas/nq-dev.csv"
+TRIVIA_DEV_PATH = "data/retriever/trivia-dev.qa.csv.gz"
+
+
+def serve_not_the_file(server, case: str) -> tuple[str, str]:
+    """Make `server` answer one file with something that is not it, each answer a server may give with status
+    200 and a Content-Length that matches what it sends; return the resource key and its local path."""
+    if case == "html page for a csv":
+        (server.root / NQ_DEV_PATH).write_bytes(b"<html><body>Please sign in</body></html>\n")
+        server.content_types[NQ_DEV_PATH] = "text/html; charset=utf-8"
+    elif case == "html page for a gz, no html type":
+        (server.root / TRIVIA_DEV_PATH).write_bytes(b"<html><body>Please sign in</body></html>\n")
+        server.content_types[TRIVIA_DEV_PATH] = "application/octet-stream"
+        return "data.retriever.qas.trivia-dev", "data/retriever/qas/trivia-dev.csv"
+    elif case == "csv cut in a line":
+        (server.root / NQ_DEV_PATH).write_bytes(NQ_DEV_QAS.encode()[:-6])
+    return "data.retriever.qas.nq-dev", NQ_DEV_LOCAL
+
+
+CASES = ["html page for a csv", "html page for a gz, no html type", "csv cut in a line"]
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_what_is_not_the_file_is_refused_and_the_next_mirror_serves_it(start_server, tmp_path, case):
+    bad, good = start_server(), start_server()
+    key, local_path = serve_not_the_file(bad, case)
+    out = tmp_path / "out"
+    [local] = download(key, str(out), mirror=[bad.url, good.url], retry=FAST_RETRY)
+    expected = (good.root / good.requests[0][0]).read_bytes()
+    expected = gzip.decompress(expected) if key.endswith("trivia-dev") else expected
+    assert Path(local).read_bytes() == expected
+    assert [path for path, _ in bad.requests].count(good.requests[0][0]) == 1  # not worth a retry
+    assert manifest_entries(out)[local_path] == hashlib.sha256(expected).hexdigest()
+
+
+@pytest.mark.parametrize("case", CASES)
+def test_what_is_not_the_file_from_the_last_mirror_is_an_error_and_nothing_is_recorded(server, tmp_path, case):
+    key, local_path = serve_not_the_file(server, case)
+    out = tmp_path / "out"
+    with pytest.raises(DownloadError, match="not the|HTML page|newline"):
+        fetch(server, key, out)
+    assert not (out / "downloads" / local_path).exists()
+    assert local_path not in (manifest_entries(out) if (out / "downloads" / MANIFEST_NAME).exists() else {})
+    assert not [path for path in (out / "downloads").rglob("*.part")]
+    if case.startswith("html page for a gz"):  # nothing to accept: it cannot be gunzipped
+        with pytest.raises(DownloadError, match="not a valid gzip file"):
+            fetch(server, key, out, verify=False)
+    else:
+        [local] = fetch(server, key, out, verify=False)  # the user's explicit choice
+        assert Path(local).read_bytes() == (server.root / NQ_DEV_PATH).read_bytes()
+
+
+def test_a_mirror_that_trickles_gives_way_to_the_next_at_its_deadline(start_server, tmp_path):
+    slow, good = start_server(), start_server()
+    slow.byte_delay = 0.02  # 50 bytes a second: 307,200 bytes would take 100 minutes
+    started = time.monotonic()
+    [local] = download(CHECKPOINT, str(tmp_path / "out"), mirror=[slow.url, good.url],
+                       retry=replace(FAST_RETRY, deadline_s=1.0))
+    assert Path(local).read_bytes() == LARGE_BODY
+    assert time.monotonic() - started < 20 and len(slow.requests) == 1
+
+
+def test_a_trickling_last_mirror_is_an_error_naming_the_deadline_and_a_rerun_resumes(server, tmp_path):
+    server.byte_delay = 0.02
+    out = tmp_path / "out"
+    with pytest.raises(DownloadError, match=r"not complete within its deadline of 0.01 min \(\d+ bytes received\)"):
+        download(CHECKPOINT, str(out), mirror=server.url, retry=replace(FAST_RETRY, deadline_s=0.6))
+    server.byte_delay = 0.0
+    [local] = fetch(server, CHECKPOINT, out)
+    assert Path(local).read_bytes() == LARGE_BODY
+    assert server.requests[-1][1] not in (None, "bytes=0-")  # resumed the bytes that had arrived
+
+
+def test_giving_up_on_an_unreachable_server_names_the_mirror_option(tmp_path):
+    with socket.socket() as probe:  # a port that nothing listens on: as offline, the connection is refused
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    with pytest.raises(DownloadError, match=r"giving up after 2 attempts .*--mirror URL"):
+        download("data.retriever.qas.nq-dev", str(tmp_path / "out"), mirror=f"http://127.0.0.1:{port}/",
+                 retry=RetryPolicy(max_attempts=2, base_delay_s=0.01, timeout_s=5.0))
+
+
+@pytest.mark.parametrize("value", ["0", "-5", "nan", "soon"])
+def test_a_deadline_that_cannot_work_is_one_line(tmp_path, value):
+    result = subprocess.run([sys.executable, str(REPO_ROOT / "data" / "download_data.py"), "--resource",
+                             "data.retriever.qas.nq-dev", "--deadline_min", value], capture_output=True, text=True,
+                            timeout=60, cwd=tmp_path)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--deadline_min: {value!r} is not a number of minutes above 0" in result.stderr

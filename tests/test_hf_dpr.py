@@ -16,6 +16,7 @@ from transformers import (
 
 import convert_dpr_checkpoint
 from dpr.interop import hf_dpr
+from dpr.models import reader as reader_module
 from dpr.models.hf_encoder import build_encoder
 from dpr.models.encoder_spec import EncoderSpec
 from dpr.models.loading import load_inference_encoder
@@ -193,7 +194,6 @@ def make_reader_checkpoint(path: Path, base_dir: str) -> Path:
 
 
 def test_exported_reader_gives_this_repository_logits(tmp_path, base_dir):
-    reader_module = pytest.importorskip("dpr.models.reader")
     checkpoint = make_reader_checkpoint(tmp_path / "dpr_reader.1", base_dir)
     report = hf_dpr.export_reader(str(checkpoint), str(tmp_path / "hf_reader"))
     assert sorted(report.dropped) == ["encoder.pooler.dense.bias (no such weight in transformers' DPR)",

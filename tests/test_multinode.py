@@ -143,12 +143,12 @@ for ((node = 0; node < SLURM_NNODES; node++)); do echo 127.0.0.1; done
 
 
 def test_the_slurm_script_trains_two_nodes_as_one_process(data, tmp_path):
-    if shutil.which("torchrun") is None:
-        pytest.skip("torchrun is not on PATH")
     bin_dir = tmp_path / "bin"
     bin_dir.mkdir()
     write_stand_in(bin_dir, "srun", SRUN)
     write_stand_in(bin_dir, "scontrol", SCONTROL)
+    # this interpreter's torchrun, whether or not its console script is on PATH
+    write_stand_in(bin_dir, "torchrun", f'#!/bin/bash\nexec "{sys.executable}" -m torch.distributed.run "$@"\n')
     output_dir = tmp_path / "slurm"
     env = launcher_environment(
         PATH=f"{bin_dir}{os.pathsep}{os.environ['PATH']}", SLURM_NNODES="2", SLURM_JOB_ID="4242",

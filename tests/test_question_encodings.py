@@ -18,6 +18,7 @@ from dpr.indexing import dense_retriever
 from dpr.indexing.dense_retriever import run_dense_retriever
 from dpr.indexing.question_encodings import QuestionEncodingsError, record_path
 from tests.conftest import REPO_ROOT
+from tests.fixtures import assert_same_but_float_noise
 from tests.retrieval_helpers import retriever_config, tiny_model
 from tests.test_dense_retriever import data  # noqa: F401 (the fixture: tiny model, 2 shards, 12 questions)
 
@@ -169,7 +170,7 @@ def test_kill_at_random_points_never_leaves_a_partial_output(data, tmp_path):  #
     started = time.monotonic()
     subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
     duration = time.monotonic() - started
-    expected = (reference_dir / "results.json").read_text()
+    expected = json.loads((reference_dir / "results.json").read_text())
     expected_vectors = torch.load(reference_dir / "q.pt", weights_only=True)
     for point, fraction in enumerate(sorted(random.Random(0).uniform(0.4, 1.0) for _ in range(3))):
         out_dir = tmp_path / f"killed_{point}"
@@ -179,9 +180,11 @@ def test_kill_at_random_points_never_leaves_a_partial_output(data, tmp_path):  #
         time.sleep(duration * fraction)
         process.send_signal(signal.SIGKILL)
         process.wait()
+        # each run is a process of its own: its scores and vectors equal the reference's to float noise
         if (out_dir / "results.json").exists():
-            assert (out_dir / "results.json").read_text() == expected
+            assert_same_but_float_noise(json.loads((out_dir / "results.json").read_text()), expected)
         if (out_dir / "q.pt").exists():
-            assert torch.equal(torch.load(out_dir / "q.pt", weights_only=True), expected_vectors)
+            torch.testing.assert_close(torch.load(out_dir / "q.pt", weights_only=True), expected_vectors,
+                                       rtol=1e-5, atol=1e-6)
         subprocess.run(command, cwd=tmp_path, env=env, check=True, capture_output=True, timeout=300)
-        assert (out_dir / "results.json").read_text() == expected
+        assert_same_but_float_noise(json.loads((out_dir / "results.json").read_text()), expected)

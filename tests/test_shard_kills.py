@@ -85,5 +85,5 @@ def test_kill_9_during_a_re_embed_never_leaves_a_stale_shard_and_a_rerun_complet
     embed(data, data["new"], killed / "emb", 0)
     (record, (ids, vectors)), (expected_record, (expected_ids, expected_vectors)) = shard_0(killed), shard_0(reference)
     assert record == expected_record and ids == expected_ids
-    np.testing.assert_array_equal(vectors, expected_vectors)
+    np.testing.assert_allclose(vectors, expected_vectors, rtol=1e-5, atol=1e-6)  # two processes: float noise
     assert not [name for name in os.listdir(killed) if name.endswith(".tmp")]

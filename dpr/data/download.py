@@ -13,7 +13,12 @@ the whole new file, which replaces the part; a 206 is appended only when it prov
 the part's end, its Content-Range total is the first response's size and its validator the saved one), so a
 server that ignores If-Range cannot splice two versions. A server that gives no validator gets no resume: each
 attempt starts from zero. Several mirrors (base URLs) can be given: a file that one of them cannot serve whole
-(of the published size, within the retries) is fetched from the next.
+(of the published size, within the retries and the file's deadline) is fetched from the next, and so is one
+that serves what cannot be the file: an HTML page, a ``.gz`` without gzip's first bytes, a ``.csv``/``.tsv``
+that does not end with a newline (cut short, with a Content-Length to match).
+
+What the sha256 proves: DPR publishes no digests, so the first download's is recorded and later runs check the
+file against it; it catches a later corruption, never a wrong first download (the checks above do what they can).
 """
 from __future__ import annotations
 
@@ -65,13 +70,34 @@ class WrongSizeError(DownloadError):
     worth a retry from this server."""
 
 
+class NotTheFileError(DownloadError):
+    """The server answers with something that cannot be the file: an HTML page (a login, an error or a captcha
+    page served with status 200), a ``.gz`` without gzip's magic bytes, a text file cut in the middle of a line
+    (whose short Content-Length matched its short body): not worth a retry from this server."""
+
+
+class DeadlineError(DownloadError):
+    """A file was not complete within its deadline from one server (a server sending a byte a second never trips
+    the per-read timeout): the next mirror is asked, or a rerun resumes."""
+
+
+# A gzip stream's first two bytes (RFC 1952).
+GZIP_MAGIC = b"\x1f\x8b"
+# Uncompressed text data whose last byte must be a newline (DPR's question files end so): a body cut at the end of
+# a shortened Content-Length would pass every size check but this one.
+LINE_FILES = (".csv", ".tsv")
+DEFAULT_DEADLINE_MIN = 360.0
+
+
 @dataclass(frozen=True)
 class RetryPolicy:
-    """Bounded retries: attempt ``i`` (from 1) waits ``base_delay_s * 2**(i-1)`` seconds before the next."""
+    """Bounded retries: attempt ``i`` (from 1) waits ``base_delay_s * 2**(i-1)`` seconds before the next.
+    ``timeout_s`` bounds each read; ``deadline_s`` each file from one server, attempts and waits included."""
 
     max_attempts: int = 6
     base_delay_s: float = 2.0
     timeout_s: float = 60.0
+    deadline_s: float = DEFAULT_DEADLINE_MIN * 60
 
 
 @dataclass(frozen=True)
@@ -192,8 +218,9 @@ def download_resource(key: str, output_dir: str, manifest: ChecksumManifest,
 def ensure_file(urls: Sequence[str], target: Path, compressed: bool, manifest: ChecksumManifest, verify: bool,
                 retry: RetryPolicy, published_size: int | None = None) -> None:
     """Make ``target`` a complete, checksum-verified copy of the file at ``urls`` (mirrors of one file, tried in
-    order; gunzipped when ``compressed``); ``published_size``, the size of the file as fetched, is checked unless
-    ``verify`` is off."""
+    order; gunzipped when ``compressed``). Unless ``verify`` is off, what is fetched must be of ``published_size``
+    (the size of the file as fetched) and look like the file (`NotTheFileError`); a server that fails this, or
+    its deadline, gives way to the next one."""
     if target.exists():
         if is_intact(target, manifest, verify):
             logger.info("Skipping %s: already downloaded", target)
@@ -206,7 +233,10 @@ def ensure_file(urls: Sequence[str], target: Path, compressed: bool, manifest: C
     for url in urls:
         logger.info("Downloading %s to %s", url, target)
         try:
-            fetch_with_retries(url, part, retry, published_size if verify else None)
+            fetch_with_retries(url, part, retry, published_size if verify else None,
+                               expected_content(target, compressed) if verify else None)
+            if verify and not compressed:
+                check_line_file_end(url, part, target)
             digest = gunzip_to(part, target) if compressed else publish(part, target)
         except DownloadError as err:
             failures.append(str(err))
@@ -235,12 +265,41 @@ def is_intact(target: Path, manifest: ChecksumManifest, verify: bool) -> bool:
     return digest == recorded
 
 
-def fetch_with_retries(url: str, part: Path, retry: RetryPolicy, published_size: int | None = None) -> None:
-    """Fetch ``url`` into ``part``, resuming after each dropped connection, with bounded exponential backoff."""
+@dataclass(frozen=True)
+class ExpectedContent:
+    """What the fetched bytes of a file must look like: not an HTML page, and starting with ``magic``."""
+
+    name: str
+    magic: bytes = b""
+
+
+def expected_content(target: Path, compressed: bool) -> ExpectedContent:
+    return ExpectedContent(target.name, GZIP_MAGIC if compressed else b"")
+
+
+def check_line_file_end(url: str, part: Path, target: Path) -> None:
+    """A text data file (``.csv``, ``.tsv``) that does not end with a newline was cut in a line."""
+    if target.suffix not in LINE_FILES or part.stat().st_size == 0:
+        return
+    with open(part, "rb") as file:
+        file.seek(-1, os.SEEK_END)
+        if file.read(1) != b"\n":
+            discard_part(part)
+            raise NotTheFileError(f"{url} does not end with a newline: cut short in a line, not the whole "
+                                  f"{target.name} (check the mirror; --no-verify accepts it)")
+
+
+def fetch_with_retries(url: str, part: Path, retry: RetryPolicy, published_size: int | None = None,
+                       content: ExpectedContent | None = None) -> None:
+    """Fetch ``url`` into ``part``, resuming after each dropped connection, with bounded exponential backoff,
+    within ``retry.deadline_s``."""
+    deadline = time.monotonic() + retry.deadline_s
     for attempt in range(1, retry.max_attempts + 1):
         try:
-            fetch_to_part(url, part, retry.timeout_s, published_size)
+            fetch_to_part(url, part, retry.timeout_s, published_size, content, deadline)
             return
+        except DeadlineError as err:
+            raise deadline_error(url, retry.deadline_s, part) from err
         except urllib.error.HTTPError as err:
             if not is_transient_http_error(err.code):
                 raise DownloadError(f"{url}: HTTP {err.code} {err.reason}") from err
@@ -252,8 +311,12 @@ def fetch_with_retries(url: str, part: Path, retry: RetryPolicy, published_size:
         except (OSError, http.client.HTTPException) as err:  # URLError, timeouts, resets, incomplete bodies
             failure = err
         if attempt == retry.max_attempts:
-            raise DownloadError(f"{url}: giving up after {attempt} attempts ({failure})") from failure
+            raise DownloadError(f"{url}: giving up after {attempt} attempts ({failure}); another server may hold "
+                                f"the same files: --mirror URL [URL ...] (or ${MIRROR_ENV}), tried in order") \
+                from failure
         delay = retry.base_delay_s * 2 ** (attempt - 1)
+        if time.monotonic() + delay > deadline:
+            raise deadline_error(url, retry.deadline_s, part) from failure
         logger.warning("Attempt %d/%d for %s failed (%s); resuming in %.1f s",
                        attempt, retry.max_attempts, url, failure, delay)
         time.sleep(delay)
@@ -263,10 +326,18 @@ def is_transient_http_error(code: int) -> bool:
     return code in (408, 429) or code >= 500
 
 
-def fetch_to_part(url: str, part: Path, timeout_s: float, published_size: int | None = None) -> None:
+def deadline_error(url: str, deadline_s: float, part: Path) -> DeadlineError:
+    received = part.stat().st_size if part.exists() else 0
+    return DeadlineError(f"{url}: not complete within its deadline of {deadline_s / 60:g} min ({received} bytes "
+                         f"received); a slower server needs a longer --deadline_min, a rerun resumes")
+
+
+def fetch_to_part(url: str, part: Path, timeout_s: float, published_size: int | None = None,
+                  content: ExpectedContent | None = None, deadline: float = float("inf")) -> None:
     """Append the rest of ``url`` to ``part`` (a Range request, valid only for the version the part holds, when it
     has bytes); raise IncompleteDownloadError when fewer bytes than the file's size arrived, WrongSizeError when
-    the server's size is not the published one or it sends more bytes than that."""
+    the server's size is not the published one or it sends more bytes than that, NotTheFileError when the answer
+    is not of ``content``, DeadlineError past ``deadline`` (a ``time.monotonic()``)."""
     state = PartState.load(part) if part.exists() else None
     offset = part.stat().st_size if state is not None and state.validator else 0
     headers = {"Range": f"bytes={offset}-", "If-Range": state.validator} if offset else {}
@@ -279,9 +350,14 @@ def fetch_to_part(url: str, part: Path, timeout_s: float, published_size: int | 
             return  # the part already holds the whole file
         logger.warning("Partial file %s does not fit the remote file: restarting it", part)
         discard_part(part)
-        fetch_to_part(url, part, timeout_s, published_size)
+        fetch_to_part(url, part, timeout_s, published_size, content, deadline)
         return
     with response:
+        if content is not None and response.headers.get_content_type() == "text/html":
+            response.close()
+            discard_part(part)
+            raise NotTheFileError(f"{url} answered with an HTML page, not the data file {content.name} (a login, "
+                                  f"error or captcha page? check the mirror; --no-verify accepts it)")
         # A changed remote file (If-Range failed), a server that ignores Range and file:// URLs (status None)
         # answer with the whole file.
         if response.status == 206:
@@ -292,7 +368,7 @@ def fetch_to_part(url: str, part: Path, timeout_s: float, published_size: int | 
                                "it from the start", url, part.name, mismatch)
                 response.close()
                 discard_part(part)
-                fetch_to_part(url, part, timeout_s, published_size)
+                fetch_to_part(url, part, timeout_s, published_size, content, deadline)
                 return
         else:
             if offset:
@@ -308,8 +384,15 @@ def fetch_to_part(url: str, part: Path, timeout_s: float, published_size: int | 
             raise WrongSizeError(f"{url} has {total} bytes where {published_size} are published for it: not the "
                                  f"expected file (check the mirror; --no-verify accepts it)")
         expected = total if total is not None else published_size
+        magic = content.magic if content is not None and not offset else b""
         with open(part, "ab" if offset else "wb") as sink:
-            copy_with_progress(response, sink, expected, offset, part.name)
+            stopped = copy_with_progress(response, sink, expected, offset, part.name, deadline, magic)
+        if stopped == "magic":
+            discard_part(part)
+            raise NotTheFileError(f"{url} does not start as a gzip file ({content.name} is fetched gzipped): not "
+                                  f"the file (check the mirror; --no-verify accepts it)")
+        if stopped == "deadline":
+            raise DeadlineError(url)
         received = part.stat().st_size
     if expected is not None and received > expected:
         discard_part(part)
@@ -365,15 +448,28 @@ def content_range_total(content_range: str | None) -> int | None:
     return int(total) if total.isdigit() else None
 
 
-def copy_with_progress(source: BinaryIO, sink: BinaryIO, total: int | None, initial: int, label: str) -> None:
+def copy_with_progress(source: BinaryIO, sink: BinaryIO, total: int | None, initial: int, label: str,
+                       deadline: float = float("inf"), magic: bytes = b"") -> str | None:
+    """Copy until the body ends; stop early, returning why, when the first bytes are not ``magic`` ("magic") or
+    ``deadline`` has passed ("deadline"). ``read1`` returns what has arrived, so a server sending a byte a second
+    still meets the deadline (``read`` would wait for a whole chunk)."""
+    read = getattr(source, "read1", source.read)
+    head = b""
     # disable=None: the bar shows on a terminal only, so logs and tests stay clean.
     with tqdm(total=total, initial=initial, unit="B", unit_scale=True, unit_divisor=1024, desc=label,
               disable=None) as progress:
-        while chunk := source.read(CHUNK_SIZE):
+        while chunk := read(CHUNK_SIZE):
+            if len(head) < len(magic):
+                head += chunk[:len(magic) - len(head)]
+                if not magic.startswith(head):
+                    return "magic"
             sink.write(chunk)
             progress.update(len(chunk))
             if total is not None and sink.tell() > total:
                 break  # longer than the file: refused by the caller, without reading an endless body to the end
+            if time.monotonic() > deadline:
+                return "deadline"
+    return "magic" if head != magic else None
 
 
 def publish(part: Path, target: Path) -> str:

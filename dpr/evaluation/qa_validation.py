@@ -351,12 +351,12 @@ def retrieval_results_records(
 
 
 def write_retrieval_results(path: PathLike, records: Sequence[dict]) -> None:
-    """Write the records as DPR does: json.dumps(indent=4) plus a newline."""
+    """Write the records as DPR does: json.dumps(indent=4) plus a newline. `path` is usually a temporary of
+    `atomic_output`, so the caller names the final file in the log."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     with open(path, "w", encoding="utf-8") as writer:
         writer.write(json.dumps(records, indent=4) + "\n")
-    logger.info("saved retrieval results of %d questions to %s", len(records), path)
 
 
 def top_k_hits_from_results(path: PathLike) -> tuple[list[int], int]:

@@ -234,8 +234,10 @@ def validate_and_report(cfg: DictConfig, samples: Sequence[QASample], results: d
             records = retrieval_results_records(
                 [s.question for s in samples], answers, passages, closest, stats.questions_doc_hits
             )
-            with atomic_output(results_path(cfg.out_file, name, position == 0)) as temp_name:
+            out_path = results_path(cfg.out_file, name, position == 0)
+            with atomic_output(out_path) as temp_name:
                 write_retrieval_results(temp_name, records)
+            logger.info("saved retrieval results of %d questions to %s", len(records), out_path)
     if len(results) > 1:
         print(format_comparison(all_stats, len(samples)), flush=True)
     return all_stats

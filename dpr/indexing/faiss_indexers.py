@@ -535,7 +535,13 @@ class DenseFactoryIndexer(DenseIndexer):
         self.seed = seed
 
     def _create_index(self, dim: int) -> faiss.Index:
-        return faiss.index_factory(dim, self.factory_string, faiss.METRIC_INNER_PRODUCT)
+        try:
+            return faiss.index_factory(dim, self.factory_string, faiss.METRIC_INNER_PRODUCT)
+        except RuntimeError as e:  # FAISS's message: "Error in <C++ function> at <file>:<line>: <reason>"
+            reason = str(e).split(": ", 1)[-1].strip()
+            raise ConfigError(f"index_factory={self.factory_string!r} is refused by FAISS for {dim}-dimensional "
+                              f"vectors ({reason}); give a FAISS index_factory string such as IVF4096,Flat or "
+                              f"HNSW32,Flat") from None
 
     def _bytes_per_vector(self, dim: int) -> int:
         generic_index = self._create_index(dim)
