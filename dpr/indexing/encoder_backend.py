@@ -23,6 +23,7 @@ from typing import Optional
 import torch
 
 from dpr.foundation.errors import ConfigError
+from dpr.foundation.files import ensure_writable_directory
 from dpr.foundation.precision import Precision
 from dpr.foundation.provenance import differing_field
 from dpr.indexing.encoding import BatchEncoder, TorchVectors
@@ -60,9 +61,11 @@ class EncoderBackend:
         if cfg.get("fp16") or cfg.get("bf16"):
             raise ConfigError(f"fp16/bf16 are autocast of the torch backend; encoder_backend={name} runs "
                               f"{_GRAPH_PRECISION[name]} graphs: drop fp16/bf16, or use encoder_backend=torch")
-        if not backend.onnx_dir and not backend.onnx_cache_dir:
-            raise ConfigError(f"encoder_backend={name} needs onnx_dir (a folder of export-onnx) or onnx_cache_dir "
-                              "(where the graph is exported on first use)")
+        if not backend.onnx_dir:
+            if not backend.onnx_cache_dir:
+                raise ConfigError(f"encoder_backend={name} needs onnx_dir (a folder of export-onnx) or "
+                                  "onnx_cache_dir (where the graph is exported on first use)")
+            ensure_writable_directory(Path(backend.onnx_cache_dir).expanduser(), "onnx_cache_dir")
         return backend
 
     @property
