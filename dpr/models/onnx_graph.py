@@ -24,6 +24,7 @@ import importlib
 import json
 import logging
 import os
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Mapping, Optional, Sequence
@@ -43,9 +44,8 @@ FORMAT = "dpr-onnx-export"
 VERSION = 1
 INPUT_NAMES = ("input_ids", "attention_mask")
 OUTPUT_NAME = "vectors"
-# 18: the newest opset the dynamo exporter and ONNX Runtime's quantizer both handle without conversion
+# the opset tested (torch 2.13's dynamo exporter, ONNX Runtime 1.32 and its quantizer)
 DEFAULT_OPSET = 18
-PRECISIONS = ("fp32", "int8")
 # transformers model types whose encoders export (checked in tests/test_export_onnx.py): BERT's layers
 EXPORTABLE_MODEL_TYPES = ("bert",)
 # the largest difference from torch's fp32 vectors an exported graph may show on the probe batch
@@ -128,8 +128,6 @@ def export_graph(encoder: InferenceEncoder, path: str, opset: int = DEFAULT_OPSE
 @contextlib.contextmanager
 def warnings_of_the_exporter_silenced():
     """The dynamo exporter prints its progress and warns about axis names it renames; neither is news here."""
-    import warnings
-
     onnx_logger = logging.getLogger("torch.onnx")
     level = onnx_logger.level
     onnx_logger.setLevel(logging.ERROR)
