@@ -2,6 +2,7 @@
 1e-4), the same retrieval, provenance that records the backend; int8 kept apart from fp32 vectors; the graph read
 from onnx_dir (checked against the model) or exported once into the cache."""
 import json
+import shutil
 
 import numpy as np
 import pytest
@@ -12,7 +13,7 @@ from dpr.foundation.errors import ConfigError
 from dpr.indexing import encoder_backend
 from dpr.indexing.dense_retriever import run_dense_retriever
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
-from dpr.indexing.shard_provenance import ShardProvenanceError, check_shard_sets, read_provenance
+from dpr.indexing.shard_provenance import ShardProvenanceError, check_shard_sets, read_provenance, sidecar_path
 from dpr.models.onnx_graph import RECORD_NAME, OnnxExportError
 from tests.fixtures import forbid_calls
 from tests.retrieval_helpers import (
@@ -85,6 +86,19 @@ def test_int8_shards_are_kept_apart_from_fp32_vectors(data, tmp_path):
         retrieve(data, str(tmp_path / "int8" / "emb_*"), tmp_path / "r.json", "torch")
     assert len(retrieve(data, str(tmp_path / "int8" / "emb_*"), tmp_path / "r.json", "onnx_int8",
                         onnx_dir=data["onnx_dir"])) == 12
+
+
+def test_a_complete_torch_shard_is_reused_by_onnx_and_re_embedded_by_int8(data, tmp_path, monkeypatch):
+    torch_shard = data["torch_shards"][0]
+    for source in (torch_shard, sidecar_path(torch_shard)):
+        shutil.copy(source, tmp_path / source.name)
+    before = (tmp_path / torch_shard.name).stat().st_mtime_ns
+    with monkeypatch.context() as patch:
+        forbid_calls(patch, "dpr.indexing.generate_embeddings.encode_batches")
+        embed(data, tmp_path / "emb", "onnx", shard_ids=[0], onnx_dir=data["onnx_dir"])
+    assert (tmp_path / torch_shard.name).stat().st_mtime_ns == before
+    [shard] = embed(data, tmp_path / "emb", "onnx_int8", shard_ids=[0], onnx_dir=data["onnx_dir"])
+    assert read_provenance(shard)["model"]["quantization"] == "int8"
 
 
 def test_graph_exported_once_into_the_cache(data, tmp_path, monkeypatch):
