@@ -10,7 +10,6 @@ import pytest
 import convert_dpr_checkpoint
 from dpr.data.embeddings_io import read_embeddings
 from dpr.foundation.errors import ConfigError
-from dpr.indexing import encoder_backend
 from dpr.indexing.dense_retriever import run_dense_retriever
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.indexing.shard_provenance import ShardProvenanceError, check_shard_sets, read_provenance, sidecar_path
@@ -140,5 +139,5 @@ def test_backend_options_are_checked_before_any_work(data, tmp_path, monkeypatch
     with pytest.raises(ConfigError, match=message):
         generate_dense_embeddings(cfg)
     with pytest.raises(ConfigError, match=message):
-        encoder_backend.EncoderBackend.from_config(retriever_config(
-            data["ctx_dir"], data["qas"], data["psgs"], "x", str(tmp_path / "r.json"), **values))
+        run_dense_retriever(retriever_config(data["ctx_dir"], data["qas"], data["psgs"], str(tmp_path / "none_*"),
+                                             str(tmp_path / "r.json"), model_file=data["cp"], **values))

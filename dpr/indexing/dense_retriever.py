@@ -247,6 +247,7 @@ def validate_and_report(cfg: DictConfig, samples: Sequence[QASample], results: d
 def run_dense_retriever(cfg: DictConfig) -> dict[str, QAMatchStats]:
     """The whole run; returns each retriever's match statistics ({} after `encode_q_and_save`)."""
     names = retriever_names(cfg.retriever)
+    EncoderBackend.from_config(cfg)  # its options checked before any work (the questions use it later)
     if cfg.encode_q_and_save:
         if not cfg.q_encoding_path:
             raise ConfigError("encode_q_and_save needs q_encoding_path, where the encodings are saved")
