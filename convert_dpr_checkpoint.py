@@ -5,11 +5,12 @@ directories (see docs/interop.md).
     python convert_dpr_checkpoint.py export-reader CHECKPOINT OUT_DIR [--pretrained_model_cfg DIR]
     python convert_dpr_checkpoint.py import-biencoder --question_dir Q --ctx_dir C OUT_CHECKPOINT
     python convert_dpr_checkpoint.py import-reader --reader_dir R OUT_CHECKPOINT
+    python convert_dpr_checkpoint.py export-onnx CHECKPOINT OUT_DIR [--quantize int8] [--overwrite]
 """
 import argparse
 from typing import List, Optional
 
-from dpr.interop import hf_dpr
+from dpr.interop import hf_dpr, onnx_export
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.logging import setup_logging
 
@@ -31,6 +32,15 @@ def build_parser() -> argparse.ArgumentParser:
         command.add_argument("--pretrained_model_cfg", help=base_help)
         command.add_argument("--trust_checkpoint", action="store_true",
                              help="unpickle objects beyond DPR's own (this runs code from the file: trusted files only)")
+    command = commands.add_parser("export-onnx", help="a bi-encoder checkpoint -> ONNX graphs of its retrieval vectors")
+    command.add_argument("checkpoint")
+    command.add_argument("out_dir")
+    command.add_argument("--pretrained_model_cfg", help=base_help)
+    command.add_argument("--quantize", choices=["int8"], help="also write dynamically quantized (int8) graphs")
+    command.add_argument("--opset", type=int, default=onnx_export.DEFAULT_OPSET)
+    command.add_argument("--overwrite", action="store_true", help="replace the content of a non-empty OUT_DIR")
+    command.add_argument("--trust_checkpoint", action="store_true",
+                         help="unpickle objects beyond DPR's own (this runs code from the file: trusted files only)")
     command = commands.add_parser("import-biencoder", help="DPRQuestionEncoder + DPRContextEncoder -> a checkpoint")
     command.add_argument("--question_dir", required=True)
     command.add_argument("--ctx_dir", required=True)
@@ -58,6 +68,9 @@ def run(args: argparse.Namespace) -> hf_dpr.ConversionReport:
         return hf_dpr.export_biencoder(args.checkpoint, args.out_dir, args.pretrained_model_cfg, args.trust_checkpoint)
     if args.command == "export-reader":
         return hf_dpr.export_reader(args.checkpoint, args.out_dir, args.pretrained_model_cfg, args.trust_checkpoint)
+    if args.command == "export-onnx":
+        return onnx_export.export_onnx(args.checkpoint, args.out_dir, args.pretrained_model_cfg, args.quantize,
+                                       args.overwrite, args.trust_checkpoint, args.opset)
     if args.command == "import-biencoder":
         return hf_dpr.import_biencoder(args.question_dir, args.ctx_dir, args.out_checkpoint, args.sequence_length)
     return hf_dpr.import_reader(args.reader_dir, args.out_checkpoint, args.sequence_length)

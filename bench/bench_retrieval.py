@@ -66,12 +66,12 @@ def write_subset(passages_file: str, n: int, folder: Path) -> tuple[Path, list]:
     return path, rows
 
 
-def time_generate(args, tsv: Path, out_file: Path, bf16: bool) -> float:
+def time_generate(args, tsv: Path, out_file: Path, bf16: bool, extra_overrides: tuple = ()) -> float:
     from hydra import compose, initialize_config_dir
 
     overrides = [f"encoder.pretrained_model_cfg={args.model}", f"encoder.sequence_length={args.sequence_length}",
                  f"ctx_src={tsv}", f"out_file={out_file}", f"batch_size={args.batch_size}",
-                 f"num_workers={args.num_workers}", "out_format=npz", f"bf16={str(bf16).lower()}"]
+                 f"num_workers={args.num_workers}", "out_format=npz", f"bf16={str(bf16).lower()}", *extra_overrides]
     with initialize_config_dir(config_dir=str(REPO / "conf"), version_base=None):
         cfg = compose(config_name="gen_embs", overrides=overrides)
     for stale in out_file.parent.glob(out_file.name + "_*"):

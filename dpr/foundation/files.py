@@ -76,13 +76,14 @@ def atomic_output(path: Union[str, Path]) -> Iterator[str]:
 
 
 @contextmanager
-def atomic_output_directory(path: Union[str, Path]) -> Iterator[str]:
+def atomic_output_directory(path: Union[str, Path], keep_existing: bool = False) -> Iterator[str]:
     """A temporary folder beside `path` to fill; when the block ends normally its files are synced and it is
     renamed to `path` (the folder and its parent synced), so a crash never leaves a partial folder under the final name. A previous folder there
     stays whole until the new one is complete, then is moved aside and removed (a kill between those two renames
     leaves neither under the name, only temporaries: the next run builds it again). A full disk is an
     OutputWriteError naming `path`; a killed process leaves its `.{name}.XXXXXXXX.tmp` folder behind, which
-    `remove_stale_temporaries` clears."""
+    `remove_stale_temporaries` clears. `keep_existing`: a folder that another process completed under `path`
+    meanwhile is kept and the new one discarded (a cache that concurrent jobs fill with the same content)."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     temp_dir = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
@@ -93,7 +94,14 @@ def atomic_output_directory(path: Union[str, Path]) -> Iterator[str]:
                 with open(os.path.join(folder, name), "rb") as written:
                     os.fsync(written.fileno())
         os.chmod(temp_dir, 0o777 & ~_umask())
-        if path.is_dir():
+        if keep_existing:
+            try:
+                os.rename(temp_dir, path)  # fails on a non-empty folder there: another process's, complete
+            except OSError:
+                if not path.is_dir():
+                    raise
+                shutil.rmtree(temp_dir)
+        elif path.is_dir():
             aside = tempfile.mkdtemp(dir=path.parent, prefix=f".{path.name}.", suffix=TEMP_SUFFIX)
             os.replace(path, aside)  # onto the empty folder just made: rename(2) replaces an empty folder
             os.replace(temp_dir, path)

@@ -48,6 +48,7 @@ from dpr.indexing.configured_index import (
     shard_wise_search,
     shards_of,
 )
+from dpr.indexing.encoder_backend import EncoderBackend, batch_encoder
 from dpr.indexing.encoding import encode_questions, load_configured_encoder
 from dpr.indexing.bm25 import check_index_location
 from dpr.indexing.faiss_indexers import DenseIndexer, index_exists
@@ -84,13 +85,16 @@ def _encode_with_model(cfg: DictConfig, questions: Sequence[str], shards_model: 
     """The questions' vectors and the record of the model that made them (`question_encodings.model_record`)."""
     if cfg.encoder_path not in ENCODER_PATHS:
         raise ConfigError(f"encoder_path must be question_model or ctx_model, not {cfg.encoder_path!r}")
+    backend = EncoderBackend.from_config(cfg)
     device = process_device(cfg.no_cuda, cfg.get("local_rank"))
     precision = make_precision(device, cfg.fp16, cfg.bf16)
-    encoder = load_configured_encoder(cfg, ENCODER_PATHS[cfg.encoder_path])
+    encoder_type = ENCODER_PATHS[cfg.encoder_path]
+    encoder = load_configured_encoder(cfg, encoder_type)
     if shards_model is not None:
-        check_question_encoder(encoder, shards_model)
-    encoder.model.to(device)
-    return encode_questions(encoder, questions, cfg.batch_size, device, precision), model_record(encoder, cfg.model_file)
+        check_question_encoder(encoder, shards_model, backend.quantization)
+    vectors_of = batch_encoder(encoder, backend, encoder_type, cfg.model_file, device, precision)
+    vectors = encode_questions(encoder, vectors_of, questions, cfg.batch_size)
+    return vectors, model_record(encoder, cfg.model_file, backend.quantization)
 
 
 def _questions_record(cfg: DictConfig, questions: Sequence[str]) -> dict:
@@ -258,6 +262,7 @@ def run_dense_retriever(cfg: DictConfig) -> dict[str, QAMatchStats]:
 
 def _run(cfg: DictConfig) -> dict[str, QAMatchStats]:
     names = retriever_names(cfg.retriever)
+    EncoderBackend.from_config(cfg)  # its options checked before any work (the questions use it later)
     if cfg.encode_q_and_save:
         if not cfg.q_encoding_path:
             raise ConfigError("encode_q_and_save needs q_encoding_path, where the encodings are saved")

@@ -10,7 +10,7 @@ import ctypes
 import functools
 import logging
 import time
-from typing import Iterable, Iterator, NamedTuple, Sequence
+from typing import Iterable, Iterator, NamedTuple, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -76,27 +76,42 @@ def keep_freed_memory() -> bool:
     return kept
 
 
+class BatchEncoder(Protocol):
+    """The seam between the batching loop and a backend: token ids and mask of one batch in, float32 search
+    vectors [rows, dim] out (`TorchVectors`; `dpr.indexing.encoder_backend` adds ONNX Runtime's)."""
+
+    dim: int
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray: ...
+
+
+class TorchVectors:
+    """The torch backend: the encoder moved to `device`, run without gradients under `precision`'s autocast."""
+
+    def __init__(self, encoder: InferenceEncoder, device: torch.device, precision: Precision) -> None:
+        self.encoder, self.device, self.precision = encoder, device, precision
+        encoder.model.to(device)
+        self.dim = encoder_out_size(encoder.model)
+
+    def __call__(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> np.ndarray:
+        with torch.inference_mode(), self.precision.autocast():
+            encoded = self.encoder.search_vectors(
+                input_ids.to(self.device, non_blocking=True), attention_mask.to(self.device, non_blocking=True)
+            )
+        return encoded.float().cpu().numpy()
+
+
 def encode_batches(
-    encoder: InferenceEncoder,
-    batches: Iterable[TextBatch],
-    n: int,
-    device: torch.device,
-    precision: Precision,
-    description: str = "encoding",
+    vectors_of: BatchEncoder, batches: Iterable[TextBatch], n: int, description: str = "encoding"
 ) -> np.ndarray:
     """float32 [n, D] search vectors in row order, whatever order the batches come in; every row must come."""
     keep_freed_memory()
-    vectors = np.empty((n, encoder_out_size(encoder.model)), dtype=np.float32)
+    vectors = np.empty((n, vectors_of.dim), dtype=np.float32)
     filled = np.zeros(n, dtype=bool)
-    with tqdm(total=n, desc=description, unit="texts", smoothing=0.1, disable=n == 0) as progress, \
-            torch.inference_mode():
+    with tqdm(total=n, desc=description, unit="texts", smoothing=0.1, disable=n == 0) as progress:
         for batch in batches:
-            with precision.autocast():
-                encoded = encoder.search_vectors(
-                    batch.input_ids.to(device, non_blocking=True), batch.attention_mask.to(device, non_blocking=True)
-                )
             rows = batch.rows.numpy()
-            vectors[rows] = encoded.float().cpu().numpy()
+            vectors[rows] = vectors_of(batch.input_ids, batch.attention_mask)
             filled[rows] = True
             progress.update(len(rows))
     if not filled.all():
@@ -105,12 +120,13 @@ def encode_batches(
 
 
 def encode_questions(
-    encoder: InferenceEncoder, questions: Sequence[str], batch_size: int, device: torch.device, precision: Precision
+    encoder: InferenceEncoder, vectors_of: BatchEncoder, questions: Sequence[str], batch_size: int
 ) -> np.ndarray:
-    """float32 [len(questions), D] search vectors of `[CLS] question [SEP]`."""
+    """float32 [len(questions), D] search vectors of `[CLS] question [SEP]`, tokenized as `encoder` says and
+    encoded by `vectors_of`."""
     tensorizer = Tensorizer.for_spec(encoder.spec, encoder.tokenizer)
     started = time.perf_counter()
     batches = padded_batches(tensorizer, tensorizer.token_ids(list(questions)), batch_size, sort_by_length=True)
-    vectors = encode_batches(encoder, batches, len(questions), device, precision, "questions")
-    logger.info("encoded %d questions on %s in %.1f s", len(questions), device, time.perf_counter() - started)
+    vectors = encode_batches(vectors_of, batches, len(questions), "questions")
+    logger.info("encoded %d questions in %.1f s", len(questions), time.perf_counter() - started)
     return vectors

@@ -34,6 +34,7 @@ from dpr.foundation.errors import ConfigError
 from dpr.foundation.files import ensure_writable_output, remove_stale_temporaries
 from dpr.foundation.run_lock import run_lock
 from dpr.foundation.precision import make_precision
+from dpr.indexing.encoder_backend import EncoderBackend, batch_encoder
 from dpr.indexing.encoding import encode_batches, load_configured_encoder, padded_batches
 from dpr.indexing.shard_provenance import (
     remove_shard_and_provenance,
@@ -122,6 +123,7 @@ def _check_config(cfg: DictConfig) -> None:
 def generate_dense_embeddings(cfg: DictConfig) -> Path:
     """Embed shard `cfg.shard_id` of `cfg.num_shards` of `cfg.ctx_src`; returns the shard file's path."""
     _check_config(cfg)
+    backend = EncoderBackend.from_config(cfg)
     out_path = shard_path(cfg.out_file, cfg.shard_id, cfg.out_format)
     ensure_writable_output(out_path, "out_file")
     with run_lock(out_path, "out_file"):  # one job per shard file: two would remove each other's temporaries
@@ -136,7 +138,8 @@ def _embed_shard(cfg: DictConfig, out_path: Path) -> Path:
     device = process_device(cfg.no_cuda, cfg.get("local_rank"))
     precision = make_precision(device, cfg.fp16, cfg.bf16)
     encoder = load_configured_encoder(cfg, cfg.encoder_type)
-    provenance = shard_provenance(encoder, cfg.encoder_type, cfg.model_file, source, cfg.shard_id, cfg.num_shards)
+    provenance = shard_provenance(encoder, cfg.encoder_type, cfg.model_file, source, cfg.shard_id, cfg.num_shards,
+                                  backend.name, backend.quantization)
     if is_shard_complete(out_path):
         refusal = reuse_refusal(out_path, provenance)
         if refusal is None:
@@ -147,7 +150,7 @@ def _embed_shard(cfg: DictConfig, out_path: Path) -> Path:
     remove_shard_and_provenance(out_path)
 
     plan = ShardPlan(source, cfg.shard_id, cfg.num_shards, count_passages(source.path))
-    encoder.model.to(device)
+    vectors_of = batch_encoder(encoder, backend, cfg.encoder_type, cfg.model_file, device, precision)
     tensorizer = Tensorizer.for_spec(encoder.spec, encoder.tokenizer)
     dataset = TokenizedShard(plan, tensorizer, cfg.batch_size, cfg.tokenize_chunk, cfg.sort_by_length)
     loader = DataLoader(
@@ -158,14 +161,13 @@ def _embed_shard(cfg: DictConfig, out_path: Path) -> Path:
         persistent_workers=False,
     )
     logger.info(
-        "embedding %d passages (shard %d of %d) of %s on %s, %s, batch size %d, %d tokenizer worker(s); "
-        "pooling %s, similarity %s",
-        plan.size, cfg.shard_id, cfg.num_shards, source.path, device, precision.name, cfg.batch_size,
+        "embedding %d passages (shard %d of %d) of %s, backend %s on %s, %s, batch size %d, %d tokenizer "
+        "worker(s); pooling %s, similarity %s",
+        plan.size, cfg.shard_id, cfg.num_shards, source.path, backend.name, device, precision.name, cfg.batch_size,
         cfg.num_workers, encoder.spec.pooling, encoder.spec.similarity,
     )
     ids: list = [None] * plan.size
-    vectors = encode_batches(encoder, _recording_ids(iter(loader), ids), plan.size, device, precision,
-                             f"shard {cfg.shard_id}")
+    vectors = encode_batches(vectors_of, _recording_ids(iter(loader), ids), plan.size, f"shard {cfg.shard_id}")
     write_provenance(out_path, provenance)
     write_embeddings(out_path, ids, vectors)
     return out_path

@@ -10,14 +10,19 @@ so that an `emb_*` glob, ours or DPR's, never takes it for a shard):
     model.weights       a fingerprint of the model's weights (`dpr.models.loading.weights_fingerprint`): the whole
                         checkpoint, both towers, or the pretrained encoder
     model.encoder_params  the encoder spec the vectors follow, in a checkpoint's `encoder_params` form
+    model.quantization  "int8" for vectors of a quantized graph (encoder_backend=onnx_int8); absent otherwise
+    encoder_backend     torch, onnx or onnx_int8 (`dpr.indexing.encoder_backend`); for information: torch's and
+                        ONNX Runtime's fp32 vectors agree within 1e-4, and int8 is told apart by model.quantization
     passages            path, size, mtime_ns, a hash of 64 blocks spread over the file, and the id prefix
 
 Three comparisons use it:
 - reuse: a rerun skips a complete shard only when the record it would write equals the saved one in every field
-  but `model.checkpoint` (the weights fingerprint and spec already say which model); otherwise it re-embeds and
+  but `model.checkpoint` (the weights fingerprint and spec already say which model) and `encoder_backend` (torch's
+  and ONNX Runtime's fp32 vectors are interchangeable); otherwise it re-embeds and
   says which field changed. A shard without a record is re-embedded.
 - mixing: the shards of one `encoded_ctx_files` entry must agree on everything but `shard_id` and where the files
-  were (checkpoint path, passages path and mtime, which differ between machines of one sweep); the shards of all
+  were (checkpoint path, passages path and mtime, which differ between machines of one sweep) and the backend; an
+  int8 shard differs in `model.quantization`, so it is refused beside fp32 ones; the shards of all
   entries must come from one model.
 - completeness: an entry holds each shard id once (one shard written in two formats, or by runs of different
   `num_shards`, would be searched twice), every id below its records' `num_shards`, and either every shard or none
@@ -53,7 +58,7 @@ VERSION = 1
 # Where the inputs were: says nothing about the vectors once the weights fingerprint and spec are known.
 _LOCATION_KEYS = ("model.checkpoint", "passages.path", "passages.mtime_ns")
 # Everything that must agree for the vectors of two encodings to be comparable.
-MODEL_KEYS = ("model.weights",) + tuple(
+MODEL_KEYS = ("model.weights", "model.quantization") + tuple(
     "model.encoder_params." + (field if field == "do_lower_case" else f"encoder.{field}") for field in VECTOR_FIELDS
 )
 
@@ -79,25 +84,32 @@ def shard_provenance(
     source: CtxSource,
     shard_id: int,
     num_shards: int,
+    backend: str = "torch",
+    quantization: Optional[str] = None,
 ) -> dict:
-    """The record of shard `shard_id` of `num_shards` of `source`, embedded by `encoder`."""
+    """The record of shard `shard_id` of `num_shards` of `source`, embedded by `encoder` through `backend`."""
     return {
         "format": FORMAT,
         "version": VERSION,
         "shard_id": int(shard_id),
         "num_shards": int(num_shards),
         "encoder_type": encoder_type,
-        "model": model_record(encoder, model_file),
+        "model": model_record(encoder, model_file, quantization),
         "passages": passages_identity(source),
+        "encoder_backend": backend,
     }
 
 
-def model_record(encoder: InferenceEncoder, model_file: Optional[str] = None) -> dict:
-    return {
+def model_record(encoder: InferenceEncoder, model_file: Optional[str] = None, quantization: Optional[str] = None
+                 ) -> dict:
+    record = {
         "checkpoint": os.path.abspath(model_file) if model_file else None,
         "weights": encoder.weights,
         "encoder_params": encoder.spec.checkpoint_params(),
     }
+    if quantization:  # absent for fp32 vectors, so records written before the key existed still compare equal
+        record["quantization"] = quantization
+    return record
 
 
 def write_provenance(shard: PathLike, record: dict) -> None:
@@ -123,11 +135,11 @@ def reuse_refusal(shard: PathLike, record: dict) -> Optional[str]:
     saved = read_provenance(shard)
     if saved is None:
         return f"it has no provenance record ({sidecar_path(shard).name})"
-    changed = differing_field(saved, record, ignore=("model.checkpoint",), first_keys=MODEL_KEYS)
+    changed = differing_field(saved, record, ignore=("model.checkpoint", "encoder_backend"), first_keys=MODEL_KEYS)
     return None if changed is None else f"{changed.field} changed from {changed.first!r} to {changed.second!r}"
 
 
-_MIXING_IGNORED = ("shard_id", "format", "version") + _LOCATION_KEYS
+_MIXING_IGNORED = ("shard_id", "format", "version", "encoder_backend") + _LOCATION_KEYS
 
 
 # `{out_file}_{shard_id}` in any of the formats of `dpr.data.embeddings_io.SHARD_SUFFIXES`
@@ -231,11 +243,12 @@ def check_saved_index(location: PathLike, index_record: Optional[dict], shards_m
         )
 
 
-def check_question_encoder(encoder: InferenceEncoder, shards_model: tuple[Path, dict]) -> None:
+def check_question_encoder(encoder: InferenceEncoder, shards_model: tuple[Path, dict],
+                           quantization: Optional[str] = None) -> None:
     """Refuse to search the shards, or an index saved from shards (its meta file keeps their record), with
-    questions encoded by another model or with other vector settings."""
+    questions encoded by another model or with other vector settings (int8 graphs against fp32 vectors too)."""
     where, record = shards_model
-    changed = differing_field(record, {"model": model_record(encoder)}, keys=MODEL_KEYS)
+    changed = differing_field(record, {"model": model_record(encoder, quantization=quantization)}, keys=MODEL_KEYS)
     if changed is None:
         return
     if index_exists(where):

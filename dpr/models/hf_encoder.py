@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from dpr.foundation.errors import UserInputError
 from dpr.models.example_dropout import install_example_dropout, register_attention
 
 logger = logging.getLogger(__name__)
@@ -34,9 +35,21 @@ def resolve_pretrained_path(name: str) -> str:
     return name
 
 
+class MissingTokenizerError(UserInputError):
+    """A model directory without tokenizer files."""
+
+
 def load_tokenizer(pretrained_model_cfg: str, do_lower_case: bool = True) -> PreTrainedTokenizerBase:
+    """The tokenizer of a model. A directory without tokenizer files is refused: transformers then builds a
+    tokenizer whose vocabulary is its special tokens only, which turns every word into [UNK] without a word."""
     path = resolve_pretrained_path(pretrained_model_cfg)
-    return AutoTokenizer.from_pretrained(path, do_lower_case=do_lower_case)
+    tokenizer = AutoTokenizer.from_pretrained(path, do_lower_case=do_lower_case)
+    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+        raise MissingTokenizerError(
+            f"{pretrained_model_cfg} has no tokenizer (its vocabulary holds only the special tokens "
+            f"{', '.join(tokenizer.all_special_tokens)}): add the tokenizer files of the model it was trained from "
+            "(vocab.txt or tokenizer.json) to that folder")
+    return tokenizer
 
 
 def build_encoder(

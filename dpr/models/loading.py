@@ -88,24 +88,31 @@ def load_inference_encoder(
     `trust`: the trust_checkpoint option of `checkpoints.load_checkpoint`."""
     if encoder_type not in CHECKPOINT_PREFIXES:
         raise ValueError(f"encoder_type must be one of {sorted(CHECKPOINT_PREFIXES)}, not '{encoder_type}'")
-    spec, state, fingerprint = configured, None, None
     if model_file:
         ckpt = checkpoints.load_checkpoint(model_file, trust=trust)
-        spec = configured.with_checkpoint_params(ckpt.encoder_params)
-        fingerprint = weights_fingerprint(ckpt.model_dict)
-        state = checkpoints.strip_prefix(ckpt.model_dict, CHECKPOINT_PREFIXES[encoder_type])
-        if not state:
-            raise checkpoints.CheckpointError(
-                f"{model_file} has no '{CHECKPOINT_PREFIXES[encoder_type]}*' weights: is it a bi-encoder checkpoint?"
-            )
-    path = resolve_pretrained_path(spec.pretrained_model_cfg)
-    config = AutoConfig.from_pretrained(path)
-    if state is None:
-        model = _pretrained_encoder(config, path, spec.projection_dim)
-        fingerprint = weights_fingerprint(model.state_dict())
-    else:
-        model = encoder_from_config(config, None, spec.projection_dim)
-        checkpoints.load_model_state(model, state)
-        logger.info("Loaded %s encoder weights from %s", encoder_type, model_file)
+        return checkpoint_encoder(ckpt, configured.with_checkpoint_params(ckpt.encoder_params), encoder_type, model_file)
+    path = resolve_pretrained_path(configured.pretrained_model_cfg)
+    model = _pretrained_encoder(AutoConfig.from_pretrained(path), path, configured.projection_dim)
+    return _inference_encoder(model, configured, weights_fingerprint(model.state_dict()))
+
+
+def checkpoint_encoder(
+    ckpt: checkpoints.CheckpointState, spec: EncoderSpec, encoder_type: str, model_file: str
+) -> InferenceEncoder:
+    """The `encoder_type` half of a loaded checkpoint as an InferenceEncoder following `spec` (the checkpoint's
+    settings already applied), its fingerprint that of the whole checkpoint."""
+    state = checkpoints.strip_prefix(ckpt.model_dict, CHECKPOINT_PREFIXES[encoder_type])
+    if not state:
+        raise checkpoints.CheckpointError(
+            f"{model_file} has no '{CHECKPOINT_PREFIXES[encoder_type]}*' weights: is it a bi-encoder checkpoint?"
+        )
+    config = AutoConfig.from_pretrained(resolve_pretrained_path(spec.pretrained_model_cfg))
+    model = encoder_from_config(config, None, spec.projection_dim)
+    checkpoints.load_model_state(model, state)
+    logger.info("Loaded %s encoder weights from %s", encoder_type, model_file)
+    return _inference_encoder(model, spec, weights_fingerprint(ckpt.model_dict))
+
+
+def _inference_encoder(model: PreTrainedModel, spec: EncoderSpec, fingerprint: str) -> InferenceEncoder:
     model.eval()
     return InferenceEncoder(model, load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case), spec, fingerprint)
