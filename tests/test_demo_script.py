@@ -592,3 +592,20 @@ def test_squad_open_embeds_afresh_when_the_shards_change(squad_open, tmp_path, m
     stale_shard.write_text("a shard of the earlier run")  # what generate_dense_embeddings.py left
     squad_open.main([*argv, "--num_shards", "2"])
     assert not stale_shard.exists(), "retrieval's glob psgs_* would read it"
+
+
+def test_squad_open_on_a_filesystem_without_locks_is_one_line(squad_open, tmp_path, monkeypatch):
+    """NFS mounted with nolock or Lustre without -o flock refuse flock (ENOLCK, EOPNOTSUPP): was a traceback."""
+    import errno
+
+    from dpr.foundation import run_lock
+    from dpr.foundation.run_lock import LocksUnsupportedError
+
+    def flock(descriptor, operation):
+        raise OSError(errno.ENOLCK, os.strerror(errno.ENOLCK))
+    monkeypatch.setattr(run_lock.fcntl, "flock", flock)
+    ran = stub_stages(squad_open, monkeypatch, tmp_path / "run")
+    argv = ["--data", str(REPO / "data" / "sample"), "--run_dir", str(tmp_path / "run"), "--no_plot", "--bf16", "false"]
+    with pytest.raises(LocksUnsupportedError, match=r"--run_dir=.* is on a filesystem without file locks"):
+        squad_open.main(argv)
+    assert ran == []
