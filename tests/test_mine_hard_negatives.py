@@ -273,7 +273,7 @@ def bare_config(tmp_path, **values):
 def no_work(monkeypatch):
     """Fails the test if the training file is read or anything is retrieved."""
     forbid_calls(monkeypatch, "dpr.indexing.hard_negatives.read_records", "dpr.indexing.hard_negatives.retrieve",
-                 "dpr.indexing.hard_negatives.resolve_ctx_sources")
+                 "dpr.indexing.hard_negatives.RetrievalSettings.from_config")
 
 
 @pytest.mark.parametrize("values, message", [
