@@ -28,5 +28,7 @@ setup(
         "cluster": ["hydra-submitit-launcher>=1.2"],
         # training scalars for TensorBoard in output_dir/tensorboard (absent: the records file and the log only)
         "tensorboard": ["tensorboard"],
+        # dense_retriever.py qrels=...: nDCG, RR, Recall and AP by trec_eval's code (ir-measures' pytrec_eval)
+        "metrics": ["ir-measures", "pytrec_eval-terrier"],
     },
 )

@@ -49,6 +49,7 @@ from dpr.indexing.encoding import encode_questions
 from dpr.indexing.bm25 import check_index_location
 from dpr.indexing.faiss_indexers import DenseIndexer, index_exists
 from dpr.indexing.hybrid import hybrid_results
+from dpr.indexing.judged_evaluation import JudgedEvaluation
 from dpr.indexing.question_encodings import load_question_vectors, questions_record, save_question_vectors
 from dpr.indexing.retrieval_settings import QuestionEncodingSettings, RetrievalSettings
 from dpr.indexing.shard_provenance import check_question_encoder, check_shard_passages, check_shard_sets, model_record
@@ -189,30 +190,47 @@ def retrieve(settings: RetrievalSettings, names: Sequence[str], questions: Seque
 
 
 def validate_and_report(settings: RetrievalSettings, samples: Sequence[QASample],
-                        results: dict[str, list[RetrievedDocs]], sources: Sequence[CtxSource]
-                        ) -> dict[str, QAMatchStats]:
-    """Match answers, print the tables and write a results JSON per retriever."""
+                        results: dict[str, list[RetrievedDocs]], sources: Sequence[CtxSource],
+                        judged: Optional[JudgedEvaluation] = None) -> dict[str, QAMatchStats]:
+    """Match answers, print the tables and write a results JSON per retriever; with qrels, the judged metrics, and
+    a TREC run per retriever when asked."""
     wanted: Iterable[object] = {doc_id for per_q in results.values() for ids, _ in per_q for doc_id in ids}
     passages = load_passage_subset(sources, wanted)
     answers = [sample.answers for sample in samples]
     workers = _validation_workers(settings.validation_workers)
+    # a queries file judged by qrels may hold no answer at all: then answer strings are neither matched nor tabled
+    answer_table = not (settings.qrels and not any(answers))
     all_stats: dict[str, QAMatchStats] = {}
+    metrics: dict[str, dict[str, float]] = {}
     for position, (name, closest) in enumerate(results.items()):
         started = time.perf_counter()
-        stats = calculate_matches(passages, answers, closest, workers, settings.match)
+        if answer_table:
+            stats = calculate_matches(passages, answers, closest, workers, settings.match)
+        else:
+            stats = QAMatchStats.without_answers(closest)
         logger.info("validation of %s: %.1f s", name, time.perf_counter() - started)
         all_stats[name] = stats
         if len(results) > 1:
             print(f"Retriever: {name}")
-        print(format_validation_results(stats.top_k_hits, len(samples)), flush=True)
+        if answer_table:
+            print(format_validation_results(stats.top_k_hits, len(samples)), flush=True)
+        if judged is not None:
+            rankings = judged.rankings(closest, sources)
+            if settings.trec_run_file:
+                judged.write_run(str(results_path(settings.trec_run_file, name, position == 0)), rankings, name)
+            if judged.qrels is not None:
+                metrics[name] = judged.metrics(rankings, settings.n_docs)
         if settings.out_file:
             records = retrieval_results_records(
-                [s.question for s in samples], answers, passages, closest, stats.questions_doc_hits
+                [s.question for s in samples], answers, passages, closest, stats.questions_doc_hits,
+                [s.id for s in samples],
             )
             with atomic_output(results_path(settings.out_file, name, position == 0)) as temp_name:
                 write_retrieval_results(temp_name, records)
-    if len(results) > 1:
+    if len(results) > 1 and answer_table:
         print(format_comparison(all_stats, len(samples)), flush=True)
+    if metrics:
+        judged.report(metrics, settings.n_docs, settings.metrics_file)
     return all_stats
 
 
@@ -224,11 +242,15 @@ def run_dense_retriever(cfg: DictConfig) -> dict[str, QAMatchStats]:
         if not encoding.saved_path:
             raise ConfigError("encode_q_and_save needs q_encoding_path, where the encodings are saved")
         ensure_writable_output(encoding.saved_path, "q_encoding_path")
-    elif settings.out_file:
-        ensure_writable_output(settings.out_file, "out_file")
+    else:
+        for option, path in settings.outputs():
+            ensure_writable_output(path, option)
     if settings.questions is None:
         raise ConfigError("qa_dataset is required: a name from conf/datasets or a qas CSV / JSON-lines path")
     samples = settings.questions.load()
+    judged = None
+    if (settings.qrels or settings.trec_run_file) and not encoding.save_only:
+        judged = JudgedEvaluation.prepare(samples, settings.questions.files, settings.qrels)
     questions = [normalize_question(sample.question) for sample in samples]
     if encoding.save_only:
         vectors, model = _encode_with_model(encoding, questions)
@@ -237,4 +259,4 @@ def run_dense_retriever(cfg: DictConfig) -> dict[str, QAMatchStats]:
     if not settings.sources:
         raise ConfigError("ctx_datatsets is required: the passages' texts are needed to validate the results")
     results = retrieve(settings, settings.retrievers, questions, settings.sources)
-    return validate_and_report(settings, samples, results, settings.sources)
+    return validate_and_report(settings, samples, results, settings.sources, judged)

@@ -27,7 +27,7 @@ from typing import Iterable, Optional, Sequence
 from omegaconf import DictConfig
 
 from dpr.data.biencoder_data import iter_json_records, normalize_question
-from dpr.data.ctx_sources import CtxSource, load_passage_subset
+from dpr.data.ctx_sources import CtxSource, load_passage_subset, strip_source_prefix
 from dpr.data.data_files import DataFileError
 from dpr.evaluation.qa_validation import MATCH_TYPES, calculate_matches, format_validation_results
 from dpr.foundation.config_values import existing_file, true_or_false, whole_number
@@ -117,13 +117,6 @@ class MiningSummary:
                 f"own hard negatives ({self.no_negative_in_range} without a negative in the ranks, "
                 f"{self.without_answers} without answers); {self.passed_through} without a question or positives "
                 f"passed through")
-
-
-def strip_source_prefix(passage_id: str, sources: Sequence[CtxSource]) -> str:
-    for source in sources:
-        if source.id_prefix and passage_id.startswith(source.id_prefix):
-            return passage_id[len(source.id_prefix):]
-    return passage_id
 
 
 def passage_text_key(text: object) -> str:

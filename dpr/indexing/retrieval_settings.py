@@ -9,6 +9,7 @@ from omegaconf import DictConfig, ListConfig
 from dpr.data.ctx_sources import CtxSource, resolve_ctx_sources
 from dpr.data.qa_data import QASample, read_qa_file
 from dpr.data.resources import resolve_data_path
+from dpr.foundation.config_values import existing_file
 from dpr.foundation.errors import ConfigError
 from dpr.indexing.configured_index import BM25Settings, IndexSettings
 from dpr.indexing.encoding import EncoderSettings
@@ -77,6 +78,9 @@ class RetrievalSettings:
     match: str  # string | regex
     validation_workers: int
     out_file: Optional[str]
+    qrels: Optional[str]  # relevance labels: the questions are also judged by them (judged_evaluation)
+    metrics_file: Optional[str]
+    trec_run_file: Optional[str]
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "RetrievalSettings":
@@ -95,4 +99,22 @@ class RetrievalSettings:
             match=cfg.match,
             validation_workers=cfg.validation_workers,
             out_file=str(cfg.out_file) if cfg.out_file else None,
+            qrels=existing_file("qrels", cfg.qrels, "TREC qrels or BEIR's qrels TSV") if cfg.get("qrels") else None,
+            metrics_file=_metrics_file(cfg),
+            trec_run_file=str(cfg.trec_run_file) if cfg.get("trec_run_file") else None,
         )
+
+    def outputs(self) -> list[tuple[str, str]]:
+        """(option, path) of every file the run writes besides GC-DPR's question encodings."""
+        named = (("out_file", self.out_file), ("metrics_file", self.metrics_file),
+                 ("trec_run_file", self.trec_run_file))
+        return [(option, path) for option, path in named if path]
+
+
+def _metrics_file(cfg: DictConfig) -> Optional[str]:
+    if not cfg.get("metrics_file"):
+        return None
+    if not cfg.get("qrels"):
+        raise ConfigError("metrics_file needs qrels, the relevance labels the metrics are computed from (TREC qrels "
+                          "or BEIR's qrels TSV)")
+    return str(cfg.metrics_file)
