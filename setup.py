@@ -31,5 +31,7 @@ setup(
         "cluster": ["hydra-submitit-launcher>=1.2,<1.3", "submitit>=1.3.3,<2"],
         # training scalars for TensorBoard in output_dir/tensorboard (absent: the records file and the log only)
         "tensorboard": ["tensorboard"],
+        # dense_retriever.py qrels=...: nDCG, RR, Recall and AP by trec_eval's code (ir-measures' pytrec_eval)
+        "metrics": ["ir-measures", "pytrec_eval-terrier"],
     },
 )

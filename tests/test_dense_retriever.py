@@ -12,7 +12,12 @@ from dpr.data.embeddings_io import EmbeddingFiles, shard_path, write_embeddings
 from dpr.data.passages import load_passages
 from dpr.evaluation.qa_validation import top_k_hits_from_results
 from dpr.indexing import exact_search, faiss_indexers
-from dpr.indexing.configured_index import ShardSearchOptionError, create_configured_indexer, estimate_vector_count
+from dpr.indexing.configured_index import (
+    IndexSettings,
+    ShardSearchOptionError,
+    create_configured_indexer,
+    estimate_vector_count,
+)
 from dpr.indexing.dense_retriever import results_path, run_dense_retriever
 from dpr.indexing.hybrid import fuse_scores, hybrid_results
 from dpr.indexing.faiss_indexers import InsufficientMemoryError, create_indexer, index_exists
@@ -138,7 +143,7 @@ def test_flat_and_hnsw_agree_on_the_top_passage(data, tmp_path):
 
 def test_hnsw_settings_reach_the_indexer():
     cfg = compose_config(["indexer=hnsw_sq", "hnsw_store_n=16", "hnsw_ef_search=300"], "dense_retriever")
-    indexer = create_configured_indexer(cfg)
+    indexer = create_configured_indexer(IndexSettings.from_config(cfg))
     assert (indexer.kind, indexer.store_n, indexer.ef_search, indexer.ef_construction) == ("hnsw_sq", 16, 300, 200)
 
 

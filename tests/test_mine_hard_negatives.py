@@ -20,8 +20,9 @@ from dpr.indexing.dense_retriever import run_dense_retriever
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import OutputWriteError
+from dpr.data.ctx_sources import strip_source_prefix
 from dpr.indexing.hard_negatives import (Candidate, MiningConfigError, MiningOptions, hard_negative_ctxs,
-                                         mine_hard_negatives, select_hard_negatives, strip_source_prefix)
+                                         mine_hard_negatives, select_hard_negatives)
 from tests.conftest import REPO_ROOT
 from tests.fixtures import TOPICS, assert_same_but_float_noise, forbid_calls
 from tests.retrieval_helpers import (
@@ -273,7 +274,7 @@ def bare_config(tmp_path, **values):
 def no_work(monkeypatch):
     """Fails the test if the training file is read or anything is retrieved."""
     forbid_calls(monkeypatch, "dpr.indexing.hard_negatives.read_records", "dpr.indexing.hard_negatives.retrieve",
-                 "dpr.indexing.hard_negatives.resolve_ctx_sources")
+                 "dpr.indexing.hard_negatives.RetrievalSettings.from_config")
 
 
 @pytest.mark.parametrize("values, message", [

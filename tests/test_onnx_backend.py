@@ -133,8 +133,7 @@ def test_onnx_dir_of_another_model_is_refused_before_embedding(data, tmp_path, m
     ({"encoder_backend": "torch", "onnx_dir": "somewhere"}, "read by encoder_backend=onnx or onnx_int8 only"),
 ])
 def test_backend_options_are_checked_before_any_work(data, tmp_path, monkeypatch, values, message):
-    forbid_calls(monkeypatch, "dpr.indexing.generate_embeddings.load_configured_encoder",
-                 "dpr.indexing.dense_retriever.load_configured_encoder")
+    forbid_calls(monkeypatch, "dpr.indexing.encoding.EncoderSettings.load")
     cfg = gen_embs_config(data["ctx_dir"], data["psgs"], tmp_path / "emb", model_file=data["cp"], **values)
     with pytest.raises(ConfigError, match=message):
         generate_dense_embeddings(cfg)

@@ -6,11 +6,11 @@ import numpy as np
 import pytest
 
 from dpr.data.biencoder_data import normalize_question
-from dpr.data.ctx_sources import resolve_ctx_sources
 from dpr.data.embeddings_io import shard_path, write_embeddings
 from dpr.data.passages import iter_passages
 from dpr.indexing import exact_search
-from dpr.indexing.dense_retriever import load_questions, retrieve, run_dense_retriever
+from dpr.indexing.dense_retriever import retrieve, run_dense_retriever
+from dpr.indexing.retrieval_settings import RetrievalSettings
 from dpr.indexing.exact_search import ExactTopK, search_results
 from dpr.indexing.faiss_indexers import DenseFlatIndexer, InsufficientMemoryError
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
@@ -165,8 +165,9 @@ def test_shard_wise_search_equals_the_flat_index_on_squad_open(shared_data, tmp_
     monkeypatch.setattr(exact_search, "TILE_ROWS", 64)  # tiles across the shards of 80 passages
     results = {}
     for shard_search in (False, True):
-        cfg = compose_config(common + [f"shard_search={shard_search}"], "dense_retriever")
-        questions = [normalize_question(sample.question) for sample in load_questions(cfg)]
-        results[shard_search] = retrieve(cfg, ["dense"], questions, resolve_ctx_sources(cfg.ctx_datatsets, cfg))
+        settings = RetrievalSettings.from_config(
+            compose_config(common + [f"shard_search={shard_search}"], "dense_retriever"))
+        questions = [normalize_question(sample.question) for sample in settings.questions.load()]
+        results[shard_search] = retrieve(settings, ["dense"], questions, settings.sources)
     assert len(results[True]["dense"]) == 1427 and all(len(ids) == 100 for ids, _ in results[True]["dense"])
     assert_same_results(results[True]["dense"], results[False]["dense"])

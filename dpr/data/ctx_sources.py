@@ -38,6 +38,14 @@ def resolve_ctx_sources(names_or_paths: Optional[Iterable[str]], cfg: DictConfig
     return [resolve_ctx_source(name, cfg) for name in names]
 
 
+def strip_source_prefix(passage_id: str, sources: Sequence[CtxSource]) -> str:
+    """A retrieved id as its passages file writes it: without its source's `id_prefix`."""
+    for source in sources:
+        if source.id_prefix and passage_id.startswith(source.id_prefix):
+            return passage_id[len(source.id_prefix):]
+    return passage_id
+
+
 def iter_sources(sources: Sequence[CtxSource]) -> Iterator[Passage]:
     """Every passage of every source in order, ids prefixed by their source's prefix; an id repeated in a source or
     across them is refused once the end is reached."""

@@ -3,6 +3,9 @@
 The qas CSV is tab separated without a header: `question \t ['answer', ...]`. DPR parses the answers column with
 `eval`; here it is `ast.literal_eval`, so a file can hold data but never run code. A question with no answer can
 never be matched, so each one is warned about (file and line) and counted; a file with no question is an error.
+
+A queries file (`convert_to_dpr.py`'s `{split}.queries.jsonl`: `id`, `question`, `answers` where known) is JSON
+lines too: a record with an `id` may have no or empty answers (it is evaluated by qrels), and is only counted.
 """
 import ast
 import csv
@@ -75,7 +78,8 @@ def read_qa_csv(
 
 
 def read_qa_jsonl(path: PathLike) -> list[QASample]:
-    """JSON lines of `{"question": str, "answer": str | [str], "id"?: ...}` (`answers` is accepted too)."""
+    """JSON lines of `{"question": str, "answer": str | [str], "id"?: ...}` (`answers` is accepted too; a record with
+    an id may leave them out: a queries file's record, evaluated by qrels)."""
     samples, unanswerable = [], 0
     with open_text(path) as reader:
         for line_number, line in enumerate(reader, start=1):
@@ -89,11 +93,15 @@ def read_qa_jsonl(path: PathLike) -> list[QASample]:
             if not isinstance(record, dict) or "question" not in record:
                 raise DataFileError(f"{where}: expected an object with a 'question' key")
             answers = record.get("answer", record.get("answers"))
-            if answers is None:
-                raise DataFileError(f"{where}: no 'answer' key")
             sample_id = None if record.get("id") is None else str(record["id"])
-            samples.append(QASample(record["question"], _parse_answers(answers, where), sample_id))
-            unanswerable += _warn_if_unanswerable(samples[-1], where)
+            if answers is None and sample_id is None:
+                raise DataFileError(f"{where}: no 'answer' key (and no 'id', by which qrels could judge it)")
+            samples.append(QASample(record["question"], [] if answers is None else _parse_answers(answers, where),
+                                    sample_id))
+            if sample_id is None:
+                unanswerable += _warn_if_unanswerable(samples[-1], where)
+            else:
+                unanswerable += not samples[-1].answers
     _log_unanswerable(path, unanswerable, len(samples))
     return samples
 

@@ -134,6 +134,14 @@ class QAMatchStats:
     questions_without_answers: int = 0
     invalid_answers: int = 0
 
+    @classmethod
+    def without_answers(cls, closest_docs: Sequence["RetrievedDocs"]) -> "QAMatchStats":
+        """The statistics of questions that have no answers at all (a queries file judged by qrels): no passage
+        holds one, and nothing is matched or warned about question by question."""
+        hits = [[False] * len(ids) for ids, _scores in closest_docs]
+        n_docs = max((len(ids) for ids, _scores in closest_docs), default=0)
+        return cls(cumulative_top_k_hits(hits, n_docs), hits, len(closest_docs), 0)
+
 
 class _AnswerMatcher:
     """Every question's parsed answers, and the test of one passage against the questions that retrieved it."""
@@ -328,11 +336,14 @@ def retrieval_results_records(
     passages: Mapping[object, tuple[Optional[str], Optional[str]]],
     closest_docs: Sequence[RetrievedDocs],
     questions_doc_hits: Sequence[Sequence[bool]],
+    question_ids: Optional[Sequence[Optional[str]]] = None,
 ) -> list[dict]:
-    """The retriever results as DPR writes them: one record per question, ctxs best first, scores as strings."""
+    """The retriever results as DPR writes them: one record per question, ctxs best first, scores as strings; a
+    question that has an id (a queries file's) also gets it, first, so that its results convert to a TREC run."""
     records = []
-    for question, question_answers, (doc_ids, scores), doc_hits in zip(
-        questions, answers, closest_docs, questions_doc_hits
+    ids = question_ids if question_ids is not None else [None] * len(questions)
+    for question_id, question, question_answers, (doc_ids, scores), doc_hits in zip(
+        ids, questions, answers, closest_docs, questions_doc_hits
     ):
         ctxs = []
         for doc_id, score, hit in zip(doc_ids, scores, doc_hits):
@@ -346,7 +357,8 @@ def retrieval_results_records(
                     "has_answer": bool(hit),
                 }
             )
-        records.append({"question": question, "answers": list(question_answers), "ctxs": ctxs})
+        record = {} if question_id is None else {"id": question_id}
+        records.append({**record, "question": question, "answers": list(question_answers), "ctxs": ctxs})
     return records
 
 

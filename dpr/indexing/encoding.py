@@ -10,7 +10,8 @@ import ctypes
 import functools
 import logging
 import time
-from typing import Iterable, Iterator, NamedTuple, Protocol, Sequence
+from dataclasses import dataclass
+from typing import Iterable, Iterator, NamedTuple, Optional, Protocol, Sequence
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from omegaconf import DictConfig
 from tqdm import tqdm
 
 from dpr.data.tensorizer import Tensorizer
-from dpr.foundation.precision import Precision
+from dpr.foundation.devices import process_device
+from dpr.foundation.precision import Precision, make_precision
 from dpr.models.encoder_spec import EncoderSpec
 from dpr.models.hf_encoder import encoder_out_size
 from dpr.models.loading import InferenceEncoder, load_inference_encoder
@@ -32,11 +34,42 @@ class TextBatch(NamedTuple):
     attention_mask: torch.Tensor
 
 
-def load_configured_encoder(cfg: DictConfig, encoder_type: str) -> InferenceEncoder:
-    """The encoder of `cfg.model_file`'s `encoder_type` half (or the pretrained model of cfg.encoder), with the
-    spec resolved from cfg.encoder and the checkpoint's saved settings."""
-    configured = EncoderSpec.from_config(cfg.encoder, cfg.do_lower_case)
-    return load_inference_encoder(configured, encoder_type, cfg.model_file, bool(cfg.get("trust_checkpoint", False)))
+@dataclass(frozen=True)
+class EncoderSettings:
+    """Which encoder embeds texts and how it runs (the keys embedding and retrieval share), resolved once."""
+
+    spec: EncoderSpec  # cfg.encoder with do_lower_case; a checkpoint's saved settings go over it when loaded
+    model_file: Optional[str]  # a bi-encoder checkpoint; None: the pretrained model of spec.pretrained_model_cfg
+    trust_checkpoint: bool
+    batch_size: int
+    no_cuda: bool
+    local_rank: Optional[int]
+    fp16: bool
+    bf16: bool
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "EncoderSettings":
+        return cls(
+            spec=EncoderSpec.from_config(cfg.encoder, cfg.do_lower_case),
+            model_file=cfg.model_file or None,
+            trust_checkpoint=bool(cfg.get("trust_checkpoint", False)),
+            batch_size=cfg.batch_size,
+            no_cuda=bool(cfg.no_cuda),
+            local_rank=cfg.get("local_rank"),
+            fp16=bool(cfg.fp16),
+            bf16=bool(cfg.bf16),
+        )
+
+    def device(self) -> torch.device:
+        return process_device(self.no_cuda, self.local_rank)
+
+    def precision(self, device: torch.device) -> Precision:
+        return make_precision(device, self.fp16, self.bf16)
+
+    def load(self, encoder_type: str) -> InferenceEncoder:
+        """The encoder of `model_file`'s `encoder_type` half (or the pretrained model of the spec), with the
+        checkpoint's saved settings applied over the configured spec."""
+        return load_inference_encoder(self.spec, encoder_type, self.model_file, self.trust_checkpoint)
 
 
 def padded_batches(

@@ -29,13 +29,11 @@ from dpr.data.ctx_sources import CtxSource, resolve_ctx_source
 from dpr.data.embeddings_io import is_shard_complete, shard_path, write_embeddings
 from dpr.data.passages import Passage, count_passages, iter_passage_shard, shard_range
 from dpr.data.tensorizer import Tensorizer
-from dpr.foundation.devices import process_device
 from dpr.foundation.errors import ConfigError
 from dpr.foundation.files import ensure_writable_output, remove_stale_temporaries
 from dpr.foundation.run_lock import run_lock
-from dpr.foundation.precision import make_precision
 from dpr.indexing.encoder_backend import EncoderBackend, batch_encoder
-from dpr.indexing.encoding import encode_batches, load_configured_encoder, padded_batches
+from dpr.indexing.encoding import EncoderSettings, encode_batches, padded_batches
 from dpr.indexing.shard_provenance import (
     remove_shard_and_provenance,
     reuse_refusal,
@@ -113,61 +111,83 @@ def _recording_ids(batches: Iterator[PassageBatch], ids: list) -> Iterator[Passa
         yield batch
 
 
-def _check_config(cfg: DictConfig) -> None:
-    if not cfg.out_file:
-        raise ConfigError("out_file is required: shards are written to {out_file}_{shard_id}")
-    if cfg.batch_size < 1:
-        raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+@dataclass(frozen=True)
+class EmbeddingSettings:
+    """The options of `conf/gen_embs.yaml`, resolved once."""
+
+    encoder: EncoderSettings
+    encoder_type: str  # the checkpoint's half that embeds: ctx | question
+    source: CtxSource
+    out_path: Path  # this shard's file: out_file with shard_id and out_format's extension
+    shard_id: int
+    num_shards: int
+    num_workers: int
+    tokenize_chunk: int
+    sort_by_length: bool
+    backend: EncoderBackend  # torch, or ONNX Runtime on the exported graph
+
+    @classmethod
+    def from_config(cls, cfg: DictConfig) -> "EmbeddingSettings":
+        """The settings; the shard's file is proved writable before anything else is resolved or read."""
+        if not cfg.out_file:
+            raise ConfigError("out_file is required: shards are written to {out_file}_{shard_id}")
+        if cfg.batch_size < 1:
+            raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
+        backend = EncoderBackend.from_config(cfg)
+        out_path = shard_path(cfg.out_file, cfg.shard_id, cfg.out_format)
+        ensure_writable_output(out_path, "out_file")
+        return cls(EncoderSettings.from_config(cfg), cfg.encoder_type, resolve_ctx_source(cfg.ctx_src, cfg),
+                   out_path, cfg.shard_id, cfg.num_shards, cfg.num_workers, cfg.tokenize_chunk,
+                   bool(cfg.sort_by_length), backend)
 
 
 def generate_dense_embeddings(cfg: DictConfig) -> Path:
-    """Embed shard `cfg.shard_id` of `cfg.num_shards` of `cfg.ctx_src`; returns the shard file's path."""
-    _check_config(cfg)
-    backend = EncoderBackend.from_config(cfg)
-    out_path = shard_path(cfg.out_file, cfg.shard_id, cfg.out_format)
-    ensure_writable_output(out_path, "out_file")
-    with run_lock(out_path, "out_file"):  # one job per shard file: two would remove each other's temporaries
-        return _embed_shard(cfg, out_path)
+    """Embed shard `shard_id` of `num_shards` of `ctx_src`; returns the shard file's path."""
+    settings = EmbeddingSettings.from_config(cfg)
+    with run_lock(settings.out_path, "out_file"):  # one job per shard file: two would remove each other's temporaries
+        return _embed_shard(settings)
 
 
-def _embed_shard(cfg: DictConfig, out_path: Path) -> Path:
+def _embed_shard(settings: EmbeddingSettings) -> Path:
+    out_path = settings.out_path
     # "emb_1." and ".emb_1.provenance.json": this shard's temporaries only, not those of shard 10's job
     remove_stale_temporaries(out_path.parent, out_path.name + ".")
     remove_stale_temporaries(out_path.parent, sidecar_path(out_path).name + ".")
-    source = resolve_ctx_source(cfg.ctx_src, cfg)
-    device = process_device(cfg.no_cuda, cfg.get("local_rank"))
-    precision = make_precision(device, cfg.fp16, cfg.bf16)
-    encoder = load_configured_encoder(cfg, cfg.encoder_type)
-    provenance = shard_provenance(encoder, cfg.encoder_type, cfg.model_file, source, cfg.shard_id, cfg.num_shards,
-                                  backend.name, backend.quantization)
+    source, shard_id, num_shards, backend = settings.source, settings.shard_id, settings.num_shards, settings.backend
+    device = settings.encoder.device()
+    precision = settings.encoder.precision(device)
+    encoder = settings.encoder.load(settings.encoder_type)
+    provenance = shard_provenance(encoder, settings.encoder_type, settings.encoder.model_file, source, shard_id,
+                                  num_shards, backend.name, backend.quantization)
     if is_shard_complete(out_path):
         refusal = reuse_refusal(out_path, provenance)
         if refusal is None:
             logger.info("%s is complete and made from the same model and passages: skipping shard %d",
-                        out_path, cfg.shard_id)
+                        out_path, shard_id)
             return out_path
         logger.warning("re-embedding %s: %s", out_path, refusal)
     remove_shard_and_provenance(out_path)
 
-    plan = ShardPlan(source, cfg.shard_id, cfg.num_shards, count_passages(source.path))
-    vectors_of = batch_encoder(encoder, backend, cfg.encoder_type, cfg.model_file, device, precision)
+    plan = ShardPlan(source, shard_id, num_shards, count_passages(source.path))
+    vectors_of = batch_encoder(encoder, backend, settings.encoder_type, settings.encoder.model_file, device, precision)
     tensorizer = Tensorizer.for_spec(encoder.spec, encoder.tokenizer)
-    dataset = TokenizedShard(plan, tensorizer, cfg.batch_size, cfg.tokenize_chunk, cfg.sort_by_length)
+    batch_size = settings.encoder.batch_size
+    dataset = TokenizedShard(plan, tensorizer, batch_size, settings.tokenize_chunk, settings.sort_by_length)
     loader = DataLoader(
         dataset,
         batch_size=None,  # the dataset yields whole batches
-        num_workers=cfg.num_workers,
+        num_workers=settings.num_workers,
         pin_memory=device.type == "cuda",
         persistent_workers=False,
     )
     logger.info(
         "embedding %d passages (shard %d of %d) of %s, backend %s on %s, %s, batch size %d, %d tokenizer "
         "worker(s); pooling %s, similarity %s",
-        plan.size, cfg.shard_id, cfg.num_shards, source.path, backend.name, device, precision.name, cfg.batch_size,
-        cfg.num_workers, encoder.spec.pooling, encoder.spec.similarity,
+        plan.size, shard_id, num_shards, source.path, backend.name, device, precision.name, batch_size,
+        settings.num_workers, encoder.spec.pooling, encoder.spec.similarity,
     )
     ids: list = [None] * plan.size
-    vectors = encode_batches(vectors_of, _recording_ids(iter(loader), ids), plan.size, f"shard {cfg.shard_id}")
+    vectors = encode_batches(vectors_of, _recording_ids(iter(loader), ids), plan.size, f"shard {shard_id}")
     write_provenance(out_path, provenance)
     write_embeddings(out_path, ids, vectors)
     return out_path

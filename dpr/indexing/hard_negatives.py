@@ -27,13 +27,14 @@ from typing import Iterable, Optional, Sequence
 from omegaconf import DictConfig
 
 from dpr.data.biencoder_data import iter_json_records, normalize_question
-from dpr.data.ctx_sources import CtxSource, load_passage_subset, resolve_ctx_sources
+from dpr.data.ctx_sources import CtxSource, load_passage_subset, strip_source_prefix
 from dpr.data.data_files import DataFileError
 from dpr.evaluation.qa_validation import MATCH_TYPES, calculate_matches, format_validation_results
 from dpr.foundation.config_values import existing_file, true_or_false, whole_number
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output, ensure_writable_output, remove_stale_temporaries
 from dpr.indexing.dense_retriever import retrieve
+from dpr.indexing.retrieval_settings import RetrievalSettings
 
 logger = logging.getLogger(__name__)
 
@@ -118,13 +119,6 @@ class MiningSummary:
                 f"passed through")
 
 
-def strip_source_prefix(passage_id: str, sources: Sequence[CtxSource]) -> str:
-    for source in sources:
-        if source.id_prefix and passage_id.startswith(source.id_prefix):
-            return passage_id[len(source.id_prefix):]
-    return passage_id
-
-
 def passage_text_key(text: object) -> str:
     """A passage text as positives are recognised: Unicode NFC, case folded, whitespace runs as one space. A copy
     of a positive under another id (a collection split twice, a passage indexed twice) differs in no more, and
@@ -202,15 +196,16 @@ def mine_hard_negatives(cfg: DictConfig) -> MiningSummary:
     records = read_records(options.input_file)
     if not records:
         raise DataFileError(f"{options.input_file}: holds no records: give a DPR retriever training JSON")
-    sources = resolve_ctx_sources(cfg.ctx_datatsets, cfg)
+    settings = RetrievalSettings.from_config(cfg)
+    sources = settings.sources
     summary = MiningSummary(records=len(records))
     minable = [i for i, record in enumerate(records) if _minable(record)]
     summary.passed_through = len(records) - len(minable)
     questions = [normalize_question(records[i]["question"]) for i in minable]
     answers = [list(records[i].get("answers") or []) for i in minable]
-    retrieved = retrieve(cfg, ["dense"], questions, sources)["dense"] if minable else []
+    retrieved = retrieve(settings, ["dense"], questions, sources)["dense"] if minable else []
     passages = load_passage_subset(sources, {doc_id for ids, _ in retrieved for doc_id in ids})
-    workers = max(1, min(cfg.validation_workers, os.cpu_count() or 1))
+    workers = max(1, min(settings.validation_workers, os.cpu_count() or 1))
     stats = calculate_matches(passages, answers, retrieved, workers, options.match)
     logger.info("retrieval of the mined questions:\n%s", format_validation_results(stats.top_k_hits, len(minable)))
 
