@@ -21,7 +21,7 @@ from dpr.interop.convert import ConvertOptions, convert
 from dpr.interop.formats import SourceLayoutError, content_id
 from dpr.interop.negatives import NegativeOptions
 from tests.conftest import REPO_ROOT
-from tests.retrieval_helpers import tiny_model, write_biencoder_checkpoint
+from tests.retrieval_helpers import encode_directly, tiny_model, write_biencoder_checkpoint
 from tests.squad_open_formats import (SQUAD_OPEN, passage_rows, questions, write_beir, write_msmarco, write_pairs,
                                       write_tevatron)
 from tests.tiny_models import tiny_bert_dir
@@ -260,14 +260,16 @@ def test_a_second_positive_is_never_a_negative_though_bm25_ranks_it_high(tmp_pat
 
 
 def test_dense_negatives_rank_by_the_bi_encoder_and_exclude_positives(tmp_path):
-    source = tiny_beir(tmp_path / "beir", qrels={"train": "q1\tp1\t1\nq2\tp3\t1\n"})
+    # two splits: the second reuses the passages' embedding and encodes its own questions
+    source = tiny_beir(tmp_path / "beir", qrels={"train": "q1\tp1\t1\nq2\tp3\t1\n", "dev": "q2\tp3\t1\n"})
     model = tiny_model(tmp_path / "bert")
     checkpoint = write_biencoder_checkpoint(tmp_path / "cp", model, model)
     negatives = NegativeOptions("dense", 3, 1, 10, None, "top", 0)
     reports = convert(options("beir", source, tmp_path / "out", negatives, model_file=checkpoint,
                               dense_overrides=("batch_size=4",)))
-    records = json.loads((tmp_path / "out" / "biencoder-train.json").read_text())
-    from tests.retrieval_helpers import encode_directly
+    records = [record for split in ("train", "dev")
+               for record in json.loads((tmp_path / "out" / f"biencoder-{split}.json").read_text())]
+    assert len(records) == 3
     rows = read_tsv(tmp_path / "out" / "psgs.tsv")[1:]
     passages = encode_directly(model, [r[1] for r in rows], [r[2] for r in rows]).numpy()
     for record in records:

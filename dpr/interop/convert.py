@@ -364,10 +364,9 @@ class Miner:
             return
         from dpr.data.ctx_sources import CtxSource, load_passage_subset
 
-        results = list(dense_rankings(self.options.model_file, self.passages_file,
-                                      [normalize_question(q) for q in questions],
-                                      [q.positives for q in queries], depth, self.options.dense_overrides,
-                                      self.work_dir))
+        results = dense_rankings(self.options.model_file, self.passages_file,
+                                 [normalize_question(q) for q in questions], [q.positives for q in queries], depth,
+                                 self.options.dense_overrides, self.work_dir)
         texts = load_passage_subset([CtxSource(str(self.passages_file))], {i for ids, _, _ in results for i in ids})
         for ids, scores, positive_scores in results:
             yield [Candidate(i, float(s), *texts[i]) for i, s in zip(ids, scores)], float(positive_scores.min())

@@ -13,6 +13,7 @@ ones; `random` draws among all eligible ones in the window, seeded per query (`s
 """
 from __future__ import annotations
 
+import os
 import random
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -151,13 +152,13 @@ def dense_rankings(model_file: str, passages_file: Path, questions: Sequence[str
             f"ctx_datatsets=[{_quoted(passages_file)}]", f"encoded_ctx_files=[{_quoted(work_dir / 'passages_*')}]",
             f"n_docs={depth}", f"q_encoding_path={_quoted(work_dir / 'questions.pt')}", "validation_workers=1",
         ] + list(overrides))
-    shard = generate_dense_embeddings(embed_cfg)
+    shard = generate_dense_embeddings(embed_cfg)  # a later split's call reuses the shard (same provenance)
     sources = resolve_ctx_sources(search_cfg.ctx_datatsets, search_cfg)
     results = retrieve(search_cfg, ["dense"], list(questions), sources)["dense"]
     queries = question_vectors(search_cfg, list(questions))  # the vectors retrieve saved, not encoded again
+    os.unlink(search_cfg.q_encoding_path)  # the next split's questions are others
     wanted = {passage_id for ids in positive_ids for passage_id in ids}
     ids, vectors = read_embeddings(shard)
     rows = {passage_id: row for row, passage_id in enumerate(ids) if passage_id in wanted}
-    for query, (ranked, scores), positives in zip(queries, results, positive_ids):
-        positive_vectors = vectors[[rows[p] for p in positives]]
-        yield list(ranked), np.asarray(scores, dtype=np.float32), positive_vectors @ query
+    return [(list(ranked), np.asarray(scores, dtype=np.float32), vectors[[rows[p] for p in positives]] @ query)
+            for query, (ranked, scores), positives in zip(queries, results, positive_ids)]
