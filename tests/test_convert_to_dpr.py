@@ -110,8 +110,7 @@ def tiny_bert_with_unique_vocab(folder: Path) -> str:
 
 def test_converted_training_data_trains_with_train_dense_encoder(beir_dir, tmp_path):
     out = tmp_path / "dpr"
-    run_script([str(REPO_ROOT / "convert_to_dpr.py"), "--format", "beir", "--input", str(beir_dir), "--out_dir",
-                str(out), "--negatives", "bm25", "--num_negatives", "2"], tmp_path)
+    convert(options("beir", beir_dir, out, bm25(count=2)))
     model = tiny_bert_with_unique_vocab(tmp_path / "bert")
     run_script([str(REPO_ROOT / "train_dense_encoder.py"), f"train_datasets=[{out / 'biencoder-train.json'}]",
                 f"dev_datasets=[{out / 'biencoder-dev.json'}]", f"output_dir={tmp_path / 'run'}",

@@ -123,10 +123,12 @@ def check_out_dir(out_dir: Path) -> None:
 # ------------------------------------------------------------------------------------------------ passages
 class PassageTable:
     """Writes ``psgs.tsv`` row by row; keeps each id's hash (duplicate check) and, for the `wanted` ids only,
-    the row's byte offset (to read its text back) and position (its index in a BM25 index of the file)."""
+    the row's byte offset (to read its text back) and, with `record_positions`, position (its index in a BM25
+    index of the file)."""
 
-    def __init__(self, path: Path, wanted: set, repeats_allowed: bool):
+    def __init__(self, path: Path, wanted: set, repeats_allowed: bool, record_positions: bool):
         self.path = path
+        self.record_positions = record_positions
         self.wanted = wanted
         self.offsets: dict[str, int] = {}
         self.positions: dict[str, int] = {}
@@ -162,7 +164,8 @@ class PassageTable:
                 raise DataFileError(f"{passage.where}: passage id {passage.id!r} is used a second time; ids must be "
                                     "unique: remove or renumber one of them")
             self.offsets[passage.id] = self._offset
-            self.positions[passage.id] = len(self.hashes)
+            if self.record_positions:
+                self.positions[passage.id] = len(self.hashes)
         self.hashes.append(hash(passage.id))
         self._write([passage.id, passage.text, passage.title])
 
@@ -433,7 +436,7 @@ def convert(options: ConvertOptions) -> dict[str, SplitReport]:
     with atomic_output_directory(out_dir) as temporary:
         temporary = Path(temporary)
         passages_file = temporary / PASSAGES_FILE
-        table = PassageTable(passages_file, wanted, collection.repeats_passages)
+        table = PassageTable(passages_file, wanted, collection.repeats_passages, options.negatives.kind == "bm25")
         try:
             for passage in tqdm(collection.passages(), desc=PASSAGES_FILE, unit=" passages", mininterval=2):
                 table.add(passage)
