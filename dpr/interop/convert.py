@@ -33,7 +33,7 @@ import shutil
 from array import array
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator, Optional, Sequence
+from typing import Iterator, NamedTuple, Optional, Sequence
 
 import numpy as np
 from tqdm import tqdm
@@ -45,7 +45,7 @@ from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output_directory, ensure_writable_directory, remove_stale_temporaries
 from dpr.indexing.bm25 import BM25Index, passage_text
 from dpr.indexing.hard_negatives import passage_text_key
-from dpr.interop.formats import Collection, SourceLayoutError, SourceQuery, first_where, open_collection
+from dpr.interop.formats import Collection, SourceLayoutError, first_where, open_collection
 from dpr.interop.negatives import (Candidate, NegativeOptions, NegativeStats, bm25_rankings, dense_rankings,
                                    select_negatives)
 
@@ -206,11 +206,18 @@ class PassageReader:
 
 
 # ------------------------------------------------------------------------------------------------ splits
+class QueryText(NamedTuple):
+    """A query as held (its id is its key): no more than is written, for MS MARCO's half million."""
+
+    question: str
+    answers: tuple
+
+
 @dataclass
 class SplitData:
     name: str
-    queries: dict  # id -> SourceQuery, in the queries file's order
-    qrels: dict  # query id -> {passage id: grade}, in the qrels file's order
+    queries: dict  # id -> QueryText, in the queries file's order
+    qrels: dict  # query id -> [(passage id, grade)], in the qrels file's order (a list: lighter than a dict)
     unknown_queries: int = 0  # qrels lines skipped (--skip_unknown_qrels)
     unknown_passages: int = 0
     unjudged_queries: int = 0  # queries of the file without a judgement: not written
@@ -244,23 +251,26 @@ def collection_name(collection: Collection) -> str:
 
 
 def read_split(collection: Collection, split: str, skip_unknown: bool) -> SplitData:
-    qrels: dict[str, dict] = {}
+    qrels: dict[str, list] = {}
     for judgement in collection.judgements(split):
-        judged = qrels.setdefault(judgement.query_id, {})
-        if judgement.passage_id in judged:
+        judged = qrels.get(judgement.query_id)
+        if judged is None:
+            judged = qrels[judgement.query_id] = []
+        elif any(passage_id == judgement.passage_id for passage_id, _ in judged):
             raise DataFileError(f"{judgement.where}: query {judgement.query_id!r} and passage "
                                 f"{judgement.passage_id!r} are judged a second time: keep one line per pair")
-        judged[judgement.passage_id] = judgement.grade
-    queries: dict[str, SourceQuery] = {}
+        judged.append((judgement.passage_id, judgement.grade))
+    queries: dict[str, QueryText] = {}
     unjudged = 0
     for query in collection.queries(split):
         if query.id not in qrels:
             unjudged += 1
             continue
         if query.id in queries:
-            raise DataFileError(f"{query.where}: query id {query.id!r} is used a second time (first at "
-                                f"{queries[query.id].where}); ids must be unique")
-        queries[query.id] = query
+            first = first_where(collection.queries(split), lambda q, query_id=query.id: q.id == query_id)
+            raise DataFileError(f"{query.where}: query id {query.id!r} is used a second time (first at {first}); "
+                                "ids must be unique")
+        queries[query.id] = QueryText(query.question, tuple(query.answers))
     data = SplitData(split, {}, {}, unjudged_queries=unjudged)
     unknown = [query_id for query_id in qrels if query_id not in queries]
     if unknown and not skip_unknown:
@@ -277,14 +287,14 @@ def read_split(collection: Collection, split: str, skip_unknown: bool) -> SplitD
 
 def drop_unknown_passages(collection: Collection, data: SplitData, known: dict, skip_unknown: bool) -> None:
     for query_id, judged in data.qrels.items():
-        unknown = [passage_id for passage_id in judged if passage_id not in known]
+        unknown = [passage_id for passage_id, _ in judged if passage_id not in known]
         if unknown and not skip_unknown:
             where = first_where(collection.judgements(data.name), lambda j: j.passage_id not in known)
             raise DataFileError(f"{where}: passage {unknown[0]!r} is not in the collection's passages. Fix the "
                                 "files, or skip such lines with --skip_unknown_qrels")
-        for passage_id in unknown:
-            del judged[passage_id]
-            data.unknown_passages += 1
+        if unknown:
+            judged[:] = [(passage_id, grade) for passage_id, grade in judged if passage_id in known]
+            data.unknown_passages += len(unknown)
 
 
 # ------------------------------------------------------------------------------------------------ writing
@@ -292,7 +302,7 @@ def write_queries(path: Path, data: SplitData) -> None:
     with open(path, "w", encoding="utf-8") as sink:
         for query_id in data.qrels:
             query = data.queries[query_id]
-            sink.write(json.dumps({"id": query.id, "question": query.question, "answers": query.answers},
+            sink.write(json.dumps({"id": query_id, "question": query.question, "answers": list(query.answers)},
                                   ensure_ascii=False) + "\n")
 
 
@@ -300,7 +310,7 @@ def write_qrels(path: Path, data: SplitData) -> int:
     lines = 0
     with open(path, "w", encoding="utf-8") as sink:
         for query_id, judged in data.qrels.items():
-            for passage_id, grade in judged.items():
+            for passage_id, grade in judged:
                 sink.write(f"{query_id} 0 {passage_id} {grade}\n")
                 lines += 1
     return lines
@@ -313,7 +323,8 @@ def ctx_record(passage_id: str, text_title: tuple[str, str], score: float) -> di
 
 @dataclass
 class TrainingQuery:
-    query: SourceQuery
+    query_id: str
+    query: QueryText
     positives: list  # passage ids, highest grade first
     given_negatives: list
 
@@ -322,11 +333,11 @@ def training_queries(data: SplitData, given: dict) -> tuple[list[TrainingQuery],
     """The split's queries with a positive (grade > 0), and the number without one."""
     queries, without = [], 0
     for query_id, judged in data.qrels.items():
-        positives = [p for p, grade in sorted(judged.items(), key=lambda item: -item[1]) if grade > 0]
+        positives = [p for p, grade in sorted(judged, key=lambda item: -item[1]) if grade > 0]  # stable
         if not positives:
             without += 1
             continue
-        queries.append(TrainingQuery(data.queries[query_id], positives, given.get(query_id, [])))
+        queries.append(TrainingQuery(query_id, data.queries[query_id], positives, given.get(query_id, [])))
     return queries, without
 
 
@@ -395,12 +406,13 @@ def training_records(queries: list[TrainingQuery], reader: PassageReader, miner:
             positive_scores = {c.id: c.score for c in ranking if c.id in positives}
             listed = {ctx["passage_id"] for ctx in hard}
             mined = [c for c in select_negatives(ranking, set(positives), positive_texts, lowest, options.negatives,
-                                                 item.query.id, stats) if c.id not in listed]
+                                                 item.query_id, stats) if c.id not in listed]
             stats.found.append(len(mined))
             hard += [ctx_record(c.id, (c.text, c.title), c.score) for c in mined]
         stats.queries += 1
         stats.positives.append(len(positives))
-        yield {"dataset": options.dataset_name, "question": item.query.question, "answers": item.query.answers,
+        yield {"dataset": options.dataset_name, "question": item.query.question,
+               "answers": list(item.query.answers),
                "positive_ctxs": [ctx_record(p, positives[p], positive_scores.get(p, 0)) for p in item.positives],
                "negative_ctxs": [], "hard_negative_ctxs": hard}
 
@@ -427,7 +439,7 @@ def convert(options: ConvertOptions) -> dict[str, SplitReport]:
     splits = {split: read_split(collection, split, options.skip_unknown_qrels)
               for split in choose_splits(collection, options.splits)}
     given = {split: collection.given_negatives(split) for split in splits}
-    wanted = {p for data in splits.values() for judged in data.qrels.values() for p in judged}
+    wanted = {p for data in splits.values() for judged in data.qrels.values() for p, _ in judged}
     wanted |= {p for negatives in given.values() for ids in negatives.values() for p in ids}
     removed, _ = remove_stale_temporaries(out_dir.parent, out_dir.name)
     if removed:

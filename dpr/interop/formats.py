@@ -37,7 +37,7 @@ class SourceLayoutError(UserInputError):
     """An --input that is not a collection of the chosen --format (a missing file or split, another format)."""
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourcePassage:
     id: str
     text: str
@@ -45,7 +45,7 @@ class SourcePassage:
     where: str  # "file, line N"
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class SourceQuery:
     id: str
     question: str
@@ -53,7 +53,7 @@ class SourceQuery:
     where: str
 
 
-@dataclass(frozen=True)
+@dataclass(frozen=True, slots=True)
 class Judgement:
     query_id: str
     passage_id: str
