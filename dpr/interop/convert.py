@@ -439,6 +439,7 @@ def convert(options: ConvertOptions) -> dict[str, SplitReport]:
     splits = {split: read_split(collection, split, options.skip_unknown_qrels)
               for split in choose_splits(collection, options.splits)}
     given = {split: collection.given_negatives(split) for split in splits}
+    # the judged passages (and those the file gives as negatives): their offsets are kept, to read them back
     wanted = {p for data in splits.values() for judged in data.qrels.values() for p, _ in judged}
     wanted |= {p for negatives in given.values() for ids in negatives.values() for p in ids}
     removed, _ = remove_stale_temporaries(out_dir.parent, out_dir.name)
@@ -457,14 +458,16 @@ def convert(options: ConvertOptions) -> dict[str, SplitReport]:
         table.check_unique(collection)
         if not len(table):
             raise DataFileError(f"--input {options.input} holds no passages")
+        table.wanted = set()  # the ids are in the offsets now
+        for data in splits.values():  # every split checked before any is written
+            drop_unknown_passages(collection, data, table.offsets, options.skip_unknown_qrels)
+            data.qrels = {q: judged for q, judged in data.qrels.items() if judged}
         files = [PASSAGES_FILE]
         reader = PassageReader(passages_file, table.offsets)
         work_dir = temporary / ".negatives"  # dense: embeddings and question vectors, removed before the rename
         miner = Miner(options, passages_file, table, work_dir) if options.negatives.kind != "none" else None
         try:
             for split, data in splits.items():
-                drop_unknown_passages(collection, data, table.offsets, options.skip_unknown_qrels)
-                data.qrels = {q: judged for q, judged in data.qrels.items() if judged}
                 write_queries(temporary / f"{split}.queries.jsonl", data)
                 lines = write_qrels(temporary / f"{split}.qrels.tsv", data)
                 files += [f"{split}.queries.jsonl", f"{split}.qrels.tsv"]
