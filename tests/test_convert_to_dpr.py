@@ -196,6 +196,24 @@ def test_tevatron_file_keeps_docids_and_its_negatives(tmp_path):
         assert [c["passage_id"] for c in record["hard_negative_ctxs"]] == [n[0] for n in negatives if n[0] != gold]
 
 
+def test_flag_embedding_lines_get_content_ids_and_keep_their_negatives(tmp_path):
+    source = tmp_path / "flag.jsonl"
+    source.write_text("".join(json.dumps(row) + "\n" for row in [
+        {"query": "who wrote hamlet", "pos": ["shakespeare wrote hamlet"],
+         "neg": ["rome is a city", "shakespeare wrote hamlet"]},
+        {"query": "what is rome", "pos": ["rome is a city"], "neg": ["paris is a city"]},
+    ]))
+    reports = convert(options("tevatron", source, tmp_path / "out"))
+    records = json.loads((tmp_path / "out" / "biencoder-train.json").read_text())
+    assert [[c["passage_id"] for c in r["hard_negative_ctxs"]] for r in records] == [
+        [content_id("rome is a city")], [content_id("paris is a city")]]
+    assert [r["positive_ctxs"][0]["passage_id"] for r in records] == [content_id("shakespeare wrote hamlet"),
+                                                                        content_id("rome is a city")]
+    assert reports["train"].stats.dropped_given_positive == 1
+    assert [row[0] for row in read_tsv(tmp_path / "out" / "psgs.tsv")[1:]] == [
+        content_id(t) for t in ("shakespeare wrote hamlet", "rome is a city", "paris is a city")]
+
+
 # ------------------------------------------------------------------------------------------------ negatives
 def bm25_ranking(index: BM25Index, question: str, rows: list) -> tuple[list, np.ndarray]:
     scores = index.scores(question)
