@@ -403,6 +403,14 @@ def write_small_msmarco(folder: Path) -> Path:
     return folder
 
 
+def test_a_carriage_return_inside_a_text_does_not_cut_its_row(tmp_path):
+    marco = write_small_msmarco(tmp_path / "marco")
+    with open(marco / "collection.tsv", "a", newline="") as sink:
+        sink.write("p6\tbefore\rafter\r\np7\tlast\n")
+    convert(options("msmarco", marco, tmp_path / "out"))
+    assert read_tsv(tmp_path / "out" / "psgs.tsv")[-2:] == [["p6", "before after", ""], ["p7", "last", ""]]
+
+
 def test_the_script_ends_a_bad_input_in_one_line(tmp_path):
     source = tiny_beir(tmp_path / "beir", qrels={"train": "q1\tp404\t1\n"})
     proc = run_script([str(REPO_ROOT / "convert_to_dpr.py"), "--format", "beir", "--input", str(source),

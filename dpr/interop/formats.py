@@ -81,11 +81,24 @@ def _check_id(value: object, what: str, where: str) -> str:
     return text
 
 
-def _json_lines(path: Path) -> Iterator[tuple[str, object]]:
+def _lines(path: Path) -> Iterator[tuple[int, str]]:
+    """(line number, line without its end) of a text file. Only \\n ends a line: a bare \\r inside a text would
+    end one in Python's universal newlines, cutting the row in two."""
     with open_text(path) as source:
-        for number, line in enumerate(source, start=1):
-            if not line.strip():
+        number, pending = 1, ""
+        for piece in source:
+            if not piece.endswith("\n"):
+                pending += piece
                 continue
+            yield number, (pending + piece).rstrip("\r\n")
+            number, pending = number + 1, ""
+        if pending:
+            yield number, pending.rstrip("\r")
+
+
+def _json_lines(path: Path) -> Iterator[tuple[str, object]]:
+    for number, line in _lines(path):
+        if line.strip():
             where = f"{path}, line {number}"
             try:
                 yield where, json.loads(line)
@@ -96,11 +109,9 @@ def _json_lines(path: Path) -> Iterator[tuple[str, object]]:
 
 def _tsv_lines(path: Path) -> Iterator[tuple[str, list[str]]]:
     """(where, fields) of the non-blank lines of a tab-separated file (fields as written, no quoting)."""
-    with open_text(path) as source:
-        for number, line in enumerate(source, start=1):
-            line = line.rstrip("\r\n")
-            if line.strip():
-                yield f"{path}, line {number}", line.split("\t")
+    for number, line in _lines(path):
+        if line.strip():
+            yield f"{path}, line {number}", line.split("\t")
 
 
 def _object(record: object, where: str, hint: str) -> dict:
