@@ -16,7 +16,7 @@ from dpr.data.data_files import DataFileError
 from dpr.data.passages import iter_passages
 from dpr.foundation.errors import UserInputError
 from dpr.indexing.bm25 import BM25Index, passage_text
-from dpr.indexing.hard_negatives import passage_text_key
+from dpr.data.passages import passage_text_key
 from dpr.interop.convert import ConvertOptions, convert
 from dpr.interop.formats import SourceLayoutError, content_id
 from dpr.interop.negatives import NegativeOptions

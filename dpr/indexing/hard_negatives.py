@@ -20,7 +20,6 @@ the highest-ranked passages that do not hold an answer.
 import json
 import logging
 import os
-import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -29,6 +28,7 @@ from omegaconf import DictConfig
 from dpr.data.biencoder_data import iter_json_records, normalize_question
 from dpr.data.ctx_sources import CtxSource, load_passage_subset, resolve_ctx_sources
 from dpr.data.data_files import DataFileError
+from dpr.data.passages import passage_text_key
 from dpr.evaluation.qa_validation import MATCH_TYPES, calculate_matches, format_validation_results
 from dpr.foundation.config_values import existing_file, true_or_false, whole_number
 from dpr.foundation.errors import UserInputError
@@ -123,15 +123,6 @@ def strip_source_prefix(passage_id: str, sources: Sequence[CtxSource]) -> str:
         if source.id_prefix and passage_id.startswith(source.id_prefix):
             return passage_id[len(source.id_prefix):]
     return passage_id
-
-
-def passage_text_key(text: object) -> str:
-    """A passage text as positives are recognised: Unicode NFC, case folded, whitespace runs as one space. A copy
-    of a positive under another id (a collection split twice, a passage indexed twice) differs in no more, and
-    mined as a negative it would train the model away from the answer."""
-    if not isinstance(text, str):
-        return ""
-    return " ".join(unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold()).split())
 
 
 def select_hard_negatives(candidates: Iterable[Candidate], positives: Sequence[dict], options: MiningOptions,

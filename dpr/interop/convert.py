@@ -40,11 +40,10 @@ from tqdm import tqdm
 
 from dpr.data.biencoder_data import normalize_question
 from dpr.data.data_files import DataFileError
-from dpr.data.passages import iter_passages
+from dpr.data.passages import iter_passages, passage_text_key
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output_directory, ensure_writable_directory, remove_stale_temporaries
 from dpr.indexing.bm25 import BM25Index, passage_text
-from dpr.indexing.hard_negatives import passage_text_key
 from dpr.interop.formats import Collection, SourceLayoutError, first_where, open_collection
 from dpr.interop.negatives import (Candidate, NegativeOptions, NegativeStats, bm25_rankings, dense_rankings,
                                    select_negatives)

@@ -21,7 +21,7 @@ from typing import Iterable, NamedTuple, Optional, Sequence
 
 import numpy as np
 
-from dpr.indexing.hard_negatives import passage_text_key
+from dpr.data.passages import passage_text_key
 
 SAMPLING = ("top", "random")
 CONF_DIR = Path(__file__).resolve().parents[2] / "conf"
