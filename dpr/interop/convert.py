@@ -126,7 +126,6 @@ class PassageTable:
     index of the file)."""
 
     def __init__(self, path: Path, wanted: set, repeats_allowed: bool, record_positions: bool):
-        self.path = path
         self.record_positions = record_positions
         self.wanted = wanted
         self.offsets: dict[str, int] = {}
@@ -239,14 +238,9 @@ def choose_splits(collection: Collection, wanted: Optional[Sequence[str]]) -> li
         return present
     missing = [split for split in wanted if split not in present]
     if missing:
-        raise SourceLayoutError(f"split {missing[0]!r} is not in --input {collection_name(collection)}: it has "
+        raise SourceLayoutError(f"split {missing[0]!r} is not in --input {collection.location}: it has "
                                 f"{', '.join(present)} (--splits chooses among them)")
     return list(wanted)
-
-
-def collection_name(collection: Collection) -> str:
-    return str(getattr(collection, "path", None) or getattr(collection, "folder", None)
-               or Path(collection.corpus).parent)
 
 
 def read_split(collection: Collection, split: str, skip_unknown: bool) -> SplitData:

@@ -177,6 +177,7 @@ class Collection:
     """A collection in another format: its splits, queries and judgements (held), its passages (streamed)."""
 
     format: str
+    location: Path  # the --input
     # passages may repeat in the stream under one content id (rows of pairs files): kept once, not refused
     repeats_passages = False
 
@@ -204,7 +205,7 @@ class BeirCollection(Collection):
     format = "beir"
 
     def __init__(self, path: Path):
-        folder = _folder(path, "beir", "corpus.jsonl, queries.jsonl and qrels/")
+        folder = self.location = _folder(path, "beir", "corpus.jsonl, queries.jsonl and qrels/")
         self.corpus = _file_in(folder, "corpus.jsonl", "beir")
         self.queries_path = _file_in(folder, "queries.jsonl", "beir")
         self.qrels_dir = folder / "qrels"
@@ -263,7 +264,7 @@ class MsMarcoCollection(Collection):
 
     def __init__(self, path: Path):
         folder = _folder(path, "msmarco", "collection.tsv, queries.{split}.tsv and qrels.{split}.tsv")
-        self.folder = folder
+        self.folder = self.location = folder
         self.collection = _file_in(folder, "collection.tsv", "msmarco")
         qrels = sorted(p.name for p in folder.iterdir() if p.name.startswith("qrels.") and p.name.endswith(".tsv"))
         self._splits = [name[len("qrels."):-len(".tsv")] for name in qrels]
@@ -327,7 +328,7 @@ class RowsCollection(Collection):
         if path.is_dir():
             raise SourceLayoutError(f"--input {path} is a folder, but --format {self.format} reads one file"
                                     f"{_other_format(path)}")
-        self.path = path
+        self.path = self.location = path
         self.split = split
         self._queries: dict[str, _HeldQuery] = {}
         for where, query, positives, negatives in self._rows():
