@@ -11,6 +11,7 @@ import csv
 import itertools
 import logging
 import math
+import unicodedata
 from array import array
 from pathlib import Path
 from typing import Iterator, NamedTuple, Optional, Sequence, Tuple, Union
@@ -33,6 +34,15 @@ class Passage(NamedTuple):
     id: Optional[str]
     text: str
     title: Optional[str] = None
+
+
+def passage_text_key(text: object) -> str:
+    """A passage text as positives are recognised: Unicode NFC, case folded, whitespace runs as one space. A copy
+    of a positive under another id (a collection split twice, a passage indexed twice) differs in no more, and
+    mined as a negative it would train the model away from the answer."""
+    if not isinstance(text, str):
+        return ""
+    return " ".join(unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold()).split())
 
 
 def _numbered_rows(path: PathLike) -> Iterator[Tuple[int, list]]:

@@ -20,7 +20,6 @@ the highest-ranked passages that do not hold an answer.
 import json
 import logging
 import os
-import unicodedata
 from dataclasses import dataclass
 from typing import Iterable, Optional, Sequence
 
@@ -29,6 +28,7 @@ from omegaconf import DictConfig
 from dpr.data.biencoder_data import iter_json_records, normalize_question
 from dpr.data.ctx_sources import CtxSource, load_passage_subset, strip_source_prefix
 from dpr.data.data_files import DataFileError
+from dpr.data.passages import passage_text_key
 from dpr.evaluation.qa_validation import MATCH_TYPES, calculate_matches, format_validation_results
 from dpr.foundation.config_values import existing_file, true_or_false, whole_number
 from dpr.foundation.errors import UserInputError
@@ -117,15 +117,6 @@ class MiningSummary:
                 f"own hard negatives ({self.no_negative_in_range} without a negative in the ranks, "
                 f"{self.without_answers} without answers); {self.passed_through} without a question or positives "
                 f"passed through")
-
-
-def passage_text_key(text: object) -> str:
-    """A passage text as positives are recognised: Unicode NFC, case folded, whitespace runs as one space. A copy
-    of a positive under another id (a collection split twice, a passage indexed twice) differs in no more, and
-    mined as a negative it would train the model away from the answer."""
-    if not isinstance(text, str):
-        return ""
-    return " ".join(unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold()).split())
 
 
 def select_hard_negatives(candidates: Iterable[Candidate], positives: Sequence[dict], options: MiningOptions,
