@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from dpr.foundation.errors import UserInputError
 from dpr.models.example_dropout import install_example_dropout, register_attention
 
 logger = logging.getLogger(__name__)
@@ -34,9 +35,20 @@ def resolve_pretrained_path(name: str) -> str:
     return name
 
 
+class MissingTokenizerError(UserInputError):
+    """A model directory without tokenizer files."""
+
+
 def load_tokenizer(pretrained_model_cfg: str, do_lower_case: bool = True) -> PreTrainedTokenizerBase:
+    """The model's tokenizer. A directory without tokenizer files is an error: transformers would make a BERT
+    tokenizer knowing only its special tokens, which turns every word into [UNK]."""
     path = resolve_pretrained_path(pretrained_model_cfg)
-    return AutoTokenizer.from_pretrained(path, do_lower_case=do_lower_case)
+    tokenizer = AutoTokenizer.from_pretrained(path, do_lower_case=do_lower_case)
+    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
+        raise MissingTokenizerError(
+            f"'{pretrained_model_cfg}' has no tokenizer (no vocab.txt or tokenizer.json there): give a model "
+            "directory that holds its tokenizer files (AutoTokenizer.save_pretrained writes them)")
+    return tokenizer
 
 
 def build_encoder(
