@@ -382,6 +382,16 @@ def test_encoder_type_that_cannot_be_exported_is_one_line(tmp_path, checkpoint):
     assert nothing_written(tmp_path)
 
 
+def test_reader_checkpoint_is_not_a_biencoder(tmp_path, tiny_base):
+    encoder = perturbed_encoder(tiny_base, 0, 5)
+    state = {f"encoder.{k}": v for k, v in encoder.state_dict().items()}
+    spec = EncoderSpec(tiny_base, sequence_length=TINY_LENGTH)
+    save_checkpoint(str(tmp_path / "dpr_reader.1"), CheckpointState(state, None, None, 0, 1, spec.checkpoint_params()))
+    assert "has no 'question_model.*' weights: is it a bi-encoder checkpoint?" in one_line_error(
+        ["export-st", str(tmp_path / "dpr_reader.1"), str(tmp_path / "st")])
+    assert nothing_written(tmp_path)
+
+
 def test_decoder_model_cannot_be_exported_is_one_line(tmp_path, tiny_base):
     """A BERT configured as a decoder: not an encoder whose pooled last hidden state is the vector."""
     base = tmp_path / "decoder_bert"

@@ -335,7 +335,7 @@ def model_card(loaded: CheckpointBiEncoder, card: ModelCardInputs, model) -> str
         "text [SEP]`, truncating the longer of the two first. The single string `\"title [SEP] text\"` gives the "
         "same tokens and vectors unless the passage is longer than the sequence length. The retriever replaces "
         "`\u2019` with `'` in questions (DPR's normalisation) before encoding them; do the same for identical "
-        "vectors.",
+        "vectors. `model.encode` without a task encodes as `encode_document` does.",
         "",
         "## Training",
         "",
