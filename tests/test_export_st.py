@@ -346,6 +346,15 @@ def test_non_empty_out_dir_is_refused_unless_overwrite(tmp_path, checkpoint):
     export(checkpoint, tmp_path / "empty")  # an empty folder is no one's work
 
 
+def test_out_dir_that_cannot_be_written_is_refused_before_any_work(tmp_path, checkpoint, monkeypatch):
+    (tmp_path / "a_file").write_text("")
+    monkeypatch.setattr(sentence_transformers_export, "load_checkpoint_biencoder",
+                        lambda *a, **k: pytest.fail("the model was loaded before OUT_DIR was checked"))
+    message = one_line_error(["export-st", checkpoint, str(tmp_path / "a_file" / "st")])
+    assert "its parent folder cannot be written to" in message
+    assert "is a file: name a folder" in one_line_error(["export-st", checkpoint, str(tmp_path / "a_file")])
+
+
 def test_missing_sentence_transformers_names_the_extra(tmp_path, checkpoint, monkeypatch):
     monkeypatch.setitem(sys.modules, "sentence_transformers", None)  # import fails as if not installed
     message = one_line_error(["export-st", checkpoint, str(tmp_path / "st")])

@@ -31,7 +31,7 @@ from transformers import AutoModel, PreTrainedModel, PreTrainedTokenizerBase
 from dpr.data.tensorizer import Tensorizer
 from dpr.evaluation.qa_validation import top_k_accuracy_from_results
 from dpr.foundation.errors import UserInputError
-from dpr.foundation.files import atomic_output_directory
+from dpr.foundation.files import UnwritableDirectoryError, atomic_output_directory, ensure_writable_directory
 from dpr.interop.hf_dpr import ConversionReport
 from dpr.models.biencoder import search_vectors
 from dpr.models.encoder_spec import EncoderSpec
@@ -88,6 +88,11 @@ def check_out_dir(out_dir: str, overwrite: bool) -> None:
     if path.is_dir() and any(path.iterdir()) and not overwrite:
         raise StExportError(f"OUT_DIR {out_dir} exists and is not empty: name another folder, or give --overwrite "
                             "to replace it (it is replaced only once the new folder is complete)")
+    try:  # the folder is built beside OUT_DIR, so its parent must take files
+        ensure_writable_directory(path.absolute().parent, "OUT_DIR's parent")
+    except UnwritableDirectoryError as e:
+        raise StExportError(f"OUT_DIR {out_dir}: its parent folder cannot be written to ({e.__cause__}): name "
+                            "another OUT_DIR") from e
 
 
 def check_exportable(loaded: CheckpointBiEncoder, checkpoint_path: str) -> None:
