@@ -4,7 +4,7 @@ PYTHON ?= python
 
 # CPU machines: the pinned torch is the local CPU build; GPU machines: install your CUDA torch first.
 install:
-	$(PYTHON) -m pip install torch==2.13.0 -e ".[test,demo,cluster,tensorboard,onnx,metrics]"
+	$(PYTHON) -m pip install torch==2.13.0 -e ".[test,demo,cluster,tensorboard,onnx,metrics,st]"
 
 test:
 	$(PYTHON) -m pytest -q tests

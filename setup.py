@@ -26,6 +26,8 @@ setup(
         "bench": ["sentence-transformers"],
         # convert_dpr_checkpoint.py export-onnx and encoder_backend=onnx|onnx_int8 (ONNX Runtime on the CPU)
         "onnx": ["onnx", "onnxruntime", "onnxscript"],
+        # convert_dpr_checkpoint.py export-st: a checkpoint as a sentence-transformers folder
+        "st": ["sentence-transformers>=6.3"],
         # shard jobs on a cluster: generate_dense_embeddings.py -m hydra/launcher=slurm (or local). Bounded:
         # hydra_plugins/dpr_launcher subclasses the plugin's launchers and reads submitit's job records
         "cluster": ["hydra-submitit-launcher>=1.2,<1.3", "submitit>=1.3.3,<2"],

@@ -46,6 +46,11 @@ def test_checkpoints_are_dpr_format_and_load_with_weights_only(data, tmp_path):
     # the records file holds what the run returned
     assert [r["step"] for r in records_file(tmp_path, "step")] == [1, 2, 3, 4]
     assert [r["value"] for r in records_file(tmp_path, "validation")] == [v.value for v in run.validations]
+    # and the run's recipe, for model cards (convert_dpr_checkpoint.py export-st)
+    (recipe,) = records_file(tmp_path, "run")
+    assert (recipe["processes"], recipe["global_batch"], recipe["num_train_epochs"], recipe["total_steps"]) == (1, 4, 1, 4)
+    assert recipe["precision"] == "fp32" and recipe["learning_rate"] == 1e-3
+    assert recipe["details"]["grad_cache"] is False and recipe["details"]["hard_negatives"] == 1
 
 
 def test_resume_mid_epoch_gives_the_losses_of_an_uninterrupted_run(data, tmp_path):

@@ -42,7 +42,7 @@ from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 from dpr.foundation.errors import UserInputError
 from dpr.models.biencoder import BiEncoder
 from dpr.models.hf_encoder import encoder_from_config, load_tokenizer, resolve_pretrained_path
-from dpr.models.loading import CHECKPOINT_PREFIXES
+from dpr.models.loading import CHECKPOINT_PREFIXES, load_checkpoint_biencoder
 from dpr.foundation.checkpoints import CheckpointState, load_checkpoint, load_model_state, save_checkpoint, strip_prefix
 
 logger = logging.getLogger(__name__)
@@ -198,16 +198,11 @@ def load_biencoder(
     checkpoint_path: str, pretrained_model_cfg: Optional[str] = None, trust_checkpoint: bool = False
 ) -> Tuple[BiEncoder, PreTrainedTokenizerBase]:
     """(BiEncoder in eval mode, tokenizer) from a DPR-format bi-encoder checkpoint: one of this repository, of
-    hydra DPR, or a released old-DPR / GC-DPR `.cp` file."""
-    ckpt = load_checkpoint(checkpoint_path, trust_checkpoint)
-    bert_config, tokenizer = base_model_of_checkpoint(ckpt, pretrained_model_cfg)
-    question_model, ctx_model = (
-        load_encoder_state(bert_config, checkpoint_half(ckpt, role)) for role in ("question", "ctx")
-    )
-    saved = ckpt.encoder_params.get("encoder", {})
-    sequence_length = saved.get("sequence_length") or DEFAULT_BIENCODER_SEQUENCE_LENGTH
-    pooling = saved.get("pooling") or "cls"
-    return BiEncoder(question_model, ctx_model, int(sequence_length), pooling=pooling).eval(), tokenizer
+    hydra DPR, or a released old-DPR / GC-DPR `.cp` file (`load_checkpoint_biencoder` reads it)."""
+    loaded = load_checkpoint_biencoder(checkpoint_path, pretrained_model_cfg, trust_checkpoint)
+    spec = loaded.spec
+    biencoder = BiEncoder(loaded.question_model, loaded.ctx_model, spec.sequence_length, pooling=spec.pooling)
+    return biencoder.eval(), loaded.tokenizer
 
 
 def check_exportable(ckpt: CheckpointState, checkpoint_path: str) -> None:

@@ -44,7 +44,7 @@ def load_tokenizer(pretrained_model_cfg: str, do_lower_case: bool = True) -> Pre
     tokenizer whose vocabulary is its special tokens only, which turns every word into [UNK] without a word."""
     path = resolve_pretrained_path(pretrained_model_cfg)
     tokenizer = AutoTokenizer.from_pretrained(path, do_lower_case=do_lower_case)
-    if len(tokenizer.get_vocab()) <= len(tokenizer.all_special_tokens):
+    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
         raise MissingTokenizerError(
             f"{pretrained_model_cfg} has no tokenizer (its vocabulary holds only the special tokens "
             f"{', '.join(tokenizer.all_special_tokens)}): add the tokenizer files of the model it was trained from "

@@ -1,6 +1,8 @@
 """One encoder for inference, from a DPR checkpoint or straight from a pretrained model directory, with the encoder
 spec it must be used with (the configured one, overridden by the checkpoint's saved settings as in DPR)."""
 import contextlib
+import copy
+import dataclasses
 import hashlib
 import logging
 import pickle
@@ -14,9 +16,10 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 from dpr.foundation import checkpoints
 from dpr.foundation.errors import UserInputError
 from dpr.models.biencoder import search_vectors
-from dpr.models.encoder_spec import EncoderSpec
+from dpr.models.encoder_spec import EncoderConfigError, EncoderSpec
 from dpr.models.hf_encoder import (
-    encode, encoder_from_config, first_token_last_layer, load_tokenizer, resolve_pretrained_path,
+    MissingTokenizerError, encode, encoder_from_config, first_token_last_layer, load_tokenizer,
+    resolve_pretrained_path,
 )
 
 logger = logging.getLogger(__name__)
@@ -116,3 +119,84 @@ def checkpoint_encoder(
 def _inference_encoder(model: PreTrainedModel, spec: EncoderSpec, fingerprint: str) -> InferenceEncoder:
     model.eval()
     return InferenceEncoder(model, load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case), spec, fingerprint)
+
+
+@dataclass
+class CheckpointBiEncoder:
+    """Both towers of a bi-encoder checkpoint in eval mode (one object when the spec shares the encoders), the
+    tokenizer and the spec their vectors follow, and the checkpoint they came from."""
+
+    question_model: PreTrainedModel
+    ctx_model: PreTrainedModel
+    tokenizer: PreTrainedTokenizerBase
+    spec: EncoderSpec
+    checkpoint: checkpoints.CheckpointState
+
+    @property
+    def shares_encoders(self) -> bool:
+        return self.question_model is self.ctx_model
+
+
+def load_checkpoint_biencoder(
+    checkpoint_path: str, pretrained_model_cfg: Optional[str] = None, trust: bool = False
+) -> CheckpointBiEncoder:
+    """Both towers of a DPR-format bi-encoder checkpoint (this repository's, hydra DPR's, or a released old-DPR /
+    GC-DPR `.cp` file) with the spec its saved encoder_params give. `pretrained_model_cfg` (a local directory, or
+    `minilm`) replaces the model the checkpoint names: the released files name `bert-base-uncased`, which is not
+    here offline; its config and tokenizer suffice, the weights come from the checkpoint. Every mistake the user
+    can fix (no model named, no config or tokenizer there, weights that do not fit it) is a UserInputError."""
+    ckpt = checkpoints.load_checkpoint(checkpoint_path, trust=trust)
+    name = pretrained_model_cfg or (ckpt.encoder_params.get("encoder") or {}).get("pretrained_model_cfg")
+    if not name:
+        raise EncoderConfigError(
+            f"{checkpoint_path} names no pretrained model: give --pretrained_model_cfg, the directory of the BERT "
+            "it was trained from (its config and tokenizer suffice)")
+    spec = EncoderSpec(str(name)).with_checkpoint_params(ckpt.encoder_params)
+    if pretrained_model_cfg:
+        spec = dataclasses.replace(spec, pretrained_model_cfg=pretrained_model_cfg)
+    if spec.encoder_model_type != "hf_bert":
+        raise EncoderConfigError(
+            f"{checkpoint_path} has encoder_model_type={spec.encoder_model_type}: only hf_bert encoders (a "
+            "transformers AutoModel; DPR's fairseq and pytext encoders are not) load here")
+    path = resolve_pretrained_path(spec.pretrained_model_cfg)
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as e:
+        raise EncoderConfigError(
+            f"cannot read the model configuration of '{spec.pretrained_model_cfg}' ({_first_line(e)}); give "
+            "--pretrained_model_cfg, a local directory with the config and tokenizer of the model the checkpoint "
+            "was trained from") from e
+    try:
+        tokenizer = load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case)
+    except MissingTokenizerError as e:
+        raise MissingTokenizerError(
+            f"'{spec.pretrained_model_cfg}', the model {checkpoint_path} names, has no tokenizer (no vocab.txt or "
+            "tokenizer.json there): give --pretrained_model_cfg, a directory holding the tokenizer files of the "
+            "model it was trained from") from e
+    except (OSError, ValueError, TypeError) as e:
+        raise MissingTokenizerError(
+            f"cannot read the tokenizer of '{spec.pretrained_model_cfg}' ({_first_line(e)}): give "
+            "--pretrained_model_cfg, a directory holding the tokenizer files of the model it was trained from") from e
+    question_model = _checkpoint_tower(ckpt, "question", config, spec, checkpoint_path)
+    ctx_model = question_model if spec.share_encoders else _checkpoint_tower(ckpt, "ctx", config, spec, checkpoint_path)
+    return CheckpointBiEncoder(question_model, ctx_model, tokenizer, spec, ckpt)
+
+
+def _checkpoint_tower(ckpt, encoder_type: str, config, spec: EncoderSpec, checkpoint_path: str) -> PreTrainedModel:
+    state = checkpoints.strip_prefix(ckpt.model_dict, CHECKPOINT_PREFIXES[encoder_type])
+    if not state:
+        raise checkpoints.CheckpointError(
+            f"{checkpoint_path} has no '{CHECKPOINT_PREFIXES[encoder_type]}*' weights: is it a bi-encoder checkpoint?")
+    model = encoder_from_config(copy.deepcopy(config), None, spec.projection_dim)
+    try:
+        checkpoints.load_model_state(model, state)
+    except RuntimeError as e:  # load_model_state's "does not fit": another architecture than the one named
+        raise EncoderConfigError(
+            f"the {encoder_type} weights of {checkpoint_path} do not fit '{spec.pretrained_model_cfg}' "
+            f"({_first_line(e)}): give --pretrained_model_cfg, the model it was trained from") from e
+    return model.eval()
+
+
+def _first_line(error: BaseException) -> str:
+    text = str(error).strip()
+    return text.splitlines()[0] if text else type(error).__name__

@@ -135,6 +135,15 @@ class BiEncoderTrainer(Trainer):
             f"hard negatives {o.hard_negatives}, other negatives {o.other_negatives}"
         )
 
+    def recipe_details(self) -> dict:
+        o = self.options
+        return {
+            "grad_cache": o.grad_cache, "q_chunk_size": o.q_chunk_size if o.grad_cache else None,
+            "ctx_chunk_size": o.ctx_chunk_size if o.grad_cache else None, "hard_negatives": o.hard_negatives,
+            "other_negatives": o.other_negatives, "similarity": self.spec.similarity,
+            "temperature": self.spec.temperature, "share_encoders": self.spec.share_encoders,
+        }
+
     # ---------------------------------------------------------------- the loss
     def _global_loss(self, q: torch.Tensor, ctx: torch.Tensor, positive_indices: torch.Tensor,
                      loss_weight: float = 1.0):

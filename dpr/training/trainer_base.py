@@ -200,6 +200,22 @@ class StepRecord:
 
 
 @dataclass(frozen=True)
+class RunRecord:
+    """The recipe of one training run, written when it starts (a resumed run writes its own): what a model card
+    reports of how the model was trained."""
+
+    processes: int
+    global_batch: int  # questions per optimizer step: batch_size x processes x gradient_accumulation_steps
+    gradient_accumulation_steps: int
+    num_train_epochs: int
+    total_steps: int
+    learning_rate: float
+    warmup_steps: int
+    precision: str
+    details: Dict[str, Any]  # the trainer's own settings (`Trainer.recipe_details`)
+
+
+@dataclass(frozen=True)
 class ValidationRecord:
     """One validation (and the checkpoint saved with it)."""
 
@@ -324,6 +340,10 @@ class Trainer:
     def describe_setup(self, batches_per_epoch: int, total_updates: int) -> str:
         raise NotImplementedError
 
+    def recipe_details(self) -> Dict[str, Any]:
+        """The trainer's own settings for the run record (JSON values)."""
+        return {}
+
     # ---------------------------------------------------------------- set-up
     def _hold_output_dir(self) -> None:
         """One run per output_dir: the main process (the one that writes) takes its lock before it cleans anything
@@ -432,6 +452,12 @@ class Trainer:
         start_epoch, start_batch, self.update = self._restore_training_state()
         self.scheduler = build_scheduler(self.optimizer, s.warmup_steps, self.total_updates, self.update)
         logger.info("%s", self.describe_setup(batches_per_epoch, self.total_updates))
+        self._write_record("run", RunRecord(
+            processes=self.dist.world_size, global_batch=global_batch * s.gradient_accumulation_steps,
+            gradient_accumulation_steps=s.gradient_accumulation_steps, num_train_epochs=s.num_train_epochs,
+            total_steps=self.total_updates, learning_rate=s.learning_rate, warmup_steps=s.warmup_steps,
+            precision=self.precision.name, details=self.recipe_details(),
+        ))
         self.model.train()
         for epoch in range(start_epoch, s.num_train_epochs):
             self._train_epoch(epoch, start_batch if epoch == start_epoch else 0)
