@@ -1,6 +1,10 @@
 """In-batch false negatives (train.in_batch_negatives): the mask itself, the masked loss against the loss without
 the masked contexts, and the option's check. Chunking and world size: tests/test_grad_cache.py,
 tests/test_training.py, tests/test_cli.py."""
+import json
+import runpy
+from pathlib import Path
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -14,6 +18,7 @@ from dpr.models.biencoder import nll_loss
 from dpr.training.biencoder_trainer import BiEncoderSettings
 from dpr.training.false_negatives import FalseNegativeMask
 from tests.biencoder_helpers import false_negative_mask, gradients, make_model, run, tiny_setup, towers
+from tests.fixtures import write_retriever_json
 from tests.training_helpers import compose_config
 
 
@@ -123,3 +128,16 @@ def test_a_wrong_mode_is_refused_in_one_line():
         BiEncoderSettings.from_config(compose_config(["train.in_batch_negatives=maybe"]))
     assert str(refused.value) == ("train.in_batch_negatives='maybe': choose one of all, mask_duplicates, "
                                   "mask_answers")
+
+
+def test_the_count_script_counts_the_trainers_batches(tmp_path):
+    """bench/count_false_negatives.py (the docs' squad_open numbers) on the fixture: 16 questions, batches of 4
+    over two epochs; its counts are the masks' own, and mask_answers masks what mask_duplicates does and more."""
+    count = runpy.run_path(str(Path(__file__).resolve().parents[1] / "bench" / "count_false_negatives.py"))["main"]
+    data = write_retriever_json(tmp_path / "train.json", 16, topic_ids=True)
+    result = count(["--data", data, "--batch_size", "4", "--batches", "6", "--out", str(tmp_path / "counts.json")])
+    assert json.loads((tmp_path / "counts.json").read_text()) == result
+    assert (result["batches"], result["epochs"], result["contexts_per_batch"]) == (6, 2, 8)
+    duplicates, answers = result["modes"]["mask_duplicates"], result["modes"]["mask_answers"]
+    assert 0 < duplicates["masked_pairs_per_batch"] < answers["masked_pairs_per_batch"]
+    assert duplicates["questions_masked_per_batch"] <= answers["questions_masked_per_batch"] <= 4

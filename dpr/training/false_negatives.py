@@ -12,13 +12,12 @@ taken out.
 The mask is a function of the global batch alone (its examples' sampled contexts and answers, in batch order), so
 every process computes the same one before the batch is split across processes and chunks, and the loss applies
 it to the gathered global similarity matrix: chunking and world size change neither it nor the gradients. Each
-text's token key is computed once and cached, not at every step.
+text's token key (and its set of tokens) is computed once and cached, not at every step.
 """
 from collections import defaultdict
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, FrozenSet, List, Optional, Sequence, Set
 
-import numpy as np
 import torch
 
 from dpr.data.biencoder_data import SampledContexts
@@ -31,6 +30,10 @@ IN_BATCH_NEGATIVES = ("all", "mask_duplicates", "mask_answers")
 KEY_CACHE_SIZE = 1 << 17
 
 
+def _distinct_tokens(key: str) -> FrozenSet[str]:
+    return frozenset(key.split())
+
+
 class FalseNegativeMask:
     """`mask(examples, answers)`: the [questions, contexts] bool mask of a global batch for `mode`."""
 
@@ -39,6 +42,7 @@ class FalseNegativeMask:
             raise ValueError(f"unknown in-batch negatives mode {mode!r}; expected one of {IN_BATCH_NEGATIVES}")
         self.mode = mode
         self._key = lru_cache(maxsize=cache_size)(token_key)
+        self._tokens = lru_cache(maxsize=cache_size)(_distinct_tokens)
 
     def __call__(self, examples: Sequence[SampledContexts],
                  answers: Sequence[Sequence[str]]) -> Optional[torch.Tensor]:
@@ -52,15 +56,19 @@ class FalseNegativeMask:
         for example in examples:
             positives.append(offset + example.positive_index)
             offset += len(example.contexts)
-        masked = torch.zeros(len(examples), len(contexts), dtype=torch.bool)
+        pairs = []  # (question, context) positions to mask, set in one indexing operation
         same = self._same_passage(contexts)
         for question, positive in enumerate(positives):
-            masked[question, same(positive)] = True
+            pairs += [(question, position) for position in same(positive)]
         if self.mode == "mask_answers":
-            containing = self._answer_finder(contexts)
-            for question, question_answers in enumerate(answers):
-                for answer in question_answers:
-                    masked[question, containing(self._key(answer))] = True
+            answer_keys = [[self._key(answer) for answer in question_answers] for question_answers in answers]
+            containing = self._answer_finder(contexts, {key for keys in answer_keys for key in keys})
+            for question, keys in enumerate(answer_keys):
+                for key in keys:
+                    pairs += [(question, position) for position in containing(key)]
+        masked = torch.zeros(len(examples), len(contexts), dtype=torch.bool)
+        if pairs:
+            masked[tuple(torch.tensor(pairs, dtype=torch.long).T)] = True
         masked[torch.arange(len(positives)), torch.tensor(positives, dtype=torch.long)] = False
         return masked
 
@@ -87,21 +95,22 @@ class FalseNegativeMask:
 
         return same
 
-    def _answer_finder(self, contexts: List[Passage]):
-        """A function of an answer's token key: the positions of the contexts whose text holds that token
-        sequence (has_answer's string match). The keys are searched joined: each begins and ends with a space and
-        an answer key has single spaces, so no match spans two of them."""
+    def _answer_finder(self, contexts: List[Passage], answer_keys: Set[str]):
+        """A function of an answer's token key (one of `answer_keys`): the positions of the contexts whose text
+        holds that token sequence (has_answer's string match), looked for only in the contexts that hold each of
+        its tokens."""
         keys = [self._key(context.text) for context in contexts]
-        starts = np.cumsum([0] + [len(key) for key in keys[:-1]])
-        joined = "".join(keys)
+        answer_tokens = {token for key in answer_keys for token in key.split()}
+        holding: Dict[str, Set[int]] = defaultdict(set)  # answer token -> positions of the contexts that hold it
+        for position, key in enumerate(keys):
+            for token in self._tokens(key) & answer_tokens:
+                holding[token].add(position)
 
         def containing(answer_key: str) -> List[int]:
-            if not answer_key.strip():  # an answer without tokens never matches (has_answer)
+            tokens = answer_key.split()
+            if not tokens:  # an answer without tokens never matches (has_answer)
                 return []
-            found, start = [], joined.find(answer_key)
-            while start != -1:
-                found.append(start)
-                start = joined.find(answer_key, start + 1)
-            return sorted(set((np.searchsorted(starts, found, side="right") - 1).tolist()))
+            candidates = set.intersection(*(holding.get(token, set()) for token in tokens))
+            return sorted(position for position in candidates if answer_key in keys[position])
 
         return containing
