@@ -12,11 +12,11 @@ taken out.
 The mask is a function of the global batch alone (its examples' sampled contexts and answers, in batch order), so
 every process computes the same one before the batch is split across processes and chunks, and the loss applies
 it to the gathered global similarity matrix: chunking and world size change neither it nor the gradients. Each
-text's token key (and its set of tokens) is computed once and cached, not at every step.
+text's token key is computed once and cached, not at every step.
 """
 from collections import defaultdict
 from functools import lru_cache
-from typing import Dict, FrozenSet, List, Optional, Sequence, Set
+from typing import Dict, List, Optional, Sequence, Set
 
 import torch
 
@@ -25,13 +25,9 @@ from dpr.data.passages import Passage
 from dpr.evaluation.qa_validation import token_key
 
 IN_BATCH_NEGATIVES = ("all", "mask_duplicates", "mask_answers")
-# Texts (passages and answers) whose token keys stay cached: every passage of squad_open, the passages of some
-# thousand batches of NQ, at most some 100 MB.
+# Texts (passages and answers) whose token keys stay cached: every passage of squad_open, those of some hundreds of
+# batches of NQ; at most about 100 MB for DPR's 100-word passages.
 KEY_CACHE_SIZE = 1 << 17
-
-
-def _distinct_tokens(key: str) -> FrozenSet[str]:
-    return frozenset(key.split())
 
 
 class FalseNegativeMask:
@@ -42,7 +38,6 @@ class FalseNegativeMask:
             raise ValueError(f"unknown in-batch negatives mode {mode!r}; expected one of {IN_BATCH_NEGATIVES}")
         self.mode = mode
         self._key = lru_cache(maxsize=cache_size)(token_key)
-        self._tokens = lru_cache(maxsize=cache_size)(_distinct_tokens)
 
     def __call__(self, examples: Sequence[SampledContexts],
                  answers: Sequence[Sequence[str]]) -> Optional[torch.Tensor]:
@@ -103,7 +98,7 @@ class FalseNegativeMask:
         answer_tokens = {token for key in answer_keys for token in key.split()}
         holding: Dict[str, Set[int]] = defaultdict(set)  # answer token -> positions of the contexts that hold it
         for position, key in enumerate(keys):
-            for token in self._tokens(key) & answer_tokens:
+            for token in answer_tokens.intersection(key.split()):
                 holding[token].add(position)
 
         def containing(answer_key: str) -> List[int]:
