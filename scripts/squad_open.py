@@ -61,6 +61,7 @@ TOP_KS = (1, 5, 20, 50, 100)
 DATA_FILES = ("psgs.tsv", "biencoder-train.json", "train.qa.csv", "dev.qa.csv")
 DISTRACTOR_COLLECTION = "psgs_plus_wikitext2.tsv"
 RETRIEVER_LABELS = {"bm25": "BM25", "hybrid": "hybrid"}  # in stage names
+IN_BATCH_NEGATIVES = ("all", "mask_duplicates", "mask_answers")  # dpr/training/false_negatives.py (needs torch)
 MATPLOTLIB_MISSING = ("matplotlib is needed for the plot: pip install matplotlib (the install's demo extra has it), "
                       "or pass --no_plot")
 
@@ -113,6 +114,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     train.add_argument("--q_chunk_size", type=int, help="(recipe)")
     train.add_argument("--ctx_chunk_size", type=int, help="(recipe)")
     train.add_argument("--learning_rate", type=float, help="(recipe)")
+    train.add_argument("--in_batch_negatives", choices=IN_BATCH_NEGATIVES, default="all",
+                       help="train.in_batch_negatives of both rounds: all (DPR's), or in-batch false negatives "
+                            "masked: copies of a question's gold passage (mask_duplicates), and also passages "
+                            "holding its answer (mask_answers)")
     encoder = parser.add_argument_group("the encoder (conf/encoder/hf_bert.yaml)")
     encoder.add_argument("--pooling", choices=("cls", "mean"), help="(recipe) MiniLM was pre-trained with mean")
     encoder.add_argument("--similarity", choices=("dot", "cosine"), help="(recipe)")
@@ -354,6 +359,19 @@ def reader_exact_match(predictions_json: Path) -> tuple[Dict[int, float], int]:
     return exact_match_by_top_k(records), len(records)
 
 
+def masked_pairs_per_step(output_dir: Path) -> Optional[float]:
+    """The mean number of in-batch false negatives masked per step of a training run (its records); None when it
+    masked none (train.in_batch_negatives=all) or left no records."""
+    from dpr.training.trainer_base import RECORDS_FILE
+
+    path = output_dir / RECORDS_FILE
+    if not path.is_file():
+        return None
+    records = [json.loads(line) for line in path.read_text(encoding="utf-8").splitlines() if line.strip()]
+    counts = [r["masked_pairs"] for r in records if r.get("kind") == "step" and r.get("masked_pairs") is not None]
+    return sum(counts) / len(counts) if counts else None
+
+
 def markdown_table(curves: Dict[str, List[float]], n_questions: int) -> str:
     header = "| retriever | " + " | ".join(f"top-{k}" for k in TOP_KS) + " |"
     rows = [header, "|---|" + "---:|" * len(TOP_KS)]
@@ -443,11 +461,13 @@ def train_biencoder(pipeline: Pipeline, args: argparse.Namespace, name: str, tra
     total_steps = epochs * (n_train // args.batch_size)
     start = ([f"model_file={init_from}", "ignore_checkpoint_offset=true", "ignore_checkpoint_optimizer=true",
               "ignore_checkpoint_lr=true"] if init_from else [])
+    # DPR's `all` is the trainer's default: left out, the command of earlier runs stays the same (not run again)
+    masking = [] if args.in_batch_negatives == "all" else [f"train.in_batch_negatives={args.in_batch_negatives}"]
     pipeline.run(name, "train_dense_encoder.py", *encoder_overrides(args), *start,
                  f"train_datasets=[{train_json}]", f"train.batch_size={args.batch_size}", "train.grad_cache=true",
                  f"train.q_chunk_size={args.q_chunk_size}", f"train.ctx_chunk_size={args.ctx_chunk_size}",
                  f"train.num_train_epochs={epochs}", f"train.learning_rate={learning_rate}",
-                 f"train.warmup_steps={max(1, total_steps // 10)}", "train.log_batch_step=5",
+                 f"train.warmup_steps={max(1, total_steps // 10)}", "train.log_batch_step=5", *masking,
                  f"output_dir={output_dir}", pipeline.hydra_dir(output_dir.name), inputs=[train_json, init_from],
                  outputs=[output_dir])
     return output_dir / f"dpr_biencoder.{epochs - 1}"
@@ -592,7 +612,10 @@ def write_report(args: argparse.Namespace, run_dir: Path, pipeline: Pipeline, co
                 f"Bi-encoder: {n_train} training questions, {args.epochs} epoch(s) of batch {args.batch_size} "
                 f"({total_steps} steps), gradient cache with chunks q={args.q_chunk_size} ctx={args.ctx_chunk_size}, "
                 f"learning rate {args.learning_rate}, sequence length {args.sequence_length}, 1 hard negative, "
-                f"{'bf16 autocast' if use_bf16 else 'fp32'}. ")
+                f"{'bf16 autocast' if use_bf16 else 'fp32'}, in-batch negatives: {args.in_batch_negatives}")
+    masked = masked_pairs_per_step(run_dir / "biencoder")
+    settings += (f" ({masked:.1f} masked (question, passage) pairs per step of the first round). " if masked is not None
+                 else ". ")
     if args.hard_negative_round:
         settings += (f"Second round: up to {args.num_hard_negatives} hard negatives per question mined with the first "
                      f"model from ranks {args.mine_rank_from}-{args.mine_rank_to} (no answer, no positive), kept "

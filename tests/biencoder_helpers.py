@@ -1,11 +1,13 @@
 """A tiny bi-encoder, its towers and gradient comparisons, shared by the gradient-cache and precision tests."""
 import torch
 
+from dpr.data.biencoder_batch import sample_examples
 from dpr.data.biencoder_data import load_biencoder_samples
 from dpr.data.tensorizer import Tensorizer
 from dpr.models.biencoder import build_biencoder, nll_loss
 from dpr.models.encoder_spec import EncoderSpec
 from dpr.models.hf_encoder import load_tokenizer
+from dpr.training.false_negatives import FalseNegativeMask
 from dpr.training.grad_cache import GradCache, Tower, full_batch_step
 from tests.fixtures import write_retriever_json
 from tests.tiny_models import tiny_bert_dir
@@ -14,9 +16,10 @@ SEQUENCE_LENGTH = 48
 
 
 def tiny_setup(folder):
-    """(model directory, samples, tensorizer) of a tiny BERT with dropout 0.1 and 12 fixture questions."""
+    """(model directory, samples, tensorizer) of a tiny BERT with dropout 0.1 and 12 fixture questions (passage ids
+    by topic: copies of a gold passage among other questions' contexts, as in real data)."""
     model_dir = tiny_bert_dir(folder / "bert", dropout=0.1)
-    samples = load_biencoder_samples([write_retriever_json(folder / "train.json", 12)])
+    samples = load_biencoder_samples([write_retriever_json(folder / "train.json", 12, topic_ids=True)])
     tensorizer = Tensorizer(load_tokenizer(model_dir), SEQUENCE_LENGTH)
     return model_dir, samples, tensorizer
 
@@ -54,12 +57,18 @@ def assert_same_gradients(expected, actual, rtol=1e-4):
         torch.testing.assert_close(actual[name], g, rtol=rtol, atol=1e-6 * largest, msg=name)
 
 
-def run(model, batch, grad_cache, q_chunk=None, ctx_chunk=None, backward_weight=1.0):
+def false_negative_mask(mode, samples, indices, hard, other, seed=0, epoch=0):
+    """The mask of `mode` for the training batch of `indices` (as make_biencoder_batch samples it)."""
+    examples = sample_examples(samples, indices, hard, other, shuffle=True, seed=seed, epoch=epoch)
+    return FalseNegativeMask(mode)(examples, [samples[i].answers for i in indices])
+
+
+def run(model, batch, grad_cache, q_chunk=None, ctx_chunk=None, backward_weight=1.0, masked=None):
     model.zero_grad(set_to_none=True)
     t = towers(model, batch, q_chunk or 10**6, ctx_chunk or 10**6)
 
     def loss_fn(q, ctx, positive_indices):
-        return nll_loss(q, ctx, positive_indices)
+        return nll_loss(q, ctx, positive_indices, masked=masked)
 
     if grad_cache:
         loss, correct = GradCache(loss_fn)(t, backward_weight, positive_indices=batch.positive_indices)

@@ -20,28 +20,33 @@ TOPICS = [
 ]
 
 
-def retriever_samples(n: int) -> List[dict]:
+def retriever_samples(n: int, topic_ids: bool = False) -> List[dict]:
+    """n questions on the TOPICS in turn. With topic_ids each passage's id names its text (the same passage has
+    the same id wherever it appears: question i's gold passage is question i-1's first hard negative), as in real
+    data; without, positives are numbered by question and negatives share the ids n, h1 and h2."""
     samples = []
     for i in range(n):
         city, country, text = TOPICS[i % len(TOPICS)]
         other = TOPICS[(i + 1) % len(TOPICS)]
         third = TOPICS[(i + 5) % len(TOPICS)]
+        ids = ([f"t{i % len(TOPICS)}", f"t{(i + 5) % len(TOPICS)}", f"t{(i + 1) % len(TOPICS)}",
+                f"t{(i + 5) % len(TOPICS)}-again"] if topic_ids else [str(i), "n", "h1", "h2"])
         samples.append({
             "dataset": "fixture",
             "question": f"what is the capital of {country} {i}?",
             "answers": [city],
-            "positive_ctxs": [{"title": city, "text": text, "score": 1.0, "title_score": 0, "passage_id": str(i)}],
-            "negative_ctxs": [{"title": third[0], "text": third[2], "score": 0, "title_score": 0, "passage_id": "n"}],
+            "positive_ctxs": [{"title": city, "text": text, "score": 1.0, "title_score": 0, "passage_id": ids[0]}],
+            "negative_ctxs": [{"title": third[0], "text": third[2], "score": 0, "title_score": 0, "passage_id": ids[1]}],
             "hard_negative_ctxs": [
-                {"title": other[0], "text": other[2], "score": 0, "title_score": 0, "passage_id": "h1"},
-                {"title": third[0], "text": third[2] + " again", "score": 0, "title_score": 0, "passage_id": "h2"},
+                {"title": other[0], "text": other[2], "score": 0, "title_score": 0, "passage_id": ids[2]},
+                {"title": third[0], "text": third[2] + " again", "score": 0, "title_score": 0, "passage_id": ids[3]},
             ],
         })
     return samples
 
 
-def write_retriever_json(path: Path, n: int) -> str:
-    path.write_text(json.dumps(retriever_samples(n)))
+def write_retriever_json(path: Path, n: int, topic_ids: bool = False) -> str:
+    path.write_text(json.dumps(retriever_samples(n, topic_ids)))
     return str(path)
 
 

@@ -23,6 +23,8 @@ def data(tmp_path_factory):
         "model": tiny_bert_dir(folder / "bert", dropout=0.1),
         "train": write_retriever_json(folder / "train.json", 16),
         "dev": write_retriever_json(folder / "dev.json", 4),
+        # passage ids by topic: gold passages recur among other questions' contexts (in-batch false negatives)
+        "train_topics": write_retriever_json(folder / "train_topics.json", 16, topic_ids=True),
     }
 
 
@@ -94,13 +96,15 @@ def test_a_sequence_length_without_room_for_text_is_a_one_line_error_before_any_
         "error: encoder.sequence_length=0 leaves no room for text after [CLS] and [SEP]")
 
 
-def test_two_processes_equal_one_process_with_the_global_batch(data, tmp_path):
-    """torchrun with 2 gloo processes of batch 4 against 1 process of batch 8, dropout on: same losses, gradient
-    norms and weights."""
-    common = [f"train_datasets=[{data['train']}]", f"dev_datasets=[{data['dev']}]", f"encoder.pretrained_model_cfg={data['model']}",
+@pytest.mark.parametrize("in_batch_negatives", ["all", "mask_duplicates", "mask_answers"])
+def test_two_processes_equal_one_process_with_the_global_batch(data, tmp_path, in_batch_negatives):
+    """torchrun with 2 gloo processes of batch 4 against 1 process of batch 8, dropout on, false negatives masked
+    or not: same losses, gradient norms, masked pairs and weights."""
+    train = data["train"] if in_batch_negatives == "all" else data["train_topics"]
+    common = [f"train_datasets=[{train}]", f"dev_datasets=[{data['dev']}]", f"encoder.pretrained_model_cfg={data['model']}",
               "encoder.sequence_length=48", "train.num_train_epochs=1", "train.log_batch_step=1", "train.warmup_steps=0",
               "train.learning_rate=2e-5", "train.grad_cache=true", "train.q_chunk_size=3", "train.ctx_chunk_size=5",
-              ]
+              f"train.in_batch_negatives={in_batch_negatives}"]
     # batch sizes are per process, as in DPR under DDP
     _, single = run([SCRIPT, *common, "train.batch_size=8", "train.dev_batch_size=4", f"output_dir={tmp_path / 'one'}"], tmp_path)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
@@ -109,6 +113,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(data, tmp_path):
     assert [s[0] for s in steps(tmp_path / "one")] == [s[0] for s in steps(tmp_path / "two")] == [1, 2]
     assert len(records_file(tmp_path / "two", "validation")) == 1
     assert_trains_as(tmp_path / "one", tmp_path / "two")
+    masked = [r["masked_pairs"] for r in records_file(tmp_path / "two", "step")]
+    assert masked == [None, None] if in_batch_negatives == "all" else all(m > 0 for m in masked)
 
 
 HOLD_OUTPUT_DIR = """import sys, time

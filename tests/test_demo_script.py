@@ -208,6 +208,9 @@ def test_squad_open_rerun_skips_the_finished_stages(squad_open, tmp_path, monkey
     ran.clear()
     squad_open.main([*argv, "--learning_rate", "1e-4"])
     assert ran[0] == "train_dense_encoder.py" and found_checkpoints[-2:] == [False, False]
+    ran.clear()
+    squad_open.main([*argv, "--learning_rate", "1e-4", "--in_batch_negatives", "mask_answers"])
+    assert ran[0] == "train_dense_encoder.py"  # another in-batch negatives mode: trained again
 
 
 def full_recipe_data(tmp_path):
@@ -262,13 +265,41 @@ def test_squad_open_full_recipe_dry_run(squad_open, tmp_path, capsys):
     assert not any(arg.startswith(("model_file=", "ignore_checkpoint")) for arg in second)
 
 
+def test_squad_open_in_batch_negatives_ablation_dry_run(squad_open, tmp_path, capsys):
+    """The ablation's commands (docs/quickstart.md): round 1 of the full recipe with each mode; `all`, the
+    trainer's default, leaves the training command as it was."""
+    from dpr.training.false_negatives import IN_BATCH_NEGATIVES
+
+    assert squad_open.IN_BATCH_NEGATIVES == IN_BATCH_NEGATIVES  # the script's copy (it imports no torch)
+    data = full_recipe_data(tmp_path)
+    for mode in IN_BATCH_NEGATIVES:
+        squad_open.main(["--recipe", "full", "--hard_negative_round", "false", "--in_batch_negatives", mode,
+                         "--data", str(data), "--run_dir", str(tmp_path / mode), "--bf16", "false", "--dry_run"])
+        commands = [shlex.split(line[2:]) for line in capsys.readouterr().out.splitlines() if line.startswith("+ ")]
+        trainings = [argv for argv in commands if argv[1] == "train_dense_encoder.py"]
+        assert len(trainings) == 1
+        check_command(trainings[0], str(tmp_path / mode))
+        masking = [arg for arg in trainings[0] if arg.startswith("train.in_batch_negatives=")]
+        assert masking == ([] if mode == "all" else [f"train.in_batch_negatives={mode}"])
+
+
 def test_squad_open_full_recipe_report(squad_open, tmp_path, monkeypatch):
     run_dir = tmp_path / "run"
     final_dev = run_dir / "trained_hn" / "dev.json"
     final_dev.parent.mkdir(parents=True)
     ctxs = [{"id": str(i), "title": "t", "text": "x", "score": "1", "has_answer": i == 3} for i in range(20)]
     final_dev.write_text(json.dumps([{"question": f"q{n}", "answers": ["a"], "ctxs": ctxs} for n in range(4)]))
-    monkeypatch.setattr(squad_open, "run_command", lambda command, on_start: 0)
+    def fake_run(command, on_start):
+        if command[1] == "train_dense_encoder.py" and f"output_dir={run_dir / 'biencoder'}" in command:
+            # the first round's records: two steps with in-batch false negatives masked
+            (run_dir / "biencoder").mkdir(parents=True)
+            (run_dir / "biencoder" / "training_records.jsonl").write_text("".join(
+                json.dumps(r) + "\n" for r in ({"kind": "step", "step": 1, "masked_pairs": 10},
+                                               {"kind": "validation", "step": 1},
+                                               {"kind": "step", "step": 2, "masked_pairs": 21})))
+        return 0
+
+    monkeypatch.setattr(squad_open, "run_command", fake_run)
     files = []  # each results file read gets its own accuracy: a row shows which file it came from
 
     def accuracy_by_k(path):
@@ -278,7 +309,7 @@ def test_squad_open_full_recipe_report(squad_open, tmp_path, monkeypatch):
     monkeypatch.setattr(squad_open, "accuracy_by_k", accuracy_by_k)
     monkeypatch.setattr(squad_open, "reader_exact_match", lambda path: ({1: 33.33, 10: 25.0}, 3))
     squad_open.main(["--recipe", "full", "--data", str(full_recipe_data(tmp_path)), "--run_dir", str(run_dir),
-                     "--no_plot", "--bf16", "false"])
+                     "--no_plot", "--bf16", "false", "--in_batch_negatives", "mask_duplicates"])
 
     assert files == [f"{model}/{name}" for collection in ("", ".psgs_plus_wikitext2")
                      for model, name in (("untrained", f"dev{collection}.bm25.json"),
@@ -294,6 +325,8 @@ def test_squad_open_full_recipe_report(squad_open, tmp_path, monkeypatch):
         assert f"| {name} | {value:.2f} | {value:.2f} |" in psgs_table
         assert f"| {name} | {value + 6:.2f} | {value + 6:.2f} |" in plus_table
     assert "Recipe: full. Encoder: MiniLM, mean pooling, cosine similarity at temperature 0.05, one shared tower" \
+        in report
+    assert "in-batch negatives: mask_duplicates (15.5 masked (question, passage) pairs per step of the first round)" \
         in report
     assert "Second round: up to 5 hard negatives per question mined with the first model from ranks 3-30" in report
     assert "33.33 from the top passage, 25.00 from the top 10 passages" in report

@@ -5,7 +5,8 @@ import torch
 from dpr.data.biencoder_batch import make_biencoder_batch
 from dpr.models.biencoder import nll_loss
 from dpr.training.grad_cache import GradCache, RandState, Tower, full_batch_step
-from tests.biencoder_helpers import assert_same_gradients, gradients, make_model, run, tiny_setup, towers
+from tests.biencoder_helpers import (assert_same_gradients, false_negative_mask, gradients, make_model, run, tiny_setup,
+                                     towers)
 
 
 @pytest.fixture(scope="module")
@@ -13,14 +14,22 @@ def setup(tmp_path_factory):
     return tiny_setup(tmp_path_factory.mktemp("gc"))
 
 
-@pytest.mark.parametrize("q_chunk,ctx_chunk", [(1, 1), (2, 3), (4, 5), (3, 6), (16, 32)])
-@pytest.mark.parametrize("hard,other", [(1, 0), (2, 1)])
-def test_cached_gradients_equal_full_batch_gradients(setup, q_chunk, ctx_chunk, hard, other):
+CHUNKINGS = [(1, 1), (2, 3), (4, 5), (3, 6), (16, 32)]
+
+
+@pytest.mark.parametrize("q_chunk,ctx_chunk,hard,other,mode", [
+    *[(q, c, hard, other, "all") for q, c in CHUNKINGS for hard, other in [(1, 0), (2, 1)]],
+    # in-batch false negatives masked: the same mask whatever the chunks (dpr/training/false_negatives.py)
+    *[(q, c, 2, 1, mode) for q, c in [(1, 1), (4, 5)] for mode in ("mask_duplicates", "mask_answers")],
+])
+def test_cached_gradients_equal_full_batch_gradients(setup, q_chunk, ctx_chunk, hard, other, mode):
     model_dir, samples, tensorizer = setup
     model = make_model(model_dir)
     batch = make_biencoder_batch(samples, range(6), tensorizer, hard, other, shuffle=True, seed=3, epoch=1)
-    loss_full, correct_full, grads_full = run(model, batch, grad_cache=False, backward_weight=0.125)
-    loss_gc, correct_gc, grads_gc = run(model, batch, True, q_chunk, ctx_chunk, backward_weight=0.125)
+    masked = false_negative_mask(mode, samples, range(6), hard, other, seed=3, epoch=1)
+    assert (masked is None) == (mode == "all") and (masked is None or masked.any())
+    loss_full, correct_full, grads_full = run(model, batch, False, backward_weight=0.125, masked=masked)
+    loss_gc, correct_gc, grads_gc = run(model, batch, True, q_chunk, ctx_chunk, backward_weight=0.125, masked=masked)
     assert loss_gc == pytest.approx(loss_full, rel=1e-5)
     assert correct_gc == correct_full
     assert_same_gradients(grads_full, grads_gc)

@@ -21,6 +21,8 @@ def data(tmp_path_factory):
         "model": tiny_bert_dir(folder / "bert", dropout=0.1),
         "train": write_retriever_json(folder / "train.json", 16),
         "dev": write_retriever_json(folder / "dev.json", 6),
+        # passage ids by topic: gold passages recur among other questions' contexts (in-batch false negatives)
+        "train_topics": write_retriever_json(folder / "train_topics.json", 16, topic_ids=True),
     }
 
 
@@ -84,22 +86,30 @@ def test_auto_resume_from_output_dir_with_more_epochs_keeps_a_live_schedule(data
     assert lrs[0] == pytest.approx(expected_first, rel=1e-5)
 
 
-@pytest.mark.parametrize("steps,learning_rate", [(1, 2e-5), (4, 1e-3)])
-def test_training_with_and_without_cache_agree(data, tmp_path, steps, learning_rate):
-    """Same loss and gradient norm at every step, dropout on. After one step the weights agree to 1e-5 (after
-    several, Adam's normalisation of near-zero gradient entries lets float noise grow, so only losses compare)."""
+@pytest.mark.parametrize("steps,learning_rate,in_batch_negatives", [
+    (1, 2e-5, "all"), (4, 1e-3, "all"), (4, 1e-3, "mask_duplicates"), (4, 1e-3, "mask_answers")])
+def test_training_with_and_without_cache_agree(data, tmp_path, steps, learning_rate, in_batch_negatives):
+    """Same loss and gradient norm at every step, dropout on, false negatives masked or not. After one step the
+    weights agree to 1e-5 (after several, Adam's normalisation of near-zero gradient entries lets float noise grow,
+    so only losses compare)."""
     results = {}
+    train = data["train"] if in_batch_negatives == "all" else data["train_topics"]
     for name, extra in {"plain": {}, "cached": {"train.grad_cache": "true", "train.q_chunk_size": 2, "train.ctx_chunk_size": 3}}.items():
         out = tmp_path / name
-        cfg = compose_config(tiny_overrides(data["model"], data["train"], data["dev"], str(out), train__warmup_steps=0,
+        cfg = compose_config(tiny_overrides(data["model"], train, data["dev"], str(out), train__warmup_steps=0,
                                             train__batch_size=16 // steps, train__learning_rate=learning_rate,
-                                            train__hard_negatives=2, train__other_negatives=1, **extra))
+                                            train__hard_negatives=2, train__other_negatives=1,
+                                            train__in_batch_negatives=in_batch_negatives, **extra))
         _, run = run_trainer(cfg)
         results[name] = (run.steps, torch.load(out / "dpr_biencoder.0", weights_only=True)["model_dict"])
     (plain_steps, plain_model), (cached_steps, cached_model) = results["plain"], results["cached"]
     assert len(plain_steps) == len(cached_steps) == steps
     for a, b in zip(plain_steps, cached_steps):
         assert b.loss == pytest.approx(a.loss, rel=1e-5) and b.grad_norm == pytest.approx(a.grad_norm, rel=1e-4)
+        assert a.masked_pairs == b.masked_pairs
+        assert (a.masked_pairs is None) if in_batch_negatives == "all" else (a.masked_pairs > 0)
+    # the records file carries the count
+    assert [r["masked_pairs"] for r in records_file(tmp_path / "cached", "step")] == [s.masked_pairs for s in cached_steps]
     if steps == 1:
         for key, tensor in plain_model.items():
             torch.testing.assert_close(cached_model[key], tensor, rtol=0, atol=1e-5, msg=lambda m, k=key: f"{k}: {m}")

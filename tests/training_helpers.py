@@ -59,6 +59,7 @@ def assert_trains_as(reference_dir, output_dir, checkpoint: str = "dpr_biencoder
         expected = reference[record["step"]]
         assert record["loss"] == pytest.approx(expected["loss"], rel=1e-5), f"loss at step {record['step']}"
         assert record["grad_norm"] == pytest.approx(expected["grad_norm"], rel=1e-4), f"grad_norm at step {record['step']}"
+        assert record["masked_pairs"] == expected["masked_pairs"], f"masked_pairs at step {record['step']}"
     reference_values = {r["step"]: r["value"] for r in records_file(reference_dir, "validation")}
     for record in records_file(output_dir, "validation"):
         assert record["value"] == pytest.approx(reference_values[record["step"]], rel=1e-5), f"validation at step {record['step']}"

@@ -5,7 +5,7 @@ from typing import List, Optional, Sequence
 import numpy as np
 import torch
 
-from dpr.data.biencoder_data import BiEncoderSample, example_seed, sample_contexts
+from dpr.data.biencoder_data import BiEncoderSample, SampledContexts, example_seed, sample_contexts
 from dpr.data.tensorizer import Tensorizer
 
 # Roles of an example's random streams (see example_seed); context slot k uses CONTEXT_DROPOUT + k.
@@ -35,6 +35,28 @@ class BiEncoderBatch:
         )
 
 
+def sample_examples(
+    samples: Sequence[BiEncoderSample],
+    indices: Sequence[int],
+    hard_negatives: int,
+    other_negatives: int,
+    shuffle: bool,
+    seed: int = 0,
+    epoch: int = 0,
+    shuffle_positives: bool = False,
+) -> List[SampledContexts]:
+    """The contexts of the examples `indices`, in batch order; with shuffle (training) each example's sampling
+    comes from (seed, epoch, index) alone, so any process can sample any part of a global batch."""
+    sampled = []
+    for index in indices:
+        index = int(index)
+        rng = np.random.default_rng(example_seed(seed, epoch, index, SAMPLING)) if shuffle else None
+        sampled.append(sample_contexts(
+            samples[index], hard_negatives, other_negatives, shuffle, rng, shuffle_positives=shuffle_positives
+        ))
+    return sampled
+
+
 def make_biencoder_batch(
     samples: Sequence[BiEncoderSample],
     indices: Sequence[int],
@@ -52,12 +74,10 @@ def make_biencoder_batch(
     questions, contexts, positives, hard_negs = [], [], [], []
     q_seeds: List[int] = []
     c_seeds: List[int] = []
-    for index in indices:
+    examples = sample_examples(samples, indices, hard_negatives, other_negatives, shuffle, seed, epoch,
+                               shuffle_positives)
+    for index, sampled in zip(indices, examples):
         index = int(index)
-        rng = np.random.default_rng(example_seed(seed, epoch, index, SAMPLING)) if shuffle else None
-        sampled = sample_contexts(
-            samples[index], hard_negatives, other_negatives, shuffle, rng, shuffle_positives=shuffle_positives
-        )
         offset = len(contexts)
         questions.append(sampled.question)
         contexts.extend(sampled.contexts)

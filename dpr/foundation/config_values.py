@@ -1,7 +1,7 @@
 """Configuration values checked where they are read, so that a mistaken one ends the run at its start in one line
 naming the key (hydra passes `abc`, `2.5` or `maybe` through as they are typed)."""
 import os
-from typing import Any, Optional, Type
+from typing import Any, Optional, Sequence, Type
 
 from dpr.foundation.errors import ConfigError, UserInputError
 
@@ -34,6 +34,13 @@ def number(key: str, value: Any, minimum: float, maximum: Optional[float] = None
 def true_or_false(key: str, value: Any, error: Type[UserInputError] = ConfigError) -> bool:
     if not isinstance(value, bool):
         raise error(f"{key}={value!r} must be true or false")
+    return value
+
+
+def one_of(key: str, value: Any, choices: Sequence[str], error: Type[UserInputError] = ConfigError) -> str:
+    """`value` (of `key`) when it is one of `choices`."""
+    if value not in choices:
+        raise error(f"{key}={value!r}: choose one of {', '.join(choices)}")
     return value
 
 

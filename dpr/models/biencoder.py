@@ -80,10 +80,15 @@ def nll_loss(
     positive_indices: torch.Tensor,
     similarity: str = "dot",
     temperature: float = 1.0,
+    masked: Optional[torch.Tensor] = None,
 ) -> Tuple[torch.Tensor, int]:
     """DPR's loss: mean over questions of -log softmax(score of the positive) against every context of the
-    (global) batch; returns (loss, number of questions whose positive scores highest)."""
+    (global) batch; returns (loss, number of questions whose positive scores highest). `masked` ([Nq, Nc] bool,
+    never true at a question's positive) takes contexts out of a question's softmax: their scores become -inf, so
+    the loss is that of the batch without them, and no gradient reaches them through that question."""
     scores = similarity_scores(q, ctx, similarity, temperature)
+    if masked is not None:
+        scores = scores.masked_fill(masked.to(scores.device), float("-inf"))
     log_probs = F.log_softmax(scores, dim=1)
     loss = F.nll_loss(log_probs, positive_indices, reduction="mean")
     correct = int((log_probs.argmax(dim=1) == positive_indices).sum())

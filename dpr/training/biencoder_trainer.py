@@ -9,14 +9,15 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 
 from dpr.data.batching import GlobalBatch, evaluation_batches, local_slice, training_batches
-from dpr.data.biencoder_batch import BiEncoderBatch, make_biencoder_batch
+from dpr.data.biencoder_batch import BiEncoderBatch, make_biencoder_batch, sample_examples
 from dpr.data.biencoder_data import BiEncoderSample, load_biencoder_samples
 from dpr.data.resources import resolve_dataset
 from dpr.data.tensorizer import Tensorizer
-from dpr.foundation.config_values import true_or_false
+from dpr.foundation.config_values import one_of, true_or_false
 from dpr.foundation.errors import ConfigError
 from dpr.models.biencoder import BiEncoder, build_biencoder, nll_loss, similarity_scores
 from dpr.training.distributed import all_gather_rows, all_reduce_sum
+from dpr.training.false_negatives import IN_BATCH_NEGATIVES, FalseNegativeMask
 from dpr.training.grad_cache import GradCache, Tower, full_batch_step
 from dpr.training.trainer_base import BatchResult, Trainer, TrainingRun, Validation
 
@@ -55,6 +56,7 @@ class BiEncoderSettings:
     grad_compensation_ref_world: int  # 0: none
     example_dropout: bool
     compile_dropout: bool  # per-example dropout drawn by its compiled kernel (the same masks as the eager draw)
+    in_batch_negatives: str  # all (DPR's), mask_duplicates or mask_answers (dpr/training/false_negatives.py)
     eval_per_epoch: int
     val_av_rank_start_epoch: int
     val_av_rank_hard_neg: int
@@ -79,6 +81,8 @@ class BiEncoderSettings:
             grad_compensation_ref_world=int(t.get("grad_compensation_ref_world") or 0),
             example_dropout=bool(t.get("example_dropout", True)),
             compile_dropout=true_or_false("train.compile_dropout", t.compile_dropout),
+            in_batch_negatives=one_of("train.in_batch_negatives", t.in_batch_negatives,
+                                      IN_BATCH_NEGATIVES),
             eval_per_epoch=int(t.eval_per_epoch),
             val_av_rank_start_epoch=int(cfg.val_av_rank_start_epoch),
             val_av_rank_hard_neg=int(t.val_av_rank_hard_neg),
@@ -110,6 +114,7 @@ class BiEncoderTrainer(Trainer):
         self.model: BiEncoder = build_biencoder(spec, self.options.compile_dropout).to(self.device)
         self._prepare_model(list(zip((self.model.question_model, self.model.ctx_model), self.model.trainable_towers())))
         self.grad_cache = GradCache(self._global_loss, self.precision.autocast, self.precision.grad_scaler)
+        self.false_negatives = FalseNegativeMask(self.options.in_batch_negatives)
 
     def _check_dataset_lists(self, datasets: int) -> None:
         o = self.options
@@ -131,7 +136,7 @@ class BiEncoderTrainer(Trainer):
             + f"; precision {self.precision.name}; gradient compensation {self.gradient_compensation():g} "
             f"(grad_compensation_ref_world={o.grad_compensation_ref_world or None}); "
             f"example dropout {('on, ' + ('compiled' if o.compile_dropout else 'eager')) if o.example_dropout else 'off'}; "
-            f"similarity {self.spec.similarity}; "
+            f"similarity {self.spec.similarity}; in-batch negatives {o.in_batch_negatives}; "
             f"hard negatives {o.hard_negatives}, other negatives {o.other_negatives}"
         )
 
@@ -146,9 +151,10 @@ class BiEncoderTrainer(Trainer):
 
     # ---------------------------------------------------------------- the loss
     def _global_loss(self, q: torch.Tensor, ctx: torch.Tensor, positive_indices: torch.Tensor,
-                     loss_weight: float = 1.0):
+                     loss_weight: float = 1.0, masked: Optional[torch.Tensor] = None):
         """The loss of the global batch (times a dataset's loss weight), the same on every process; gradients
-        reach this process's rows only."""
+        reach this process's rows only. `masked` is the global batch's false-negative mask, the same on every
+        process (dpr/training/false_negatives.py)."""
         q_all = torch.cat(all_gather_rows(q))
         ctx_parts = all_gather_rows(ctx)
         positive_parts = all_gather_rows(positive_indices)
@@ -156,7 +162,11 @@ class BiEncoderTrainer(Trainer):
         for part in ctx_parts[:-1]:
             offsets.append(offsets[-1] + part.shape[0])
         positives = torch.cat([p + o for p, o in zip(positive_parts, offsets)])
-        loss, correct = nll_loss(q_all, torch.cat(ctx_parts), positives, self.spec.similarity, self.spec.temperature)
+        ctx_all = torch.cat(ctx_parts)
+        if masked is not None and tuple(masked.shape) != (q_all.shape[0], ctx_all.shape[0]):
+            raise ValueError(f"a false-negative mask of shape {tuple(masked.shape)} for a global batch of "
+                             f"{q_all.shape[0]} questions and {ctx_all.shape[0]} contexts")
+        loss, correct = nll_loss(q_all, ctx_all, positives, self.spec.similarity, self.spec.temperature, masked)
         return loss * loss_weight, correct
 
     def _towers(self, batch: BiEncoderBatch) -> List[Tower]:
@@ -187,30 +197,43 @@ class BiEncoderTrainer(Trainer):
 
     def train_step(self, batch: GlobalBatch, epoch: int, update: int) -> BatchResult:
         o = self.options
+        samples = self.train_sets[batch.dataset_index]
         local = make_biencoder_batch(
-            self.train_sets[batch.dataset_index], local_slice(batch, self.dist.rank, self.dist.world_size),
+            samples, local_slice(batch, self.dist.rank, self.dist.world_size),
             self.tensorizer, o.hard_negatives, o.other_negatives, shuffle=True, seed=o.seed, epoch=epoch,
             shuffle_positives=o.shuffle_positives, dataset_index=batch.dataset_index,
         )
-        return self.forward_backward(local)
+        return self.forward_backward(local, self.false_negative_mask(samples, batch.indices, epoch))
 
-    def forward_backward(self, batch: BiEncoderBatch) -> BatchResult:
+    def false_negative_mask(self, samples: Sequence[BiEncoderSample], indices: Sequence[int],
+                            epoch: int) -> Optional[torch.Tensor]:
+        """The mask of the global training batch `indices` (None for `all`): every process samples the whole
+        global batch's contexts, as each samples its own part, and gets the same mask."""
+        if self.false_negatives.mode == "all":
+            return None
+        o = self.options
+        examples = sample_examples(samples, indices, o.hard_negatives, o.other_negatives, shuffle=True, seed=o.seed,
+                                   epoch=epoch, shuffle_positives=o.shuffle_positives)
+        return self.false_negatives(examples, [samples[int(i)].answers for i in indices])
+
+    def forward_backward(self, batch: BiEncoderBatch, masked: Optional[torch.Tensor] = None) -> BatchResult:
         """Loss and gradients (times self.backward_weight, accumulated into .grad) of one batch, with or without
-        the gradient cache."""
+        the gradient cache; `masked`: the global batch's false-negative mask."""
         batch = batch.to(self.device)
         towers = self._towers(batch)
         weights = self.options.dataset_loss_weights
         loss_weight = weights[batch.dataset_index] if weights else 1.0
         if self.options.grad_cache:
             loss, correct = self.grad_cache(towers, self.backward_weight, positive_indices=batch.positive_indices,
-                                            loss_weight=loss_weight)
+                                            loss_weight=loss_weight, masked=masked)
         else:
             loss, correct = full_batch_step(
                 towers, self._global_loss, self.backward_weight, self.precision.autocast, self.precision.grad_scaler,
-                positive_indices=batch.positive_indices, loss_weight=loss_weight,
+                positive_indices=batch.positive_indices, loss_weight=loss_weight, masked=masked,
             )
         return BatchResult(float(loss), batch.question_ids.shape[0] * self.dist.world_size, correct,
-                           self.flops.of_biencoder_batch(batch))
+                           self.flops.of_biencoder_batch(batch),
+                           masked_pairs=int(masked.sum()) if masked is not None else None)
 
     def validation_due(self, epoch_update: int, update: int, updates_per_epoch: int) -> bool:
         """DPR's: eval_per_epoch times per epoch, counted in the epoch."""

@@ -171,6 +171,7 @@ class BatchResult:
     correct: Optional[int] = None  # questions whose positive scored highest, where the trainer counts them
     model_flops: float = 0.0  # of this process (dpr/training/flops.py)
     skipped: int = 0  # of this process's questions, left out of the step (a reader question without a usable positive)
+    masked_pairs: Optional[int] = None  # (question, context) pairs taken out of the loss as false negatives
 
 
 @dataclass(frozen=True)
@@ -197,6 +198,7 @@ class StepRecord:
     seconds: float  # of the update's forward-backward passes and optimizer step
     tflops: float  # achieved model TFLOPS of this process
     mfu: Optional[float]  # percent of the device's peak; None when the peak is unknown
+    masked_pairs: Optional[int] = None  # false-negative pairs masked in the update's batches (bi-encoder)
 
 
 @dataclass(frozen=True)
@@ -256,6 +258,7 @@ class _Window:
     correct: Optional[int] = None
     flops: float = 0.0
     skipped: int = 0
+    masked_pairs: Optional[int] = None
 
     def add(self, result: BatchResult) -> None:
         self.loss += result.loss
@@ -265,6 +268,8 @@ class _Window:
         self.skipped += result.skipped
         if result.correct is not None:
             self.correct = (self.correct or 0) + result.correct
+        if result.masked_pairs is not None:
+            self.masked_pairs = (self.masked_pairs or 0) + result.masked_pairs
 
     @property
     def mean_loss(self) -> float:
@@ -533,18 +538,21 @@ class Trainer:
             epoch=epoch, step=self.update, total_steps=self.total_updates, loss=window.mean_loss,
             lr=self.scheduler.get_last_lr()[0], grad_norm=grad_norm,
             questions_per_s=window.questions / max(seconds, 1e-9), seconds=seconds, tflops=tflops, mfu=mfu,
+            masked_pairs=window.masked_pairs,
         )
         self.step_records.append(record)
         if record.step % self.settings.log_batch_step == 0 or record.step == 1:
             logger.info(
                 "Epoch: %d: Step: %d/%d, loss=%f, lr=%.6e, grad_norm=%.6f, questions/s=%.1f, time=%.0fms, "
-                "tflops=%.3f%s",
+                "tflops=%.3f%s%s",
                 epoch, record.step, record.total_steps, record.loss, record.lr, record.grad_norm,
                 record.questions_per_s, 1000 * record.seconds, record.tflops,
                 f", mfu={record.mfu:.2f}%" if record.mfu is not None else "",
+                f", masked_pairs={record.masked_pairs}" if record.masked_pairs is not None else "",
             )
-        for name in ("loss", "lr", "grad_norm", "questions_per_s"):
-            self.scalars.add(f"train/{name}", getattr(record, name), record.step)
+        for name in ("loss", "lr", "grad_norm", "questions_per_s", "masked_pairs"):
+            if getattr(record, name) is not None:
+                self.scalars.add(f"train/{name}", getattr(record, name), record.step)
         self._write_record("step", record)
 
     def _validate_and_save(self, epoch: int, offset: int) -> None:
