@@ -102,3 +102,10 @@ def assert_same_but_float_noise(actual, expected, rel: float = 1e-5, abs_: float
             assert_same_but_float_noise(item, expected_item, rel, abs_, f"{where}[{index}]")
     else:
         assert actual == expected, f"{where}: {actual!r} != {expected!r}"
+
+
+def written_by_training(*names: str) -> list:
+    """What a training run leaves in its output_dir besides `names`: the `tensorboard` folder where the tensorboard
+    extra is installed (CI installs it)."""
+    import importlib.util
+    return sorted([*names, *(["tensorboard"] if importlib.util.find_spec("tensorboard") else [])])

@@ -42,7 +42,7 @@ def test_a_second_retrieval_into_one_out_file_is_refused_before_any_work(data, t
     out_file = tmp_path / "results.json"
     temporary = tmp_path / ".results.json.abcd1234.tmp"  # the first run's results, being written
     temporary.write_text("half")
-    forbid_calls(monkeypatch, "dpr.indexing.dense_retriever.load_questions")
+    forbid_calls(monkeypatch, "dpr.indexing.retrieval_settings.QuestionSettings.load")
     with run_lock(out_file, "out_file"):
         with pytest.raises(OutputInUseError, match=rf"out_file={out_file} is in use by another run .*pid "
                                                    rf"{os.getpid()} on "):
