@@ -22,7 +22,7 @@ from dpr.evaluation.qa_validation import top_k_accuracy_from_results
 from dpr.foundation.checkpoints import CheckpointState, load_checkpoint, save_checkpoint
 from dpr.foundation.precision import make_precision
 from dpr.indexing.dense_retriever import run_dense_retriever
-from dpr.indexing.encoding import encode_batches, encode_questions, padded_batches
+from dpr.indexing.encoding import TorchVectors, encode_batches, encode_questions, padded_batches
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.interop import hf_dpr, sentence_transformers_export
 from dpr.interop.sentence_transformers_export import passage_inputs
@@ -83,14 +83,15 @@ def repository_encoders(checkpoint: str):
 
 def repository_question_vectors(encoder, questions) -> torch.Tensor:
     """dense_retriever.py's question vectors: encode_questions."""
-    return torch.from_numpy(encode_questions(encoder, list(questions), 2, CPU, make_precision(CPU)))
+    vectors_of = TorchVectors(encoder, CPU, make_precision(CPU))
+    return torch.from_numpy(encode_questions(encoder, vectors_of, list(questions), 2))
 
 
 def repository_passage_vectors(encoder, titles, texts) -> torch.Tensor:
     """generate_dense_embeddings.py's passage vectors: title/text token ids, length-sorted batches."""
     tensorizer = Tensorizer.for_spec(encoder.spec, encoder.tokenizer)
     batches = padded_batches(tensorizer, tensorizer.token_ids(list(texts), list(titles)), 2, sort_by_length=True)
-    return torch.from_numpy(encode_batches(encoder, batches, len(texts), CPU, make_precision(CPU)))
+    return torch.from_numpy(encode_batches(TorchVectors(encoder, CPU, make_precision(CPU)), batches, len(texts)))
 
 
 def st_vectors(model: SentenceTransformer, role: str, inputs) -> torch.Tensor:
