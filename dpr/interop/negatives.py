@@ -138,10 +138,10 @@ def dense_rankings(model_file: str, passages_file: Path, questions: Sequence[str
     products, of the saved question vectors and the positives' passage vectors."""
     from hydra import compose, initialize_config_dir
 
-    from dpr.data.ctx_sources import resolve_ctx_sources
     from dpr.data.embeddings_io import read_embeddings
     from dpr.indexing.dense_retriever import question_vectors, retrieve
     from dpr.indexing.generate_embeddings import generate_dense_embeddings
+    from dpr.indexing.retrieval_settings import RetrievalSettings
 
     common = [f"model_file={_quoted(model_file)}"]
     with initialize_config_dir(config_dir=str(CONF_DIR), version_base=None):
@@ -153,10 +153,10 @@ def dense_rankings(model_file: str, passages_file: Path, questions: Sequence[str
             f"n_docs={depth}", f"q_encoding_path={_quoted(work_dir / 'questions.pt')}", "validation_workers=1",
         ] + list(overrides))
     shard = generate_dense_embeddings(embed_cfg)  # a later split's call reuses the shard (same provenance)
-    sources = resolve_ctx_sources(search_cfg.ctx_datatsets, search_cfg)
-    results = retrieve(search_cfg, ["dense"], list(questions), sources)["dense"]
-    queries = question_vectors(search_cfg, list(questions))  # the vectors retrieve saved, not encoded again
-    os.unlink(search_cfg.q_encoding_path)  # the next split's questions are others
+    settings = RetrievalSettings.from_config(search_cfg)
+    results = retrieve(settings, ["dense"], list(questions), settings.sources)["dense"]
+    queries = question_vectors(settings, list(questions))  # the vectors retrieve saved, not encoded again
+    os.unlink(settings.question_encoding.saved_path)  # the next split's questions are others
     wanted = {passage_id for ids in positive_ids for passage_id in ids}
     ids, vectors = read_embeddings(shard)
     rows = {passage_id: row for row, passage_id in enumerate(ids) if passage_id in wanted}
