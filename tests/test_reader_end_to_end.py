@@ -76,7 +76,9 @@ def test_training_writes_checkpoints_and_keeps_the_highest_em(data, tmp_path, ca
     trainer, result = run(compose_config(overrides(data, tmp_path, train__eval_step=2), CONFIG), caplog)
     assert [s.step for s in result.steps] == [1, 2, 3, 4]
     assert all(s.questions_per_s > 0 and s.tflops > 0 for s in result.steps)
-    assert sorted(os.listdir(tmp_path)) == ["dpr_extractive_reader.0", "dpr_extractive_reader.0.2", RECORDS_FILE]
+    # tensorboard/: written where the tensorboard extra is installed (CI installs it)
+    assert sorted(set(os.listdir(tmp_path)) - {"tensorboard"}) == ["dpr_extractive_reader.0", "dpr_extractive_reader.0.2",
+                                                              RECORDS_FILE]
     assert [(v.metric, v.value, v.best) for v in result.validations] == [("em_top4", 40.0, True), ("em_top4", 20.0, False)]
     best = result.best_checkpoint
     assert best == str(tmp_path / "dpr_extractive_reader.0.2")

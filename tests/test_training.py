@@ -28,7 +28,8 @@ def test_checkpoints_are_dpr_format_and_load_with_weights_only(data, tmp_path):
     cfg = compose_config(tiny_overrides(data["model"], data["train"], data["dev"], str(tmp_path), train__eval_per_epoch=2))
     _, run = run_trainer(cfg)
     assert [s.step for s in run.steps] == [1, 2, 3, 4]
-    assert sorted(os.listdir(tmp_path)) == ["dpr_biencoder.0", "dpr_biencoder.0.2", RECORDS_FILE]
+    # tensorboard/: written where the tensorboard extra is installed (CI installs it)
+    assert sorted(set(os.listdir(tmp_path)) - {"tensorboard"}) == ["dpr_biencoder.0", "dpr_biencoder.0.2", RECORDS_FILE]
     state = torch.load(tmp_path / "dpr_biencoder.0", weights_only=True)
     assert set(state) == {"model_dict", "optimizer_dict", "scheduler_dict", "offset", "epoch", "encoder_params"}
     assert state["offset"] == 0 and state["epoch"] == 0
