@@ -17,6 +17,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from dpr.data.embeddings_io import refuse_non_finite
 from dpr.data.tensorizer import Tensorizer
 from dpr.foundation.precision import Precision
 from dpr.models.encoder_spec import EncoderSpec
@@ -112,5 +113,7 @@ def encode_questions(
     started = time.perf_counter()
     batches = padded_batches(tensorizer, tensorizer.token_ids(list(questions)), batch_size, sort_by_length=True)
     vectors = encode_batches(encoder, batches, len(questions), device, precision, "questions")
+    refuse_non_finite(vectors, "the question vectors", way_out="encode them in fp32 or bf16 (fp16 overflow makes "
+                      "such vectors), or check the model_file's weights")
     logger.info("encoded %d questions on %s in %.1f s", len(questions), device, time.perf_counter() - started)
     return vectors

@@ -25,6 +25,7 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from dpr.data.embeddings_io import refuse_non_finite
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output
 from dpr.foundation.provenance import differing_field, file_identity, read_record, sha256_of_file
@@ -86,7 +87,10 @@ def _read_vectors(path: PathLike) -> np.ndarray:
             f"q_encoding_path={path} holds {type(tensor).__name__}"
             f"{' of shape ' + str(tuple(tensor.shape)) if isinstance(tensor, torch.Tensor) else ''}, not a float "
             "matrix of question encodings; delete it to re-encode the questions")
-    return tensor.numpy()
+    vectors = tensor.numpy()
+    refuse_non_finite(vectors, f"q_encoding_path={path}", way_out="delete it to re-encode the questions (in fp32 "
+                      "or bf16: fp16 overflow makes such vectors)")
+    return vectors
 
 
 def _read_record(path: PathLike) -> Optional[dict]:

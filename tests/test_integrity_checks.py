@@ -1,0 +1,134 @@
+"""The integrity checks that could be fooled (issue 24, points 9 and 13-17): non-finite vectors, the full content
+of passage files, saved indexes of several sources, provenance through symbolic links, tokenizers that tokenize
+differently or cannot tokenize at all."""
+import shutil
+
+import numpy as np
+import pytest
+import torch
+
+from dpr.data.embeddings_io import NonFiniteVectorsError, read_embeddings, shard_path, write_embeddings
+from dpr.indexing.dense_retriever import run_dense_retriever
+from dpr.indexing.faiss_indexers import create_indexer
+from dpr.indexing.generate_embeddings import generate_dense_embeddings
+from dpr.indexing.question_encodings import QuestionEncodingsError, save_question_vectors
+from dpr.models.loading import InferenceEncoder
+from tests.retrieval_helpers import gen_embs_config, retriever_config, tiny_model, write_passages_tsv, write_questions_csv
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    """A tiny model, 23 passages embedded in 2 shards, 12 questions."""
+    folder = tmp_path_factory.mktemp("integrity")
+    model = tiny_model(folder / "bert")
+    psgs = write_passages_tsv(folder / "psgs.tsv")
+    for shard_id in range(2):
+        generate_dense_embeddings(gen_embs_config(model, psgs, folder / "embs" / "psgs", shard_id=shard_id,
+                                                  num_shards=2))
+    return {"model": model, "psgs": psgs, "qas": write_questions_csv(folder / "qas.csv"),
+            "embs": str(folder / "embs" / "psgs_*"), "dir": folder}
+
+
+def retrieve(data, tmp_path, embs=None, psgs=None, **values):
+    cfg = retriever_config(data["model"], data["qas"], psgs or data["psgs"], embs or data["embs"],
+                           str(tmp_path / "results.json"), **values)
+    return run_dense_retriever(cfg)
+
+
+def copy_shards(data, folder):
+    """The fixture's shards and their records, copied into `folder`: a glob for them."""
+    shutil.copytree(data["dir"] / "embs", folder)
+    return str(folder / "psgs_*")
+
+
+# ------------------------------------------------------------------------------------------------ 14: non-finite
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+@pytest.mark.parametrize("name", ["emb_0.npz", "emb_0.pkl"])
+def test_the_shard_writer_refuses_non_finite_rows_naming_them(tmp_path, bad, name):
+    vectors = np.ones((4, 3), dtype=np.float32)
+    vectors[2, 1] = bad
+    with pytest.raises(NonFiniteVectorsError, match=r"emb_0.*1 of 4 vectors.*rows 2 \(id c\)"):
+        write_embeddings(tmp_path / name, ["a", "b", "c", "d"], vectors)
+    assert not (tmp_path / name).exists()
+
+
+def _write_unchecked(path, ids, vectors):
+    """A shard written as another tool would, without the writer's check."""
+    if str(path).endswith(".npz"):
+        np.savez(path, ids=np.array(ids), vectors=vectors)
+    else:
+        import pickle
+        with open(path, "wb") as file:
+            pickle.dump(list(zip(ids, vectors)), file, protocol=4)
+
+
+@pytest.mark.parametrize("name", ["emb_0.npz", "emb_0.pkl", "emb_0"])
+def test_the_shard_reader_refuses_non_finite_rows_naming_shard_and_rows(tmp_path, name):
+    vectors = np.ones((5, 3), dtype=np.float32)
+    vectors[[1, 4]] = np.nan
+    _write_unchecked(tmp_path / name, list("abcde"), vectors)
+    with pytest.raises(NonFiniteVectorsError, match=r"emb_0.*2 of 5 vectors.*rows 1 \(id b\), 4 \(id e\)"):
+        read_embeddings(tmp_path / name)
+
+
+def _poison_shard(embs_glob, row=3):
+    """Put NaN into one row of the first shard, as fp16 overflow would, keeping its record."""
+    from glob import glob
+    path = sorted(glob(embs_glob))[0]
+    ids, vectors = read_embeddings(path)
+    vectors[row] = np.nan
+    _write_unchecked(path, ids, vectors)
+    return path
+
+
+@pytest.mark.parametrize("values", [{}, {"shard_search": "true"}, {"indexer": "hnsw"}])
+def test_retrieval_refuses_shards_with_non_finite_rows_on_every_path(data, tmp_path, values):
+    embs = copy_shards(data, tmp_path / "embs")
+    poisoned = _poison_shard(embs)
+    with pytest.raises(NonFiniteVectorsError, match=f"{poisoned}.*rows 3"):
+        retrieve(data, tmp_path, embs, **values)
+    assert not (tmp_path / "results.json").exists()
+
+
+@pytest.mark.parametrize("kind", ["flat", "hnsw"])
+def test_a_saved_index_with_non_finite_vectors_is_refused(tmp_path, kind):
+    vectors = np.random.default_rng(0).normal(size=(6, 4)).astype(np.float32)
+    vectors[5] = np.inf
+    indexer = create_indexer(kind, check_memory=False)
+    indexer.index_data([(list("abcdef"), vectors)])
+    indexer.serialize(tmp_path / "index")
+    # HNSW's extra coordinate sqrt(phi - |v|^2) makes every row infinite once phi is
+    shown = r"1 of 6 vectors.*rows 5 \(id f\)" if kind == "flat" else r"6 of 6 vectors"
+    with pytest.raises(NonFiniteVectorsError, match=r"saved index .*index\.dpr.*" + shown):
+        create_indexer(kind, check_memory=False).deserialize(tmp_path / "index")
+
+
+def test_saved_question_encodings_with_non_finite_rows_are_refused(data, tmp_path):
+    q_path = tmp_path / "q.pt"
+    vectors = np.ones((12, 32), dtype=np.float32)
+    vectors[7] = np.nan
+    torch.save(torch.from_numpy(vectors), q_path)  # as GC-DPR saves them, without a record
+    with pytest.raises(NonFiniteVectorsError, match=r"q_encoding_path=.*q\.pt.*rows 7"):
+        retrieve(data, tmp_path, q_encoding_path=str(q_path))
+
+
+def test_questions_encoded_to_non_finite_vectors_are_refused(data, tmp_path, monkeypatch):
+    real = InferenceEncoder.search_vectors
+
+    def overflowing(self, input_ids, attention_mask):
+        vectors = real(self, input_ids, attention_mask)
+        return torch.where(torch.arange(len(vectors))[:, None] == 0, torch.inf, vectors)
+
+    monkeypatch.setattr(InferenceEncoder, "search_vectors", overflowing)
+    with pytest.raises(NonFiniteVectorsError, match="the question vectors"):
+        retrieve(data, tmp_path)
+
+
+def test_embedding_that_overflows_writes_no_shard(data, tmp_path, monkeypatch):
+    real = InferenceEncoder.search_vectors
+    monkeypatch.setattr(InferenceEncoder, "search_vectors",
+                        lambda self, ids, mask: real(self, ids, mask) * torch.nan)
+    out = tmp_path / "emb"
+    with pytest.raises(NonFiniteVectorsError, match=r"shard .*emb_0: 23 of 23 vectors"):
+        generate_dense_embeddings(gen_embs_config(data["model"], data["psgs"], out))
+    assert not shard_path(out, 0, "dpr").exists()
