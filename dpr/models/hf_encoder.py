@@ -13,6 +13,7 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
+from dpr.foundation.errors import UserInputError
 from dpr.models.example_dropout import install_example_dropout, register_attention
 
 logger = logging.getLogger(__name__)
@@ -34,9 +35,39 @@ def resolve_pretrained_path(name: str) -> str:
     return name
 
 
+# Ordinary words any text tokenizer of a language model knows (a word that is all [UNK] is lost to the encoder).
+_PROBE_WORDS = "who wrote the declaration of independence and when was the city of paris founded".split()
+# A tokenizer with fewer tokens is a placeholder, whatever it does with the probe.
+_MIN_VOCABULARY = 32
+
+
+class TokenizerError(UserInputError):
+    """A tokenizer that cannot tokenize ordinary text, or that tokenizes differently from the one recorded."""
+
+
 def load_tokenizer(pretrained_model_cfg: str, do_lower_case: bool = True) -> PreTrainedTokenizerBase:
+    """The model's tokenizer, refused when it cannot tokenize ordinary text (`check_tokenizer_works`)."""
     path = resolve_pretrained_path(pretrained_model_cfg)
-    return AutoTokenizer.from_pretrained(path, do_lower_case=do_lower_case)
+    tokenizer = AutoTokenizer.from_pretrained(path, do_lower_case=do_lower_case)
+    check_tokenizer_works(tokenizer, path)
+    return tokenizer
+
+
+def check_tokenizer_works(tokenizer: PreTrainedTokenizerBase, path: str) -> None:
+    """Refuse a tokenizer of a handful of tokens, or one that makes [UNK] of most words of a probe sentence: from
+    a model folder without its tokenizer files, transformers builds one from config.json alone (BERT's 5 special
+    tokens), and every text would be embedded as [UNK]s with no error."""
+    vocabulary = len(tokenizer)
+    unknown = 0
+    if tokenizer.unk_token_id is not None:
+        pieces = tokenizer(_PROBE_WORDS, add_special_tokens=False)["input_ids"]
+        unknown = sum(1 for ids in pieces if not ids or all(i == tokenizer.unk_token_id for i in ids))
+    if vocabulary < _MIN_VOCABULARY or unknown > len(_PROBE_WORDS) // 2:
+        raise TokenizerError(
+            f"{path}: its tokenizer cannot tokenize ordinary text ({vocabulary} tokens in its vocabulary, "
+            f"{unknown} of {len(_PROBE_WORDS)} words of a probe sentence unknown): the folder lacks its tokenizer "
+            "files (vocab.txt, tokenizer.json, ...) and transformers built a placeholder from config.json. Copy the "
+            "model's tokenizer files into it")
 
 
 def build_encoder(
