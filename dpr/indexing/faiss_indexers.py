@@ -270,6 +270,8 @@ class DenseIndexer(ABC):
         # the provenance record of the embedding shards the index was built from (dpr.indexing.shard_provenance),
         # kept in the meta file so that a saved index is never searched with another model's question vectors
         self.provenance: Optional[dict] = None
+        # one such record per passage source (None: its shards had none), each source checked as its shards are
+        self.source_records: Optional[list[Optional[dict]]] = None
 
     @abstractmethod
     def estimate_memory(self, n: int, dim: int) -> int:
@@ -384,6 +386,7 @@ class DenseIndexer(ABC):
             "indexer": self.kind,
             **self._meta_fields(),
             **({"provenance": self.provenance} if self.provenance is not None else {}),
+            **({"source_records": self.source_records} if self.source_records is not None else {}),
             "ids": self.index_id_to_db_id,
         }
         with atomic_output(meta_file) as temp_name, open(temp_name, "w", encoding="utf-8") as file:
@@ -405,6 +408,7 @@ class DenseIndexer(ABC):
         _refuse_non_finite_stored(index, index_file, ids)
         self.index, self.index_id_to_db_id = index, ids
         self.provenance = meta.get("provenance")
+        self.source_records = meta.get("source_records")
         self._restore(meta)
         logger.info("loaded a %s index of %d vectors", self.kind, index.ntotal)
 

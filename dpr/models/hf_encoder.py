@@ -6,6 +6,8 @@ state dict has exactly the keys DPR checkpoints hold (`embeddings.*`, `encoder.*
 """
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 from typing import Iterator, Optional, Tuple, Union
 
@@ -51,6 +53,45 @@ def load_tokenizer(pretrained_model_cfg: str, do_lower_case: bool = True) -> Pre
     tokenizer = AutoTokenizer.from_pretrained(path, do_lower_case=do_lower_case)
     check_tokenizer_works(tokenizer, path)
     return tokenizer
+
+
+# Texts whose token ids fingerprint how a tokenizer tokenizes: case, accents, punctuation, digits, rare scripts.
+_PROBE_TEXTS = (
+    "Who wrote the Declaration of Independence in 1776?",
+    "Zürich's café served crème brûlée; naïve résumés co-operate via e-mail.",
+    "THE QUICK BROWN FOX — jumps over 12,345 lazy dogs (½ of them) in 東京.",
+)
+
+
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict:
+    """What says two tokenizers turn text into the same ids: a hash of the vocabulary (token -> id), whether it
+    lower-cases, and a hash of the ids of a few probe texts (normalisation, splitting and special tokens: a
+    transformers upgrade that changes any of them changes it)."""
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8")
+    probes = json.dumps([tokenizer(text)["input_ids"] for text in _PROBE_TEXTS]).encode("utf-8")
+    return {
+        "vocab_sha256": "sha256:" + hashlib.sha256(vocabulary).hexdigest(),
+        "do_lower_case": bool(getattr(tokenizer, "do_lower_case", False)),
+        "probe_sha256": "sha256:" + hashlib.sha256(probes).hexdigest(),
+    }
+
+
+def check_same_tokenizer(recorded: Optional[dict], tokenizer: PreTrainedTokenizerBase, path: str, what: str) -> None:
+    """Refuse `tokenizer` (of the model at `path`) when it tokenizes otherwise than the one `what` (a checkpoint)
+    recorded; without a record (older checkpoints, DPR's), warn that it cannot be checked."""
+    if not recorded:
+        logger.warning("%s has no record of its tokenizer (written by an older version or by DPR): the tokenizer "
+                       "of %s is used unchecked", what, path)
+        return
+    now = tokenizer_identity(tokenizer)
+    changed = next((key for key in ("vocab_sha256", "do_lower_case", "probe_sha256")
+                    if key in recorded and recorded[key] != now[key]), None)
+    if changed is not None:
+        raise TokenizerError(
+            f"the tokenizer of {path} tokenizes otherwise than the one {what} was made with: tokenizer.{changed} "
+            f"differs ({recorded[changed]!r} then, {now[changed]!r} now; another vocabulary, lower-casing or "
+            "transformers version): its vectors would not be comparable. Use the tokenizer files and transformers "
+            "version it was made with")
 
 
 def check_tokenizer_works(tokenizer: PreTrainedTokenizerBase, path: str) -> None:

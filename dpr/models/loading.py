@@ -16,7 +16,8 @@ from dpr.foundation.errors import UserInputError
 from dpr.models.biencoder import search_vectors
 from dpr.models.encoder_spec import EncoderSpec
 from dpr.models.hf_encoder import (
-    encode, encoder_from_config, first_token_last_layer, load_tokenizer, resolve_pretrained_path,
+    check_same_tokenizer, encode, encoder_from_config, first_token_last_layer, load_tokenizer,
+    resolve_pretrained_path, tokenizer_identity,
 )
 
 logger = logging.getLogger(__name__)
@@ -37,6 +38,8 @@ class InferenceEncoder:
     tokenizer: PreTrainedTokenizerBase
     spec: EncoderSpec
     weights: str
+    weights_sha256: Optional[str] = None  # of every weight (`weights_sha256`): what `weights` samples
+    tokenizer_identity: Optional[dict] = None  # `hf_encoder.tokenizer_identity`
 
     def search_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The vectors an inner-product index searches: pooled as the spec says, L2-normalised for cosine. With
@@ -59,6 +62,17 @@ def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
     return "blake2b:" + digest.hexdigest()
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 of a state dict's every weight (with names, shapes and dtypes): `weights_fingerprint` samples
+    1,024 values a tensor, which an edit of a few weights passes. The tensors are in memory already: no I/O."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 class PretrainedWeightsError(UserInputError):
@@ -88,11 +102,11 @@ def load_inference_encoder(
     `trust`: the trust_checkpoint option of `checkpoints.load_checkpoint`."""
     if encoder_type not in CHECKPOINT_PREFIXES:
         raise ValueError(f"encoder_type must be one of {sorted(CHECKPOINT_PREFIXES)}, not '{encoder_type}'")
-    spec, state, fingerprint = configured, None, None
+    spec, state, fingerprint, full_digest, ckpt = configured, None, None, None, None
     if model_file:
         ckpt = checkpoints.load_checkpoint(model_file, trust=trust)
         spec = configured.with_checkpoint_params(ckpt.encoder_params)
-        fingerprint = weights_fingerprint(ckpt.model_dict)
+        fingerprint, full_digest = weights_fingerprint(ckpt.model_dict), weights_sha256(ckpt.model_dict)
         state = checkpoints.strip_prefix(ckpt.model_dict, CHECKPOINT_PREFIXES[encoder_type])
         if not state:
             raise checkpoints.CheckpointError(
@@ -102,10 +116,13 @@ def load_inference_encoder(
     config = AutoConfig.from_pretrained(path)
     if state is None:
         model = _pretrained_encoder(config, path, spec.projection_dim)
-        fingerprint = weights_fingerprint(model.state_dict())
+        fingerprint, full_digest = weights_fingerprint(model.state_dict()), weights_sha256(model.state_dict())
     else:
         model = encoder_from_config(config, None, spec.projection_dim)
         checkpoints.load_model_state(model, state)
         logger.info("Loaded %s encoder weights from %s", encoder_type, model_file)
     model.eval()
-    return InferenceEncoder(model, load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case), spec, fingerprint)
+    tokenizer = load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case)
+    if ckpt is not None:
+        check_same_tokenizer(ckpt.encoder_params.get("tokenizer"), tokenizer, path, f"the checkpoint {model_file}")
+    return InferenceEncoder(model, tokenizer, spec, fingerprint, full_digest, tokenizer_identity(tokenizer))

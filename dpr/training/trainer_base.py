@@ -42,6 +42,7 @@ from dpr.foundation.precision import make_precision
 from dpr.foundation.seed import set_seed
 from dpr.foundation.tensorboard import ScalarLog
 from dpr.models.encoder_spec import EncoderSpec
+from dpr.models.hf_encoder import tokenizer_identity
 from dpr.training.distributed import all_gather_rows, all_reduce_gradients, broadcast_parameters, init_distributed
 from dpr.training.flops import ModelFlops
 from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
@@ -517,7 +518,8 @@ class Trainer:
             scheduler_dict=scheduler.state_dict(),
             offset=offset,
             epoch=epoch,
-            encoder_params=self.spec.checkpoint_params(),
+            # with the tokenizer's identity: embedding and retrieval refuse one that tokenizes otherwise
+            encoder_params={**self.spec.checkpoint_params(), "tokenizer": tokenizer_identity(self.tensorizer.tokenizer)},
         )
         path = checkpoints.checkpoint_path(self.ckpt_settings.output_dir, self.ckpt_settings.file_name, epoch, offset)
         return checkpoints.save_checkpoint(path, state)
