@@ -57,7 +57,7 @@ sys.path.insert(0, str(REPO))  # runnable from anywhere: the `dpr` package of th
 from dpr.foundation.errors import UserInputError, user_errors_in_one_line  # noqa: E402
 from dpr.foundation.files import (atomic_output, ensure_writable_directory,  # noqa: E402
                                   remove_stale_temporaries)
-from dpr.foundation.provenance import file_identity  # noqa: E402
+from dpr.foundation.provenance import full_identity  # noqa: E402
 
 TOP_KS = (1, 5, 20, 50, 100)
 DATA_FILES = ("psgs.tsv", "biencoder-train.json", "train.qa.csv", "dev.qa.csv")
@@ -189,9 +189,10 @@ class Pipeline:
         A stage that runs makes every later stage run again (they read its new outputs).
 
         `inputs` are every file the command reads (None: none there): the data files, the question samples this
-        script writes, the checkpoint it starts from; their `file_identity` (size, mtime and a hash of sampled
-        blocks: milliseconds for a 13 GB passage file, where a sha256 takes a minute on every rerun, and any
-        rewrite changes the mtime) is recorded beside the command. `outputs` are folders the stage would read back
+        script writes, the checkpoint it starts from; their `full_identity` (size, mtime, sampled blocks and the
+        sha256 of every byte, read again only when the file is not the very one, untouched since, that the earlier
+        record saw: an edit that keeps size and mtime is caught, and a rerun reads nothing) is recorded beside the
+        command. `outputs` are folders the stage would read back
         if they held an earlier run's files (checkpoints a trainer resumes from, a saved index a retriever loads):
         they are removed before the stage runs, unless the stage is `resumable` and this very command resuming
         after an interruption."""
@@ -200,8 +201,9 @@ class Pipeline:
         shown = shlex.join(["python", script, *args])
         record = self.run_dir / "stages" / f"{len(self.stages):02d}.json"
         earlier = None if self.dry_run else read_stage_record(record)
-        identities = {} if self.dry_run else {str(path): file_identity(path) if path.is_file() else None
-                                              for path in inputs if path is not None}
+        known = (earlier or {}).get("inputs") or {}
+        identities = {} if self.dry_run else {str(path): full_identity(path, known.get(str(path)))
+                                              if path.is_file() else None for path in inputs if path is not None}
         same_stage = earlier is not None and earlier["command"] == shown and earlier.get("inputs") == identities
         if same_stage and earlier["seconds"] is not None:
             print(f"\n= {shown}\n  (done by an earlier run in {format_seconds(earlier['seconds'])}: {record})",

@@ -187,14 +187,15 @@ def test_the_real_and_the_tiny_tokenizers_pass():
 
 
 # ------------------------------------------------------------------------------------------------ 9: passages content
-def big_passages(path, rows=3000):
-    """A passages file of 400 KB and more: larger than the 64 x 4 KiB the fast check samples (its sampled regime)."""
+def big_passages(path, rows=300):
+    """A passages file of 500 KB: larger than the 64 x 4 KiB the fast check samples (its sampled regime), in long
+    passages, so that few are embedded."""
     # numbers in base 9: the tiny model's last token, "##9", lies outside its embedding (tests/tiny_models.py's
     # vocabulary holds "a" twice)
     numbers = [np.base_repr(i, 9).zfill(5) for i in range(1, rows + 1)]
-    lines = ["id\ttext\ttitle"] + [f"{i}\tpassage number {n} says the capital of place {n} is town {n}"
-                                   f" and the river of place {n} runs to the sea\ttitle {n}"
-                                   for i, n in enumerate(numbers, 1)]
+    filler = " and the river of the place runs to the sea" * 38
+    lines = ["id\ttext\ttitle"] + [f"{i}\tpassage number {n} says the capital of place {n} is town {n}{filler}"
+                                   f"\ttitle {n}" for i, n in enumerate(numbers, 1)]
     path.write_text("\n".join(lines) + "\n", encoding="utf-8")
     return path
 
@@ -261,7 +262,7 @@ def test_a_same_size_edit_passes_the_sampled_check_and_is_caught_by_the_full_one
 def big(data, tmp_path_factory):
     """The tiny model's shards of a passages file larger than the sample."""
     folder = tmp_path_factory.mktemp("big")
-    psgs = big_passages(folder / "psgs.tsv", rows=2800)
+    psgs = big_passages(folder / "psgs.tsv")
     generate_dense_embeddings(gen_embs_config(data["model"], str(psgs), folder / "embs" / "psgs", batch_size=64,
                                               tokenize_chunk=512))
     return {"psgs": psgs, "embs": folder / "embs"}
@@ -495,3 +496,50 @@ def test_tokenizer_identity_tells_tokenizers_apart():
     lower, cased = (tokenizer_identity(AutoTokenizer.from_pretrained(path, do_lower_case=flag)) for flag in (True, False))
     assert lower["vocab_sha256"] == cased["vocab_sha256"] and lower["probe_sha256"] != cased["probe_sha256"]
     assert tokenizer_identity(AutoTokenizer.from_pretrained(path)) == lower
+
+
+# ------------------------------------------------------------------------------------------------ 9: other identities
+def test_a_recipe_stage_reruns_after_a_same_size_edit_of_its_input_that_keeps_the_mtime(tmp_path, monkeypatch):
+    import importlib.util
+
+    from tests.conftest import REPO_ROOT
+
+    spec = importlib.util.spec_from_file_location("squad_open_script", f"{REPO_ROOT}/scripts/squad_open.py")
+    squad_open = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(squad_open)
+    ran = []
+    monkeypatch.setattr(squad_open, "run_command", lambda command, on_start: ran.append(command[1]) or 0)
+    source = big_passages(tmp_path / "psgs.tsv")
+
+    def run_stage():
+        squad_open.Pipeline(tmp_path / "run", []).run("embed", "generate_dense_embeddings.py", inputs=[source])
+
+    run_stage()
+    run_stage()
+    assert ran == ["generate_dense_embeddings.py"]  # the same input: done by the earlier run
+    before = os.stat(source)
+    source.write_text(same_size_edits()["swap"](source.read_text(encoding="utf-8")), encoding="utf-8")
+    os.utime(source, ns=(before.st_atime_ns, before.st_mtime_ns))
+    run_stage()
+    assert ran == ["generate_dense_embeddings.py"] * 2
+
+
+def test_reader_samples_are_stale_after_a_same_size_edit_of_the_retriever_results(tmp_path):
+    from dpr.data.reader_data import (
+        SampleFileOptions, _write_samples_record, samples_record, stale_samples_reason,
+    )
+    from dpr.models.encoder_spec import EncoderSpec
+
+    results, prefix = tmp_path / "r.json", str(tmp_path / "r")
+    records = [f'{{"question": "where is the town {i:05d} of the valley", "answers": ["a"], "ctxs": []}}'
+               for i in range(6000)]
+    results.write_text("[\n" + ",\n".join(records) + "\n]\n", encoding="utf-8")
+    options = SampleFileOptions(EncoderSpec("unused", sequence_length=64), None, None, num_workers=1,
+                                formats=("npz",))
+    (tmp_path / "r.0.npz").write_bytes(b"")  # the sample files the record names
+    _write_samples_record(prefix, {**samples_record(str(results), True, options), "files": ["r.0.npz"]})
+    assert stale_samples_reason(str(results), prefix, True, options) is None
+    before = os.stat(results)
+    results.write_text(same_size_edits()["case"](results.read_text(encoding="utf-8")), encoding="utf-8")
+    os.utime(results, ns=(before.st_atime_ns, before.st_mtime_ns))
+    assert stale_samples_reason(str(results), prefix, True, options).startswith("retriever_results.sha256 differs")

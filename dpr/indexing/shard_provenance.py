@@ -9,8 +9,13 @@ so that an `emb_*` glob, ours or DPR's, never takes it for a shard):
     model.checkpoint    the checkpoint's path (absent: the pretrained model of the encoder spec); for information
     model.weights       a fingerprint of the model's weights (`dpr.models.loading.weights_fingerprint`): the whole
                         checkpoint, both towers, or the pretrained encoder
+    model.weights_sha256  the sha256 of every weight (records of older versions lack it: compared where both have it)
     model.encoder_params  the encoder spec the vectors follow, in a checkpoint's `encoder_params` form
-    passages            path, size, mtime_ns, a hash of 64 blocks spread over the file, and the id prefix
+    model.tokenizer     the tokenizer's identity (`dpr.models.hf_encoder.tokenizer_identity`; compared where both
+                        records have it)
+    passages            path, size, mtime_ns, stat (device, inode, ctime), a hash of 64 blocks spread over the file
+                        (the fast check), the sha256 of every byte (recorded by the counting pass; the full check)
+                        and the id prefix
 
 Three comparisons use it:
 - reuse: a rerun skips a complete shard only when the record it would write equals the saved one in every field
@@ -23,8 +28,12 @@ Three comparisons use it:
   `num_shards`, would be searched twice), every id below its records' `num_shards`, and either every shard or none
   with a record (a record-less shard among recorded ones is left from an interrupted or older run).
 - questions: the question encoder must be of the shards' model (same weights fingerprint and vector settings).
+- passages: the passages file of `ctx_datatsets[i]` against the records of the shards of `encoded_ctx_files[i]`
+  (or a saved index's record of that source): size and sampled blocks before any work, the whole file's sha256 by
+  the pass that reads the passages for the results' texts (`dpr.data.ctx_sources.CtxSource.check_sha256`).
 Shards without a record (DPR's released ones) are accepted as they are, with an info line, when all of their entry's
-shards lack one.
+shards lack one and no record of their run lies beside them. A record lies beside the file a shard's name leads to:
+symbolic links (a shard folder linked from another disk) are resolved.
 
 A re-embed deletes the old shard, then its record, and writes the new record before the new shard: at every moment
 a shard is absent or the one its record describes.
@@ -239,7 +248,8 @@ def check_shard_sets(shard_sets: Sequence[Sequence[PathLike]]) -> Optional[tuple
             if first is None:
                 first = (shard, record)
                 if reference is not None:
-                    _refuse_difference(reference, first, keys=MODEL_KEYS, what="come from different models")
+                    _refuse_difference(reference, first, keys=MODEL_KEYS, what="come from different models",
+                                       when_both=OPTIONAL_MODEL_KEYS)
                     continue
                 reference = first
             else:
@@ -253,9 +263,10 @@ def check_shard_sets(shard_sets: Sequence[Sequence[PathLike]]) -> Optional[tuple
 
 
 def _refuse_difference(first: tuple[Path, dict], second: tuple[Path, dict], what: str,
-                       keys: Optional[Iterable[str]] = None, ignore: Iterable[str] = ()) -> None:
+                       keys: Optional[Iterable[str]] = None, ignore: Iterable[str] = (),
+                       when_both: Iterable[str] = _OPTIONAL_KEYS) -> None:
     changed = differing_field(first[1], second[1], keys=keys, ignore=ignore, first_keys=MODEL_KEYS,
-                              when_both=_OPTIONAL_KEYS)
+                              when_both=when_both)
     if changed is not None:
         raise ShardProvenanceError(
             f"embedding shards {first[0]} and {second[0]} {what}: {changed}. Mixing them would search stale "
