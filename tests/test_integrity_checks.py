@@ -543,3 +543,32 @@ def test_reader_samples_are_stale_after_a_same_size_edit_of_the_retriever_result
     results.write_text(same_size_edits()["case"](results.read_text(encoding="utf-8")), encoding="utf-8")
     os.utime(results, ns=(before.st_atime_ns, before.st_mtime_ns))
     assert stale_samples_reason(str(results), prefix, True, options).startswith("retriever_results.sha256 differs")
+
+
+def test_saved_question_encodings_of_another_tokenizer_are_refused(data, tmp_path):
+    import json
+
+    from dpr.indexing.question_encodings import record_path
+
+    q_path = tmp_path / "q.pt"
+    retrieve(data, tmp_path, q_encoding_path=str(q_path), encode_q_and_save="true")
+    record = json.loads(record_path(q_path).read_text())
+    assert record["model"]["tokenizer"]["probe_sha256"].startswith("sha256:")
+    record["model"]["tokenizer"]["probe_sha256"] = "sha256:another"  # as another transformers version tokenized
+    record_path(q_path).write_text(json.dumps(record))
+    with pytest.raises(QuestionEncodingsError, match=r"model\.tokenizer\.probe_sha256 differs"):
+        retrieve(data, tmp_path, q_encoding_path=str(q_path))
+
+
+def test_training_refuses_to_resume_a_checkpoint_with_a_tokenizer_that_tokenizes_otherwise(data, tmp_path):
+    from tests.fixtures import write_retriever_json
+    from tests.training_helpers import compose_config, run_trainer, tiny_overrides
+
+    model = tmp_path / "model"
+    shutil.copytree(data["model"], model)
+    train = write_retriever_json(tmp_path / "train.json", 8)
+    run_trainer(compose_config(tiny_overrides(str(model), str(train), str(train), str(tmp_path / "out"))))
+    _swap_vocabulary_ids(model)
+    resume = tiny_overrides(str(model), str(train), str(train), str(tmp_path / "out"), train__num_train_epochs=2)
+    with pytest.raises(TokenizerError, match=r"the checkpoint .*dpr_biencoder\.0 was made with"):
+        run_trainer(compose_config(resume))

@@ -42,7 +42,7 @@ from dpr.foundation.precision import make_precision
 from dpr.foundation.seed import set_seed
 from dpr.foundation.tensorboard import ScalarLog
 from dpr.models.encoder_spec import EncoderSpec
-from dpr.models.hf_encoder import tokenizer_identity
+from dpr.models.hf_encoder import check_same_tokenizer, tokenizer_identity
 from dpr.training.distributed import all_gather_rows, all_reduce_gradients, broadcast_parameters, init_distributed
 from dpr.training.flops import ModelFlops
 from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
@@ -510,6 +510,13 @@ class Trainer:
         return TrainingRun(None, [], records)
 
     # ---------------------------------------------------------------- checkpoints
+    def check_checkpoint_tokenizer(self) -> None:
+        """The checkpoint resumed or started from, refused with a tokenizer (`self.tensorizer`'s) that tokenizes
+        otherwise than the one it was trained with (older checkpoints, DPR's: a warning)."""
+        if self.checkpoint is not None:
+            check_same_tokenizer(self.checkpoint.encoder_params.get("tokenizer"), self.tensorizer.tokenizer,
+                                 self.spec.pretrained_model_cfg, f"the checkpoint {self.checkpoint_file}")
+
     def save(self, epoch: int, offset: int, scheduler) -> str:
         """A checkpoint named `{checkpoint_file_name}.{epoch}[.{offset}]` in output_dir."""
         state = CheckpointState(
