@@ -12,7 +12,7 @@ from dpr.data.embeddings_io import NonFiniteVectorsError, read_embeddings, shard
 from dpr.indexing.dense_retriever import run_dense_retriever
 from dpr.indexing.faiss_indexers import create_indexer
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
-from dpr.indexing.question_encodings import QuestionEncodingsError, save_question_vectors
+from dpr.indexing.question_encodings import QuestionEncodingsError
 from dpr.models.hf_encoder import TokenizerError, check_tokenizer_works, load_tokenizer
 from dpr.models.loading import InferenceEncoder
 from tests.retrieval_helpers import gen_embs_config, retriever_config, tiny_model, write_passages_tsv, write_questions_csv
@@ -320,34 +320,26 @@ def test_a_rerun_does_not_reuse_a_shard_of_a_same_size_edited_file(data, big, tm
 
 # ------------------------------------------------------------------------------------------------ 15: saved index
 def test_a_saved_index_of_two_sources_checks_each_source(data, tmp_path):
+    from dpr.indexing.faiss_indexers import index_exists
     from dpr.indexing.shard_provenance import ShardProvenanceError
 
     second = tmp_path / "second"
     second.mkdir()
-    shutil.copy(data["psgs"], second / "psgs.tsv")
-    psgs2 = str(second / "psgs.tsv")
-    # the second source: the same passages under another id prefix, embedded from its own file
-    for shard_id in range(2):
-        generate_dense_embeddings(gen_embs_config(data["model"], psgs2, second / "embs" / "psgs", shard_id=shard_id,
-                                                  num_shards=2))
+    psgs2 = shutil.copy(data["psgs"], second / "psgs.tsv")
+    for shard_id in range(2):  # the second source: the same passages, embedded from their own file
+        generate_dense_embeddings(gen_embs_config(data["model"], str(psgs2), second / "embs" / "psgs",
+                                                  shard_id=shard_id, num_shards=2))
     index = tmp_path / "index"
-    two = {"ctx_datatsets": f"[{data['psgs']},{psgs2}]",
-           "encoded_ctx_files": f"['{data['embs']}','{second / 'embs' / 'psgs_*'}']"}
-    from tests.retrieval_helpers import retriever_config as config
-    base = dict(n_docs=5, index_path=str(index))
-    # the ids of both sources are the same without prefixes: give them their own prefixes through named sources
-    cfg = config(data["model"], data["qas"], data["psgs"], data["embs"], str(tmp_path / "r.json"), **base)
-    cfg.ctx_sources = {"one": {"file": data["psgs"], "id_prefix": "a:"}, "two": {"file": psgs2, "id_prefix": "b:"}}
+    cfg = retriever_config(data["model"], data["qas"], data["psgs"], data["embs"], str(tmp_path / "r.json"),
+                           n_docs=5, index_path=str(index))
+    # two named sources, so that their ids differ by their prefixes
+    cfg.ctx_sources = {"one": {"file": data["psgs"], "id_prefix": "a:"}, "two": {"file": str(psgs2), "id_prefix": "b:"}}
     cfg.ctx_datatsets = ["one", "two"]
     cfg.encoded_ctx_files = [data["embs"], str(second / "embs" / "psgs_*")]
     run_dense_retriever(cfg)
-    from dpr.indexing.faiss_indexers import index_exists
     assert index_exists(str(index))
-    # both files rewritten (a passage added to each): every source is checked, not only the first
-    for path in (psgs2,):
-        with open(path, "a", encoding="utf-8") as file:
-            file.write("99\tan added passage\tadded\n")
-    (tmp_path / "r.json").unlink()
+    with open(psgs2, "a", encoding="utf-8") as file:  # the second source rewritten: checked, not only the first
+        file.write("99\tan added passage\tadded\n")
     with pytest.raises(ShardProvenanceError, match=r"second/psgs\.tsv is not the one the saved index .*source 2"):
         run_dense_retriever(cfg)
     cfg.ctx_datatsets = ["one"]

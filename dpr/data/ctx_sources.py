@@ -34,7 +34,7 @@ class CtxSource:
                 raise PassagesChangedError(
                     f"the passages file {self.path} is not the one {recorded_by} was made from: its sha256 is "
                     f"{sha256}, {expected} then (its size and sampled blocks agree: an edit of the same size, such as "
-                    f"a corrected typo, a case change or two rows swapped); {way_out}")
+                    f"a corrected typo, a case change or two rows swapped). {way_out}")
 
 
 class PassagesChangedError(DataFileError):
