@@ -556,3 +556,24 @@ def test_training_records_its_tokenizer_and_refuses_to_resume_with_one_that_toke
     resume = tiny_overrides(str(model), str(train), str(train), str(tmp_path / "out"), train__num_train_epochs=2)
     with pytest.raises(TokenizerError, match=r"the checkpoint .*dpr_biencoder\.0 was made with"):
         run_trainer(compose_config(resume))
+
+
+def test_questions_of_a_model_differing_in_unsampled_weights_are_refused(data, tmp_path):
+    from transformers import BertModel
+
+    from dpr.indexing.shard_provenance import ShardProvenanceError
+    from dpr.models.loading import weights_fingerprint, weights_sha256
+
+    model = BertModel.from_pretrained(data["model"])
+    before = {name: tensor.clone() for name, tensor in model.state_dict().items()}
+    weight = model.embeddings.word_embeddings.weight
+    step = max(1, weight.numel() // 1024)
+    with torch.no_grad():  # one weight between the sampled ones, as a partial fine-tuning would change it
+        weight.view(-1)[step + 1] += 0.5
+    assert weights_fingerprint(model.state_dict()) == weights_fingerprint(before)
+    assert weights_sha256(model.state_dict()) != weights_sha256(before)
+    edited = shutil.copytree(data["model"], tmp_path / "edited")
+    model.save_pretrained(edited)
+    cfg = retriever_config(str(edited), data["qas"], data["psgs"], data["embs"], str(tmp_path / "r.json"))
+    with pytest.raises(ShardProvenanceError, match=r"model\.weights_sha256 differs"):
+        run_dense_retriever(cfg)
