@@ -190,8 +190,9 @@ class Pipeline:
         A stage that runs makes every later stage run again (they read its new outputs).
 
         `inputs` are every file the command reads (None: none there): the data files, the question samples this
-        script writes, the checkpoint it starts from; their identities are recorded beside the command
-        (dpr/foundation/stage_records.py). `outputs` are folders the stage would read back
+        script writes, the checkpoint it starts from; their identities (`stage_records.input_identities`: the
+        sha256 of every byte, read again only when the file is not the very one, untouched since, that the earlier
+        record saw) are recorded beside the command. `outputs` are folders the stage would read back
         if they held an earlier run's files (checkpoints a trainer resumes from, a saved index a retriever loads):
         they are removed before the stage runs, unless the stage is `resumable` and this very command resuming
         after an interruption."""
@@ -200,7 +201,7 @@ class Pipeline:
         shown = shlex.join(["python", script, *args])
         record = stage_record_path(self.run_dir / "stages", len(self.stages))
         earlier = None if self.dry_run else read_earlier_stage(record)
-        identities = {} if self.dry_run else input_identities(inputs)
+        identities = {} if self.dry_run else input_identities(inputs, earlier.inputs if earlier else None)
         if earlier is not None and earlier.done_as(shown, identities):
             print(f"\n= {shown}\n  (done by an earlier run in {format_seconds(earlier.seconds)}: {record})",
                   flush=True)

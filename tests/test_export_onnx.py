@@ -153,7 +153,7 @@ def test_missing_tokenizer_is_one_line(towers, tmp_path):
         shutil.copy(Path(ctx_dir) / name, base / name)
     checkpoint = write_biencoder_checkpoint(tmp_path / "cp", str(base), str(base), share_encoders=True)
     message = one_line_error(checkpoint, tmp_path / "out")
-    assert "has no tokenizer" in message and str(base) in message
+    assert "lacks its tokenizer files" in message and str(base) in message
     assert not (tmp_path / "out").exists()
 
 

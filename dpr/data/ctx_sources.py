@@ -4,7 +4,7 @@ A named source has a `file` (a resource key such as `data.wikipedia_split.psgs_w
 `id_prefix` (`'wiki:'` for DPR's Wikipedia) put before every passage id. A path given directly gets no prefix.
 """
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Iterable, Iterator, Optional, Sequence
 
 from omegaconf import DictConfig
@@ -20,6 +20,25 @@ logger = logging.getLogger(__name__)
 class CtxSource:
     path: str
     id_prefix: str = ""
+    # (sha256, what recorded it, the way out) of what the file held when the records of derived files (embedding
+    # shards, saved indexes) were made: checked by every pass that reads the whole file anyway (`iter_sources`)
+    expected_sha256: list = field(default_factory=list, compare=False, hash=False, repr=False)
+
+    def expect_sha256(self, sha256: str, recorded_by: str, way_out: str) -> None:
+        self.expected_sha256.append((sha256, recorded_by, way_out))
+
+    def check_sha256(self, sha256: str) -> None:
+        """Refuse the file when its whole content is not what a record says it was."""
+        for expected, recorded_by, way_out in self.expected_sha256:
+            if expected != sha256:
+                raise PassagesChangedError(
+                    f"the passages file {self.path} is not the one {recorded_by} was made from: its sha256 is "
+                    f"{sha256}, {expected} then (its size and sampled blocks agree: an edit of the same size, such as "
+                    f"a corrected typo, a case change or two rows swapped). {way_out}")
+
+
+class PassagesChangedError(DataFileError):
+    """A passages file whose whole content differs from what a derived file's record says it was made from."""
 
 
 def resolve_ctx_source(name_or_path: str, cfg: DictConfig) -> CtxSource:
@@ -46,10 +65,17 @@ def strip_source_prefix(passage_id: str, sources: Sequence[CtxSource]) -> str:
     return passage_id
 
 
-def iter_sources(sources: Sequence[CtxSource]) -> Iterator[Passage]:
+def iter_sources(sources: Sequence[CtxSource], digests: Optional[list] = None) -> Iterator[Passage]:
     """Every passage of every source in order, ids prefixed by their source's prefix; an id repeated in a source or
-    across them is refused once the end is reached."""
-    return iter_passage_files([(source.path, source.id_prefix) for source in sources])
+    across them is refused once the end is reached. Each file read to its end is checked against the sha256 its
+    records expect (`CtxSource.expect_sha256`), from the bytes this pass reads; `digests`, when given, gets each
+    file's sha256 at its position."""
+    def file_read(position: int, sha256: str) -> None:
+        sources[position].check_sha256(sha256)
+        if digests is not None:
+            digests[position:position + 1] = [sha256]
+
+    return iter_passage_files([(source.path, source.id_prefix) for source in sources], file_read)
 
 
 def load_passage_subset(sources: Sequence[CtxSource], wanted_ids: Iterable[object]) -> dict[str, tuple[str, str]]:

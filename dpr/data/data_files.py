@@ -3,10 +3,11 @@ offset) and the one glob expander, for every data reader of the package."""
 import codecs
 import glob
 import gzip
+import io
 import os
 import re
 import zlib
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable, Iterator, List, Optional, TextIO, Union
 
@@ -36,15 +37,47 @@ def _open_binary(path: PathLike) -> BinaryIO:
     return gzip.open(path, "rb") if is_gzip_name(path) else open(path, "rb")
 
 
+class _DigestingReader(io.RawIOBase):
+    """A binary file whose every byte read also goes into `digest` (a hashlib object): the digest of a whole file
+    at the cost of the reading the caller does anyway."""
+
+    def __init__(self, raw: BinaryIO, digest) -> None:
+        super().__init__()
+        self.raw, self.digest = raw, digest
+
+    def readable(self) -> bool:
+        return True
+
+    def readinto(self, buffer) -> int:
+        count = self.raw.readinto(buffer)
+        if count:
+            self.digest.update(memoryview(buffer)[:count])
+        return count
+
+    def close(self) -> None:
+        self.raw.close()
+        super().close()
+
+
 @contextmanager
-def open_text(path: PathLike) -> Iterator[TextIO]:
+def open_text(path: PathLike, digest=None) -> Iterator[TextIO]:
     """A UTF-8 text file for reading, gunzipped on the fly when its name ends in `.gz`. A leading byte order mark
     is dropped (else a TSV header or the first question would keep it). Bytes that are not UTF-8, and a damaged
     gzip stream, raise DataFileError naming the file and the byte offset, also when they are met half-way through
-    the reading done inside the `with` block. newline="" leaves line ends to the csv module, as it requires."""
+    the reading done inside the `with` block. newline="" leaves line ends to the csv module, as it requires.
+    `digest` (a hashlib object): updated with every byte of the file read, so that once the text is read to its
+    end it is the digest of the whole file."""
     opener = gzip.open if is_gzip_name(path) else open
     try:
-        with opener(path, "rt", encoding="utf-8-sig", newline="") as stream:
+        with ExitStack() as files:
+            if digest is None:
+                stream = files.enter_context(opener(path, "rt", encoding="utf-8-sig", newline=""))
+            else:  # the digest is of the file's bytes (compressed ones for .gz)
+                binary = files.enter_context(io.BufferedReader(
+                    _DigestingReader(open(path, "rb", buffering=0), digest), buffer_size=_CHUNK_SIZE))
+                stream = files.enter_context(
+                    gzip.open(binary, "rt", encoding="utf-8-sig", newline="") if is_gzip_name(path)
+                    else io.TextIOWrapper(binary, encoding="utf-8-sig", newline=""))
             yield stream
     except UnicodeDecodeError as error:
         raise DataFileError(f"{path}: {_describe_bad_bytes(path)}") from error

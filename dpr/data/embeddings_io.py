@@ -38,6 +38,27 @@ class ShardFileError(UserInputError):
     """An embedding shard that cannot be read as one."""
 
 
+class NonFiniteVectorsError(UserInputError):
+    """Vectors holding NaN or infinity: inner products with them are NaN, and FAISS drops those results."""
+
+
+def refuse_non_finite(vectors: np.ndarray, what: str, ids: Optional[Sequence[object]] = None,
+                      way_out: str = "re-embed them in fp32 or bf16 (fp16 overflow makes such vectors)") -> None:
+    """Raise NonFiniteVectorsError naming `what` and its first rows (and ids) that hold NaN or infinity: such a
+    passage would silently vanish from every result list, such a question would find nothing."""
+    finite = np.isfinite(vectors).all(axis=1)
+    if not finite.all():
+        raise non_finite_error(np.flatnonzero(~finite), len(finite), what, ids, way_out)
+
+
+def non_finite_error(rows: np.ndarray, total: int, what: str, ids: Optional[Sequence[object]],
+                     way_out: str) -> NonFiniteVectorsError:
+    shown = ", ".join(f"{row}" + (f" (id {ids[row]})" if ids is not None else "") for row in rows[:5].tolist())
+    return NonFiniteVectorsError(
+        f"{what}: {len(rows)} of {total} vectors hold NaN or infinity (rows {shown}{' ...' if len(rows) > 5 else ''})"
+        f"; {way_out}")
+
+
 def shard_path(out_file: PathLike, shard_id: int, fmt: str = "npz") -> Path:
     """The file name of shard `shard_id` in format `dpr`, `gc` or `npz`."""
     if fmt not in SHARD_SUFFIXES:
@@ -60,6 +81,7 @@ def write_embeddings(path: PathLike, ids: Sequence[object], vectors: np.ndarray)
     vectors = np.asarray(vectors, dtype=np.float32)
     if vectors.ndim != 2 or vectors.shape[0] != len(ids):
         raise ValueError(f"need a [len(ids)={len(ids)}, D] array of vectors, got shape {vectors.shape}")
+    refuse_non_finite(vectors, f"refused to write the embedding shard {path}", ids)
     if _is_npz(path):
         id_array = np.array([str(doc_id) for doc_id in ids], dtype=str)
         _atomic_write(path, lambda file: np.savez(file, ids=id_array, vectors=vectors))
@@ -94,7 +116,8 @@ def _with_prefix(doc_id: object, id_prefix: str) -> str:
 
 def read_embeddings(path: PathLike, id_prefix: str = "") -> EmbeddingBlock:
     """One shard file as (ids, float32 [n, D] vectors). Pickles are read admitting only ids and numpy arrays, so a
-    shard cannot run code; a truncated or malformed shard is an error that names it."""
+    shard cannot run code; a truncated or malformed shard, or one holding NaN or infinite vectors (every reader of
+    shards comes here: the flat and built indexes, the shard-wise search, mining), is an error that names it."""
     if _is_npz(path):
         try:
             with np.load(path, allow_pickle=False) as shard:
@@ -111,6 +134,8 @@ def read_embeddings(path: PathLike, id_prefix: str = "") -> EmbeddingBlock:
             if records
             else np.empty((0, 0), dtype=np.float32)  # an empty pickle does not tell the dimension
         )
+    refuse_non_finite(vectors, f"the embedding shard {path}", ids,
+                      "re-embed that shard in fp32 or bf16 (fp16 overflow makes such vectors)")
     return [_with_prefix(doc_id, id_prefix) for doc_id in ids], vectors
 
 

@@ -8,13 +8,14 @@ used twice (both index entries would show one of the two texts, so an answer in 
 errors naming the file and lines.
 """
 import csv
+import hashlib
 import itertools
 import logging
 import math
 import unicodedata
 from array import array
 from pathlib import Path
-from typing import Iterator, NamedTuple, Optional, Sequence, Tuple, Union
+from typing import Callable, Iterator, NamedTuple, Optional, Sequence, Tuple, Union
 
 import numpy as np
 
@@ -45,12 +46,12 @@ def passage_text_key(text: object) -> str:
     return " ".join(unicodedata.normalize("NFC", unicodedata.normalize("NFC", text).casefold()).split())
 
 
-def _numbered_rows(path: PathLike) -> Iterator[Tuple[int, list]]:
+def _numbered_rows(path: PathLike, digest=None) -> Iterator[Tuple[int, list]]:
     """(line number, fields) of the data rows of a passages TSV, read as DPR reads it (csv.reader, tab delimiter,
     its default double-quote quoting); header and blank lines are left out. A row must end on the line it starts
     on: DPR's file has one passage per line, and a text opening a quote it never closes would otherwise swallow
-    the following rows into one passage."""
-    with open_text(path) as reader:
+    the following rows into one passage. `digest`: see `open_text`."""
+    with open_text(path, digest) as reader:
         rows = csv.reader(reader, delimiter="\t")
         line = 0
         try:
@@ -81,8 +82,8 @@ def _to_passage(row: list, id_prefix: str, path: PathLike, line: int) -> Passage
     return Passage(id_prefix + row[0], row[1].strip('"'), row[2])
 
 
-def _numbered_passages(path: PathLike, id_prefix: str) -> Iterator[Tuple[int, Passage]]:
-    for line, row in _numbered_rows(path):
+def _numbered_passages(path: PathLike, id_prefix: str, digest=None) -> Iterator[Tuple[int, Passage]]:
+    for line, row in _numbered_rows(path, digest):
         yield line, _to_passage(row, id_prefix, path, line)
 
 
@@ -120,14 +121,20 @@ class _UniqueIdCheck:
                 seen[passage.id] = (path, line)
 
 
-def iter_passage_files(files: Sequence[PassageFile]) -> Iterator[Passage]:
+def iter_passage_files(files: Sequence[PassageFile],
+                       on_file_read: Optional[Callable[[int, str], None]] = None) -> Iterator[Passage]:
     """Every passage of the files, in order, each id with its file's prefix, without holding them in memory. A pass
-    that reaches the end raises DataFileError if an id (with its prefix) repeats, in one file or across them."""
+    that reaches the end raises DataFileError if an id (with its prefix) repeats, in one file or across them.
+    `on_file_read(position, "sha256:...")`: told the digest of each file's every byte once it is read to its end
+    (from the bytes this pass reads: no second reading)."""
     unique_ids = _UniqueIdCheck(files)
-    for path, id_prefix in files:
-        for _, passage in _numbered_passages(path, id_prefix):
+    for position, (path, id_prefix) in enumerate(files):
+        digest = hashlib.sha256() if on_file_read is not None else None
+        for _, passage in _numbered_passages(path, id_prefix, digest):
             unique_ids.add(passage.id)
             yield passage
+        if on_file_read is not None:
+            on_file_read(position, "sha256:" + digest.hexdigest())
     unique_ids.check()
 
 
@@ -136,12 +143,12 @@ def iter_passages(path: PathLike, id_prefix: str = "") -> Iterator[Passage]:
     return iter_passage_files([(path, id_prefix)])
 
 
-def count_passages(path: PathLike) -> int:
+def count_passages(path: PathLike, digest=None) -> int:
     """The number of passages (one per line). Being a full pass, it also refuses malformed rows and repeated ids,
-    before any passage is embedded."""
+    before any passage is embedded; `digest` (a hashlib object) gets every byte of the file."""
     unique_ids = _UniqueIdCheck([(path, "")])
     count = 0
-    for line, row in _numbered_rows(path):  # no Passage objects: this pass only counts and checks
+    for line, row in _numbered_rows(path, digest):  # no Passage objects: this pass only counts and checks
         _check_fields(row, path, line)
         unique_ids.add(row[0])
         count += 1

@@ -31,7 +31,7 @@ from dpr.data.tensorizer import Tensorizer
 from dpr.foundation.config_values import true_or_false, whole_number
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output, remove_stale_temporaries
-from dpr.foundation.provenance import differing_field, file_identity
+from dpr.foundation.provenance import differing_field, full_identity
 from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
 from dpr.models.encoder_spec import EncoderSpec
 
@@ -434,6 +434,10 @@ def preprocess_retriever_results(retriever_results: str, out_file: str, is_train
     return paths
 
 
+_RECORDED_FILES = ("retriever_results", "gold_passages")
+_STAT_FIELDS = ("device", "inode", "ctime_ns")
+
+
 def _write_samples_record(prefix: str, record: dict) -> None:
     with atomic_output(samples_record_path(prefix)) as temp_name, open(temp_name, "w", encoding="utf-8") as f:
         json.dump(record, f, indent=1)
@@ -445,15 +449,19 @@ def samples_record_path(prefix: str) -> str:
     return os.path.join(folder, f".{name}.samples.json")
 
 
-def samples_record(retriever_results: str, is_train: bool, options: SampleFileOptions) -> dict:
-    """What sample files are made from: the retriever results, the gold passages, the tokenizer and length."""
+def samples_record(retriever_results: str, is_train: bool, options: SampleFileOptions,
+                   earlier: Optional[dict] = None) -> dict:
+    """What sample files are made from: the retriever results, the gold passages (each with the sha256 of its every
+    byte: `earlier`'s, a saved record, when the file is the very one untouched since, else read), the tokenizer and
+    length."""
     gold = options.gold_passages(is_train)
+    earlier = earlier or {}
     return {
         "format": SAMPLES_RECORD_FORMAT,
         "version": 2,
         "is_train": is_train,
-        "retriever_results": file_identity(retriever_results),
-        "gold_passages": file_identity(gold) if gold else None,
+        "retriever_results": full_identity(retriever_results, earlier.get("retriever_results")),
+        "gold_passages": full_identity(gold, earlier.get("gold_passages")) if gold else None,
         "encoder": {key: getattr(options.encoder, key) for key in TOKENIZATION_FIELDS},
     }
 
@@ -476,7 +484,11 @@ def stale_samples_reason(retriever_results: str, prefix: str, is_train: bool,
     if not isinstance(saved, dict):
         return f"its record {samples_record_path(prefix)} is not one"
     written = saved.pop("files", None)
-    changed = differing_field(saved, samples_record(retriever_results, is_train, options))
+    # the files' stat (inode, ctime) only tells whether their sha256 must be read again; records of older versions
+    # have no sha256
+    changed = differing_field(saved, samples_record(retriever_results, is_train, options, saved),
+                              ignore=[f"{name}.stat.{key}" for name in _RECORDED_FILES for key in _STAT_FIELDS],
+                              when_both=[f"{name}.sha256" for name in _RECORDED_FILES])
     if changed is not None:
         return f"{changed.field} differs ({changed.first!r} -> {changed.second!r})"
     if written is None:

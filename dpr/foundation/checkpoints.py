@@ -1,7 +1,8 @@
 """DPR-format checkpoints: writing them safely, finding the newest, reading released ones tolerantly.
 
 A checkpoint is `torch.save` of {model_dict, optimizer_dict, scheduler_dict, offset, epoch, encoder_params}
-holding plain Python values only, so `torch.load(path, weights_only=True)` reads it. DPR's own files also pickle an
+(encoder_params in DPR's shape, plus `tokenizer`: the identity of the tokenizer it was trained with) holding plain
+Python values only, so `torch.load(path, weights_only=True)` reads it. DPR's own files also pickle an
 omegaconf DictConfig in encoder_params: those few omegaconf classes are admitted too, and nothing else, so a file
 carrying any other object is refused instead of run (unless the user says they trust it).
 """
@@ -190,6 +191,8 @@ def normalize_encoder_params(params: Any) -> Dict[str, Any]:
     out = {"encoder": encoder}
     if "do_lower_case" in params:
         out["do_lower_case"] = bool(params["do_lower_case"])
+    if isinstance(params.get("tokenizer"), dict):  # the tokenizer's identity (`hf_encoder.tokenizer_identity`)
+        out["tokenizer"] = dict(params["tokenizer"])
     return out
 
 

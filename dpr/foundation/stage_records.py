@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Dict, Optional, Sequence
 
 from dpr.foundation.files import atomic_output
-from dpr.foundation.provenance import file_identity
+from dpr.foundation.provenance import full_identity
 
 
 class DamagedStageRecordError(ValueError):
@@ -19,7 +19,7 @@ class DamagedStageRecordError(ValueError):
 class StageRecord:
     name: str
     command: str  # as shown to the user: a change of any argument makes it another stage
-    inputs: Dict[str, Optional[dict]]  # path -> file_identity (None: not there)
+    inputs: Dict[str, Optional[dict]]  # path -> full_identity (None: not there)
     seconds: Optional[float]  # None: started and not (yet) finished
 
     def done_as(self, command: str, inputs: Dict[str, Optional[dict]]) -> bool:
@@ -35,10 +35,14 @@ def stage_record_path(folder: Path, position: int) -> Path:
     return folder / f"{position:02d}.json"
 
 
-def input_identities(paths: Sequence[Optional[Path]]) -> Dict[str, Optional[dict]]:
-    """The identity of every file a stage reads (`file_identity`; None for one not there); None paths are skipped.
-    `file_identity` samples blocks: milliseconds for a 13 GB passage file, and any rewrite changes the mtime."""
-    return {str(path): file_identity(path) if path.is_file() else None for path in paths if path is not None}
+def input_identities(paths: Sequence[Optional[Path]], earlier: Optional[Dict[str, Optional[dict]]] = None
+                     ) -> Dict[str, Optional[dict]]:
+    """The identity of every file a stage reads (`full_identity`: size, mtime, sampled blocks and the sha256 of every
+    byte, so an edit that keeps size and mtime is caught; None for a file not there); None paths are skipped. A file
+    that is provably the very one an `earlier` identity saw, untouched since, is not read again."""
+    earlier = earlier or {}
+    return {str(path): full_identity(path, earlier.get(str(path))) if path.is_file() else None
+            for path in paths if path is not None}
 
 
 def read_stage_record(path: Path) -> Optional[StageRecord]:

@@ -15,11 +15,13 @@ from omegaconf import DictConfig
 from dpr.data.ctx_sources import CtxSource, iter_sources
 from dpr.data.embeddings_io import EmbeddingFiles
 from dpr.foundation.errors import ConfigError, UserInputError
-from dpr.foundation.provenance import Difference, differing_field
+from dpr.foundation.provenance import Difference, content_difference, differing_field
 from dpr.foundation.files import ensure_writable_output, remove_stale_temporaries
 from dpr.indexing.bm25 import BM25Index, BM25IndexError, passage_text
 from dpr.indexing.faiss_indexers import DenseIndexer, SearchResult, create_indexer, index_exists, index_file_paths
-from dpr.indexing.shard_provenance import PASSAGES_CONTENT_KEYS, check_saved_index, passages_identity
+from dpr.indexing.shard_provenance import (
+    check_saved_index, index_source_records, passages_identity,
+)
 from dpr.indexing.shard_search import describe_shards, search_shards
 
 logger = logging.getLogger(__name__)
@@ -206,6 +208,7 @@ def build_or_load_index(settings: IndexSettings, shards: Optional[ChainedBlocks]
     if location:
         prepare_index_location(settings, location)
     indexer.provenance = shards_model[1] if shards_model else None
+    indexer.source_records = index_source_records([files.paths for files in shards.files])
     count, dim = estimate_vector_count(shards.paths)
     indexer.ensure_fits(count, dim)  # logs the estimate; raises when the index will not fit
     started = time.perf_counter()
@@ -216,46 +219,49 @@ def build_or_load_index(settings: IndexSettings, shards: Optional[ChainedBlocks]
     return indexer
 
 
-def bm25_built_from(settings: BM25Settings, sources: Sequence[CtxSource]) -> dict:
-    """What a BM25 index over `sources` with these settings is built from, as its saved folder records it."""
-    return {"passages": [passages_identity(source) for source in sources], "k1": settings.k1, "b": settings.b}
+def bm25_settings(settings: BM25Settings) -> dict:
+    return {"k1": settings.k1, "b": settings.b}
 
 
-def check_saved_bm25(path: str, saved: Optional[dict], wanted: dict) -> None:
-    """Refuse a saved BM25 index built from other passages (by content: path and mtime may differ) or settings."""
+def check_saved_bm25(path: str, saved: Optional[dict], settings: BM25Settings, sources: Sequence[CtxSource]) -> None:
+    """Refuse a saved BM25 index built from other passages (by content: path and mtime may differ) or settings;
+    the whole content's sha256 it recorded is checked when the passages are read for the results' texts."""
     if saved is None:
         logger.info("the BM25 index %s has no record of its passages (saved by an older version): used as it is", path)
         return
-    changed = differing_field(saved, wanted, keys=("k1", "b"))
-    if changed is None and len(saved["passages"]) != len(wanted["passages"]):
-        changed = Difference("passages", f"{len(saved['passages'])} files", f"{len(wanted['passages'])} files")
-    for position, (before, now) in enumerate(zip(saved["passages"], wanted["passages"])):
-        file_changed = differing_field(before, now, keys=PASSAGES_CONTENT_KEYS)
+    way_out = "Delete the folder to build it from these passages, or give another bm25_index_path"
+    changed = differing_field(saved, bm25_settings(settings), keys=("k1", "b"))
+    if changed is None and len(saved["passages"]) != len(sources):
+        changed = Difference("passages", f"{len(saved['passages'])} files", f"{len(sources)} files")
+    for position, (before, source) in enumerate(zip(saved["passages"], sources)):
+        file_changed = content_difference(before, passages_identity(source))
         if changed is None and file_changed is not None:
-            changed = Difference(f"passages[{position}] ({now['path']}).{file_changed.field}", file_changed.first,
+            changed = Difference(f"passages[{position}] ({source.path}).{file_changed.field}", file_changed.first,
                                  file_changed.second)
     if changed is not None:
-        raise BM25IndexError(
-            f"bm25_index_path={path} was built from other passages or settings than these: {changed} "
-            "(saved index vs now). Delete the folder to build it from these passages, or give another "
-            "bm25_index_path")
+        raise BM25IndexError(f"bm25_index_path={path} was built from other passages or settings than these: "
+                             f"{changed} (saved index vs now). {way_out}")
+    for position, (before, source) in enumerate(zip(saved["passages"], sources)):
+        if before.get("sha256"):  # checked by the pass that reads the passages for the results' texts
+            source.expect_sha256(before["sha256"], f"bm25_index_path={path} (source {position + 1})", way_out)
 
 
 def bm25_index(settings: BM25Settings, sources: Sequence[CtxSource]) -> BM25Index:
     """Loaded from `bm25_index_path` when saved there from these passages, else built over the passage sources
-    (and saved, with what it was built from)."""
+    (and saved, with what it was built from: the passages' identities with the sha256 of the pass that read them)."""
     path = settings.index_path
-    built_from = bm25_built_from(settings, sources)
     if path and os.path.isdir(path):
         index = BM25Index.load(path)
-        check_saved_bm25(path, index.built_from, built_from)
+        check_saved_bm25(path, index.built_from, settings, sources)
         return index
     ids, texts = [], []
-    for passage in iter_sources(sources):
+    digests: list = [None] * len(sources)
+    for passage in iter_sources(sources, digests):
         ids.append(passage.id)
         texts.append(passage_text(passage.title, passage.text))
     index = BM25Index.build(ids, texts, k1=settings.k1, b=settings.b)
-    index.built_from = built_from
+    index.built_from = {"passages": [passages_identity(source, sha256) for source, sha256 in zip(sources, digests)],
+                        **bm25_settings(settings)}
     if path:
         index.save(path)
     return index

@@ -54,7 +54,9 @@ from dpr.indexing.hybrid import hybrid_results
 from dpr.indexing.judged_evaluation import JudgedEvaluation
 from dpr.indexing.question_encodings import load_question_vectors, questions_record, save_question_vectors
 from dpr.indexing.retrieval_settings import RETRIEVERS, QuestionEncodingSettings, RetrievalSettings
-from dpr.indexing.shard_provenance import check_question_encoder, check_shard_passages, check_shard_sets, model_record
+from dpr.indexing.shard_provenance import (
+    check_question_encoder, check_saved_index_passages, check_shard_passages, check_shard_sets, model_record,
+)
 
 logger = logging.getLogger(__name__)
 
@@ -164,9 +166,9 @@ def retrieve(settings: RetrievalSettings, names: Sequence[str], questions: Seque
         index: Optional[DenseIndexer] = None
         if shards is None:  # a saved index: its meta file names the model of its vectors
             index = build_or_load_index(index_settings, None)
-            shards_model = (Path(index_location(index_settings, None)), index.provenance) if index.provenance else None
-            if shards_model is not None and len(sources) == 1:  # the record is of one source's shards
-                check_shard_passages([[shards_model[0]]], sources, {shards_model[0]: index.provenance})
+            location = index_location(index_settings, None)
+            shards_model = (Path(location), index.provenance) if index.provenance else None
+            check_saved_index_passages(location, index.source_records, index.provenance, sources)
         else:
             shard_sets = [files.paths for files in shards.files]
             shards_model = check_shard_sets(shard_sets)

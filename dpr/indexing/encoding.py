@@ -18,6 +18,7 @@ import torch
 from omegaconf import DictConfig
 from tqdm import tqdm
 
+from dpr.data.embeddings_io import refuse_non_finite
 from dpr.data.tensorizer import Tensorizer
 from dpr.foundation.devices import process_device
 from dpr.foundation.precision import Precision, make_precision
@@ -161,5 +162,7 @@ def encode_questions(
     started = time.perf_counter()
     batches = padded_batches(tensorizer, tensorizer.token_ids(list(questions)), batch_size, sort_by_length=True)
     vectors = encode_batches(vectors_of, batches, len(questions), "questions")
+    refuse_non_finite(vectors, "the question vectors", way_out="encode them in fp32 or bf16 (fp16 overflow makes "
+                      "such vectors), or check the model_file's weights")
     logger.info("encoded %d questions in %.1f s", len(questions), time.perf_counter() - started)
     return vectors

@@ -22,6 +22,7 @@ import faiss
 import numpy as np
 from tqdm import tqdm
 
+from dpr.data.embeddings_io import non_finite_error
 from dpr.foundation.errors import ConfigError
 from dpr.foundation.files import atomic_output
 from dpr.foundation.safe_pickle import NUMPY_GLOBALS, restricted_load
@@ -207,6 +208,31 @@ def _write_faiss_index(index: faiss.Index, file_name: str) -> None:
         raise
 
 
+def _stored_vectors(index: faiss.Index) -> Optional[np.ndarray]:
+    """A view (no copy) of the float vectors an index stores as they are: a flat index's, or an HNSW graph's flat
+    storage (the L2 form with its extra coordinate); None for compressed codes."""
+    index = faiss.downcast_index(index)
+    storage = getattr(index, "storage", None)
+    flat = faiss.downcast_index(storage) if storage is not None else index
+    if not isinstance(flat, faiss.IndexFlat) or flat.ntotal == 0:
+        return None
+    return faiss.rev_swig_ptr(flat.get_xb(), flat.ntotal * flat.d).reshape(flat.ntotal, flat.d)
+
+
+def _refuse_non_finite_stored(index: faiss.Index, index_file: Path, ids: Sequence[object]) -> None:
+    """A saved index (DPR's, or any built elsewhere) whose stored vectors hold NaN or infinity: those passages
+    would vanish from every result list. Read a million rows at a time, without copying the index."""
+    vectors = _stored_vectors(index)
+    if vectors is None:
+        return
+    step = 1 << 20
+    bad = np.concatenate([start + np.flatnonzero(~np.isfinite(vectors[start:start + step]).all(axis=1))
+                          for start in range(0, len(vectors), step)])
+    if len(bad):
+        raise non_finite_error(bad, len(vectors), f"the saved index {index_file}", ids,
+                               "rebuild it from finite embedding shards (delete it, or give another index_path)")
+
+
 def index_exists(path: PathLike) -> bool:
     """Whether both the index and the meta file of a serialised index are at `path`."""
     return all(file.is_file() for file in index_file_paths(path))
@@ -244,6 +270,8 @@ class DenseIndexer(ABC):
         # the provenance record of the embedding shards the index was built from (dpr.indexing.shard_provenance),
         # kept in the meta file so that a saved index is never searched with another model's question vectors
         self.provenance: Optional[dict] = None
+        # one such record per passage source (None: its shards had none), each source checked as its shards are
+        self.source_records: Optional[list[Optional[dict]]] = None
 
     @abstractmethod
     def estimate_memory(self, n: int, dim: int) -> int:
@@ -358,6 +386,7 @@ class DenseIndexer(ABC):
             "indexer": self.kind,
             **self._meta_fields(),
             **({"provenance": self.provenance} if self.provenance is not None else {}),
+            **({"source_records": self.source_records} if self.source_records is not None else {}),
             "ids": self.index_id_to_db_id,
         }
         with atomic_output(meta_file) as temp_name, open(temp_name, "w", encoding="utf-8") as file:
@@ -376,8 +405,10 @@ class DenseIndexer(ABC):
             raise ConfigError(f"{meta_file} holds a {meta['indexer']} index, not {self.kind}")
         if len(ids) != index.ntotal:
             raise ConfigError(f"{meta_file} has {len(ids)} ids for an index of {index.ntotal} vectors")
+        _refuse_non_finite_stored(index, index_file, ids)
         self.index, self.index_id_to_db_id = index, ids
         self.provenance = meta.get("provenance")
+        self.source_records = meta.get("source_records")
         self._restore(meta)
         logger.info("loaded a %s index of %d vectors", self.kind, index.ntotal)
 

@@ -10,13 +10,16 @@
 - The shard is written atomically to `{out_file}_{shard_id}` (DPR pickle), `..._{shard_id}.pkl` (GC-DPR) or
   `..._{shard_id}.npz` (no pickle), with a provenance record beside it (`dpr.indexing.shard_provenance`). A rerun
   skips a complete shard only when its record matches exactly (same model weights and spec, passages file, shard
-  and shard count); otherwise it re-embeds the shard and says why.
+  and shard count; the passages' sha256, recorded by the counting pass, without reading the file again when it is
+  the very file untouched since); otherwise it re-embeds the shard and says why.
 - A kill never leaves a searchable stale shard: the old shard and then its record are deleted before encoding, and
   the new record is written before the new shard. `out_file` is checked to be writable before any passage is read;
   the temporaries of a killed run of the same shard are removed.
 """
+import hashlib
 import itertools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, NamedTuple, Sequence
@@ -134,7 +137,8 @@ class EmbeddingSettings:
         if cfg.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {cfg.batch_size}")
         backend = EncoderBackend.from_config(cfg)
-        out_path = shard_path(cfg.out_file, cfg.shard_id, cfg.out_format)
+        # a linked shard (or folder) is written where the link leads, its record beside it (`sidecar_path`)
+        out_path = Path(os.path.realpath(shard_path(cfg.out_file, cfg.shard_id, cfg.out_format)))
         ensure_writable_output(out_path, "out_file")
         return cls(EncoderSettings.from_config(cfg), cfg.encoder_type, resolve_ctx_source(cfg.ctx_src, cfg),
                    out_path, cfg.shard_id, cfg.num_shards, cfg.num_workers, cfg.tokenize_chunk,
@@ -160,7 +164,7 @@ def _embed_shard(settings: EmbeddingSettings) -> Path:
     provenance = shard_provenance(encoder, settings.encoder_type, settings.encoder.model_file, source, shard_id,
                                   num_shards, backend.name, backend.quantization)
     if is_shard_complete(out_path):
-        refusal = reuse_refusal(out_path, provenance)
+        refusal = reuse_refusal(out_path, provenance, source)
         if refusal is None:
             logger.info("%s is complete and made from the same model and passages: skipping shard %d",
                         out_path, shard_id)
@@ -168,7 +172,10 @@ def _embed_shard(settings: EmbeddingSettings) -> Path:
         logger.warning("re-embedding %s: %s", out_path, refusal)
     remove_shard_and_provenance(out_path)
 
-    plan = ShardPlan(source, shard_id, num_shards, count_passages(source.path))
+    # the counting pass reads the whole file anyway: the record gets the sha256 of its every byte
+    digest = hashlib.sha256()
+    plan = ShardPlan(source, shard_id, num_shards, count_passages(source.path, digest))
+    provenance["passages"]["sha256"] = "sha256:" + digest.hexdigest()
     vectors_of = batch_encoder(encoder, backend, settings.encoder_type, settings.encoder.model_file, device, precision)
     tensorizer = Tensorizer.for_spec(encoder.spec, encoder.tokenizer)
     batch_size = settings.encoder.batch_size

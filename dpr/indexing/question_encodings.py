@@ -7,8 +7,9 @@ The vectors file `q.pt` gets the hidden JSON record `.q.pt.provenance.json` (as 
     format, version   "dpr-question-encodings", 1
     model             the encoder's record (`shard_provenance.model_record`: checkpoint path, weights fingerprint,
                       encoder params), compared with the shards' on the model keys `check_question_encoder` uses
-    questions         count and hash of the normalised question texts (compared), and the identities of the
-                      question files they were read from (for information: paths differ between machines)
+    questions         count and hash of every normalised question text (compared: a full check), and the identities
+                      of the question files they were read from (for information only: paths differ between
+                      machines, and the texts' hash already says what was encoded)
     vectors_sha256    the vectors file it describes: a record left beside other vectors (a write killed between
                       the two files) is refused rather than believed
 
@@ -25,10 +26,11 @@ from typing import Optional, Sequence, Union
 import numpy as np
 import torch
 
+from dpr.data.embeddings_io import refuse_non_finite
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output
 from dpr.foundation.provenance import differing_field, file_identity, read_record, sha256_of_file
-from dpr.indexing.shard_provenance import MODEL_KEYS
+from dpr.indexing.shard_provenance import MODEL_KEYS, OPTIONAL_MODEL_KEYS
 
 logger = logging.getLogger(__name__)
 
@@ -86,7 +88,10 @@ def _read_vectors(path: PathLike) -> np.ndarray:
             f"q_encoding_path={path} holds {type(tensor).__name__}"
             f"{' of shape ' + str(tuple(tensor.shape)) if isinstance(tensor, torch.Tensor) else ''}, not a float "
             "matrix of question encodings; delete it to re-encode the questions")
-    return tensor.numpy()
+    vectors = tensor.numpy()
+    refuse_non_finite(vectors, f"q_encoding_path={path}", way_out="delete it to re-encode the questions (in fp32 "
+                      "or bf16: fp16 overflow makes such vectors)")
+    return vectors
 
 
 def _read_record(path: PathLike) -> Optional[dict]:
@@ -108,7 +113,7 @@ def load_question_vectors(path: PathLike, questions: dict, shards_model: Optiona
                 f"{record_path(path)} describes other vectors than q_encoding_path={path} (an interrupted write?): "
                 "delete both to re-encode the questions")
         if shards_model is not None:
-            changed = differing_field(shards_model[1], record, keys=MODEL_KEYS)
+            changed = differing_field(shards_model[1], record, keys=MODEL_KEYS, when_both=OPTIONAL_MODEL_KEYS)
             if changed is not None:
                 raise QuestionEncodingsError(
                     f"q_encoding_path={path} was encoded by another model than the one that embedded "

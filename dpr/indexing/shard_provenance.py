@@ -9,11 +9,16 @@ so that an `emb_*` glob, ours or DPR's, never takes it for a shard):
     model.checkpoint    the checkpoint's path (absent: the pretrained model of the encoder spec); for information
     model.weights       a fingerprint of the model's weights (`dpr.models.loading.weights_fingerprint`): the whole
                         checkpoint, both towers, or the pretrained encoder
+    model.weights_sha256  the sha256 of every weight (records of older versions lack it: compared where both have it)
     model.encoder_params  the encoder spec the vectors follow, in a checkpoint's `encoder_params` form
+    model.tokenizer     the tokenizer's identity (`dpr.models.hf_encoder.tokenizer_identity`; compared where both
+                        records have it)
     model.quantization  "int8" for vectors of a quantized graph (encoder_backend=onnx_int8); absent otherwise
     encoder_backend     torch, onnx or onnx_int8 (`dpr.indexing.encoder_backend`); for information: torch's and
                         ONNX Runtime's fp32 vectors agree within 1e-4, and int8 is told apart by model.quantization
-    passages            path, size, mtime_ns, a hash of 64 blocks spread over the file, and the id prefix
+    passages            path, size, mtime_ns, stat (device, inode, ctime), a hash of 64 blocks spread over the file
+                        (the fast check), the sha256 of every byte (recorded by the counting pass; the full check)
+                        and the id prefix
 
 Three comparisons use it:
 - reuse: a rerun skips a complete shard only when the record it would write equals the saved one in every field
@@ -28,12 +33,17 @@ Three comparisons use it:
   `num_shards`, would be searched twice), every id below its records' `num_shards`, and either every shard or none
   with a record (a record-less shard among recorded ones is left from an interrupted or older run).
 - questions: the question encoder must be of the shards' model (same weights fingerprint and vector settings).
+- passages: the passages file of `ctx_datatsets[i]` against the records of the shards of `encoded_ctx_files[i]`
+  (or a saved index's record of that source): size and sampled blocks before any work, the whole file's sha256 by
+  the pass that reads the passages for the results' texts (`dpr.data.ctx_sources.CtxSource.check_sha256`).
 Shards without a record (DPR's released ones) are accepted as they are, with an info line, when all of their entry's
-shards lack one.
+shards lack one and no record of their run lies beside them. A record lies beside the file a shard's name leads to:
+symbolic links (a shard folder linked from another disk) are resolved.
 
 A re-embed deletes the old shard, then its record, and writes the new record before the new shard: at every moment
 a shard is absent or the one its record describes.
 """
+import glob
 import json
 import logging
 import os
@@ -44,7 +54,9 @@ from typing import Iterable, Optional, Sequence, Union
 from dpr.data.ctx_sources import CtxSource
 from dpr.foundation.errors import UserInputError
 from dpr.foundation.files import atomic_output
-from dpr.foundation.provenance import differing_field, file_identity, read_record
+from dpr.foundation.provenance import (
+    Difference, content_difference, differing_field, file_identity, full_identity, read_record,
+)
 from dpr.indexing.faiss_indexers import index_exists
 from dpr.models.encoder_spec import VECTOR_FIELDS
 from dpr.models.loading import InferenceEncoder
@@ -56,11 +68,16 @@ FORMAT = "dpr-shard-provenance"
 VERSION = 1
 
 # Where the inputs were: says nothing about the vectors once the weights fingerprint and spec are known.
-_LOCATION_KEYS = ("model.checkpoint", "passages.path", "passages.mtime_ns")
+_STAT_KEYS = ("passages.stat.device", "passages.stat.inode", "passages.stat.ctime_ns")
+_LOCATION_KEYS = ("model.checkpoint", "passages.path", "passages.mtime_ns") + _STAT_KEYS
 # Everything that must agree for the vectors of two encodings to be comparable.
 MODEL_KEYS = ("model.weights", "model.quantization") + tuple(
     "model.encoder_params." + (field if field == "do_lower_case" else f"encoder.{field}") for field in VECTOR_FIELDS
 )
+# Fields that records of older versions lack, compared where both records hold them: the whole weights' digest,
+# the tokenizer's identity (`dpr.models.hf_encoder.tokenizer_identity`).
+OPTIONAL_MODEL_KEYS = ("model.weights_sha256", "model.tokenizer")
+_OPTIONAL_KEYS = OPTIONAL_MODEL_KEYS + ("passages.sha256",)
 
 
 class ShardProvenanceError(UserInputError):
@@ -68,13 +85,16 @@ class ShardProvenanceError(UserInputError):
 
 
 def sidecar_path(shard: PathLike) -> Path:
-    shard = Path(shard)
+    """Beside the file the shard's name leads to: symbolic links (a shard, or its folder, linked from another disk)
+    are resolved, so that the record follows the file, not its name."""
+    shard = Path(os.path.realpath(shard))
     return shard.parent / f".{shard.name}.provenance.json"
 
 
-def passages_identity(source: CtxSource) -> dict:
-    """The passages file as the record holds it (`file_identity`) and the id prefix of its source."""
-    return {**file_identity(source.path), "id_prefix": source.id_prefix}
+def passages_identity(source: CtxSource, sha256: Optional[str] = None) -> dict:
+    """The passages file as the record holds it (`file_identity`, with the sha256 of its every byte when known)
+    and the id prefix of its source."""
+    return {**file_identity(source.path, sha256), "id_prefix": source.id_prefix}
 
 
 def shard_provenance(
@@ -105,7 +125,9 @@ def model_record(encoder: InferenceEncoder, model_file: Optional[str] = None, qu
     record = {
         "checkpoint": os.path.abspath(model_file) if model_file else None,
         "weights": encoder.weights,
+        "weights_sha256": encoder.weights_sha256,
         "encoder_params": encoder.spec.checkpoint_params(),
+        "tokenizer": encoder.tokenizer_identity,
     }
     if quantization:  # absent for fp32 vectors, so records written before the key existed still compare equal
         record["quantization"] = quantization
@@ -130,12 +152,20 @@ def read_provenance(shard: PathLike) -> Optional[dict]:
                        f"delete it to re-embed {shard}")
 
 
-def reuse_refusal(shard: PathLike, record: dict) -> Optional[str]:
-    """Why the complete shard at `shard` cannot be reused for `record`; None when it can."""
+def reuse_refusal(shard: PathLike, record: dict, source: CtxSource) -> Optional[str]:
+    """Why the complete shard at `shard` cannot be reused for `record` (made before the passages are read: without
+    their sha256); None when it can. When the saved record has the passages' sha256, the file must still have it:
+    known without reading when it is the very file, untouched since (`unchanged_since`), else read whole (less
+    than a minute for Wikipedia's 13 GB, where embedding takes hours)."""
     saved = read_provenance(shard)
     if saved is None:
         return f"it has no provenance record ({sidecar_path(shard).name})"
-    changed = differing_field(saved, record, ignore=("model.checkpoint", "encoder_backend"), first_keys=MODEL_KEYS)
+    changed = differing_field(saved, record, ignore=("model.checkpoint", "encoder_backend") + _STAT_KEYS,
+                              first_keys=MODEL_KEYS, when_both=_OPTIONAL_KEYS)
+    if changed is None and saved["passages"].get("sha256"):
+        now = full_identity(source.path, earlier=saved["passages"])
+        if now["sha256"] != saved["passages"]["sha256"]:
+            changed = Difference("passages.sha256", saved["passages"]["sha256"], now["sha256"])
     return None if changed is None else f"{changed.field} changed from {changed.first!r} to {changed.second!r}"
 
 
@@ -151,10 +181,11 @@ def _refuse_duplicate_ids(shards: Sequence[Path]) -> None:
     searched twice."""
     seen: dict[tuple[Path, str, int], Path] = {}
     for shard in shards:
-        name = _SHARD_NAME.fullmatch(shard.name)
+        target = Path(os.path.realpath(shard))  # a link and its target are one shard
+        name = _SHARD_NAME.fullmatch(target.name)
         if name is None:
             continue
-        key = (shard.parent, name["stem"], int(name["shard_id"]))
+        key = (target.parent, name["stem"], int(name["shard_id"]))
         if key in seen:
             raise ShardProvenanceError(
                 f"embedding shards {seen[key]} and {shard} are both shard {key[2]} of {key[0] / key[1]}: its passages "
@@ -164,19 +195,41 @@ def _refuse_duplicate_ids(shards: Sequence[Path]) -> None:
         seen[key] = shard
 
 
+def _recorded_sibling(shard: Path) -> Optional[Path]:
+    """A record of another shard of the same `{out_file}` in the folder of the shard's name or of its target: a
+    record-less shard among recorded ones is left from an interrupted or older run, whichever of them are named."""
+    name = _SHARD_NAME.fullmatch(Path(os.path.realpath(shard)).name) or _SHARD_NAME.fullmatch(shard.name)
+    if name is None:
+        return None
+    for folder in dict.fromkeys((shard.parent, Path(os.path.realpath(shard)).parent)):
+        for record in sorted(folder.glob(f".{glob.escape(name['stem'])}_*.provenance.json")):
+            sibling = _SHARD_NAME.fullmatch(record.name[1:-len(".provenance.json")])
+            if sibling is not None and sibling["stem"] == name["stem"]:
+                return folder / record.name[1:-len(".provenance.json")]
+    return None
+
+
+def _refuse_unrecorded(shard: Path, example: Path) -> None:
+    raise ShardProvenanceError(
+        f"embedding shard {shard} has no provenance record ({sidecar_path(shard).name}) but {example} has: it is "
+        "left from an interrupted or older run. Re-embed it (generate_dense_embeddings.py with its shard_id) or "
+        "delete it"
+    )
+
+
 def _refuse_incomplete_set(records: dict[Path, Optional[dict]]) -> None:
-    """A set whose shards have records must have all of them, each shard id below `num_shards` present."""
+    """A set whose shards have records must have all of them, each shard id below `num_shards` present; a
+    record-less shard beside records of its `out_file`'s other shards is refused too, named alone or not."""
     recorded = {shard: record for shard, record in records.items() if record is not None}
+    unrecorded = [shard for shard, record in records.items() if record is None]
+    if unrecorded and recorded:
+        _refuse_unrecorded(unrecorded[0], next(iter(recorded)))
+    for shard in unrecorded:
+        sibling = _recorded_sibling(shard)
+        if sibling is not None:
+            _refuse_unrecorded(shard, sibling)
     if not recorded:
         return
-    unrecorded = [shard for shard, record in records.items() if record is None]
-    if unrecorded:
-        shard, example = unrecorded[0], next(iter(recorded))
-        raise ShardProvenanceError(
-            f"embedding shard {shard} has no provenance record ({sidecar_path(shard).name}) but {example} has: it is "
-            "left from an interrupted or older run. Re-embed it (generate_dense_embeddings.py with its shard_id) or "
-            "delete it"
-        )
     example, record = next(iter(recorded.items()))
     num_shards = record["num_shards"]
     missing = sorted(set(range(num_shards)) - {r["shard_id"] for r in recorded.values()})
@@ -207,7 +260,8 @@ def check_shard_sets(shard_sets: Sequence[Sequence[PathLike]]) -> Optional[tuple
             if first is None:
                 first = (shard, record)
                 if reference is not None:
-                    _refuse_difference(reference, first, keys=MODEL_KEYS, what="come from different models")
+                    _refuse_difference(reference, first, keys=MODEL_KEYS, what="come from different models",
+                                       when_both=OPTIONAL_MODEL_KEYS)
                     continue
                 reference = first
             else:
@@ -221,8 +275,10 @@ def check_shard_sets(shard_sets: Sequence[Sequence[PathLike]]) -> Optional[tuple
 
 
 def _refuse_difference(first: tuple[Path, dict], second: tuple[Path, dict], what: str,
-                       keys: Optional[Iterable[str]] = None, ignore: Iterable[str] = ()) -> None:
-    changed = differing_field(first[1], second[1], keys=keys, ignore=ignore, first_keys=MODEL_KEYS)
+                       keys: Optional[Iterable[str]] = None, ignore: Iterable[str] = (),
+                       when_both: Iterable[str] = _OPTIONAL_KEYS) -> None:
+    changed = differing_field(first[1], second[1], keys=keys, ignore=ignore, first_keys=MODEL_KEYS,
+                              when_both=when_both)
     if changed is not None:
         raise ShardProvenanceError(
             f"embedding shards {first[0]} and {second[0]} {what}: {changed}. Mixing them would search stale "
@@ -235,7 +291,7 @@ def check_saved_index(location: PathLike, index_record: Optional[dict], shards_m
     """Refuse a saved index built from another model's vectors than the shards it is loaded beside."""
     if index_record is None or shards_model is None:
         return
-    changed = differing_field(index_record, shards_model[1], keys=MODEL_KEYS)
+    changed = differing_field(index_record, shards_model[1], keys=MODEL_KEYS, when_both=OPTIONAL_MODEL_KEYS)
     if changed is not None:
         raise ShardProvenanceError(
             f"the saved index {location} holds another model's vectors than the shards {shards_model[0]}: "
@@ -248,7 +304,8 @@ def check_question_encoder(encoder: InferenceEncoder, shards_model: tuple[Path, 
     """Refuse to search the shards, or an index saved from shards (its meta file keeps their record), with
     questions encoded by another model or with other vector settings (int8 graphs against fp32 vectors too)."""
     where, record = shards_model
-    changed = differing_field(record, {"model": model_record(encoder, quantization=quantization)}, keys=MODEL_KEYS)
+    changed = differing_field(record, {"model": model_record(encoder, quantization=quantization)}, keys=MODEL_KEYS,
+                              when_both=OPTIONAL_MODEL_KEYS)
     if changed is None:
         return
     if index_exists(where):
@@ -263,11 +320,6 @@ def check_question_encoder(encoder: InferenceEncoder, shards_model: tuple[Path, 
     )
 
 
-# What a passages file holds; its path and mtime may differ between the machines that embed and retrieve.
-# What says a passages file holds the same texts, wherever it lies: not its path or mtime.
-PASSAGES_CONTENT_KEYS = ("size", "sample_hash")
-
-
 def check_shard_passages(shard_sets: Sequence[Sequence[PathLike]], sources: Sequence[CtxSource],
                          records: Optional[dict] = None) -> None:
     """Refuse to retrieve with a passages file whose content is not the one the paired shards were embedded from
@@ -275,16 +327,55 @@ def check_shard_passages(shard_sets: Sequence[Sequence[PathLike]], sources: Sequ
     `records`: path -> record, for records kept elsewhere than beside a shard (a saved index's meta file). Shards
     without a record are left to `check_shard_sets`' info line."""
     for shards, source in zip(shard_sets, sources):
-        current: Optional[dict] = None
         for shard in map(Path, shards):
             record = (records or {}).get(shard) or read_provenance(shard)
-            if record is None or "passages" not in record:
-                continue
-            current = current or passages_identity(source)
-            changed = differing_field(record["passages"], current, keys=PASSAGES_CONTENT_KEYS)
-            if changed is not None:
-                raise ShardProvenanceError(
-                    f"the passages file {source.path} is not the one the shard {shard} was embedded from "
-                    f"({record['passages'].get('path')}): passages.{changed} (shard vs now). Give the passages file "
-                    "the shards were embedded from, or re-embed the passages"
-                )
+            if record is not None and "passages" in record:
+                check_passages(record["passages"], source, f"the shard {shard}", "Give the passages file the "
+                               "shards were embedded from, or re-embed the passages")
+
+
+def check_passages(recorded: dict, source: CtxSource, made: str, way_out: str) -> None:
+    """`source`'s file against the passages identity a record of what was `made` from it holds: its size and
+    sampled blocks now, before any work (`file_identity`'s fast check); and its every byte's sha256, when the record
+    has it, by the next pass that reads the whole file anyway (`CtxSource.check_sha256`: the texts of the results
+    are read before any result is written)."""
+    changed = content_difference(recorded, passages_identity(source))
+    if changed is not None:
+        raise ShardProvenanceError(
+            f"the passages file {source.path} is not the one {made} was made from ({recorded.get('path')}): "
+            f"passages.{changed} (then vs now). {way_out}")
+    sha256 = recorded.get("sha256")
+    if sha256 and all(sha256 != expected for expected, _, _ in source.expected_sha256):
+        source.expect_sha256(sha256, made, way_out)
+
+
+def index_source_records(shard_sets: Sequence[Sequence[PathLike]]) -> list[Optional[dict]]:
+    """For a saved index: one record per passage source (the first of its shards'; they agree, `check_shard_sets`
+    saw to it), None for a source whose shards have none."""
+    return [next((record for record in map(read_provenance, shards) if record is not None), None)
+            for shards in shard_sets]
+
+
+def check_saved_index_passages(location: PathLike, source_records: Optional[list], provenance: Optional[dict],
+                               sources: Sequence[CtxSource]) -> None:
+    """Each passage source of `ctx_datatsets` against the record a saved index keeps of the source at its position
+    (as the shards' records are checked). Indexes saved by older versions keep one record, of their first source:
+    checked when they have one source, else a warning says what cannot be checked."""
+    way_out = "Give the passages files the index was built from, or delete the saved index to build it again"
+    if source_records is None:
+        if provenance is not None and len(sources) == 1:
+            check_passages(provenance["passages"], sources[0], f"the saved index {location}", way_out)
+        elif provenance is not None:
+            logger.warning("the saved index %s (of an older version) keeps the record of one passage source only: "
+                           "the %d passage sources of ctx_datatsets are not checked against it", location,
+                           len(sources))
+        return
+    if len(source_records) != len(sources):
+        raise ShardProvenanceError(
+            f"the saved index {location} was built from {len(source_records)} passage source(s), but ctx_datatsets "
+            f"names {len(sources)}: they pair up 1:1, in the order of the encoded_ctx_files it was built from. "
+            f"{way_out}")
+    for position, (record, source) in enumerate(zip(source_records, sources)):
+        if record is not None and "passages" in record:
+            check_passages(record["passages"], source, f"the saved index {location} (source {position + 1})",
+                           way_out)

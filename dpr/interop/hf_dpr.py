@@ -41,7 +41,7 @@ from transformers.tokenization_utils_base import TOKENIZER_CONFIG_FILE
 
 from dpr.foundation.errors import UserInputError
 from dpr.models.biencoder import BiEncoder
-from dpr.models.hf_encoder import encoder_from_config, load_tokenizer, resolve_pretrained_path
+from dpr.models.hf_encoder import encoder_from_config, load_tokenizer, resolve_pretrained_path, tokenizer_identity
 from dpr.models.loading import CHECKPOINT_PREFIXES, load_checkpoint_biencoder
 from dpr.foundation.checkpoints import CheckpointState, load_checkpoint, load_model_state, save_checkpoint, strip_prefix
 
@@ -433,6 +433,7 @@ def write_imported_checkpoint(
             "projection_dim": projection_dim,
             "sequence_length": sequence_length,
         },
+        "tokenizer": tokenizer_identity(tokenizer),  # the one saved beside it: refused if it tokenizes otherwise
     }
     save_checkpoint(out_checkpoint, CheckpointState(model_dict, None, None, 0, 0, encoder_params))
     report.written += [out_checkpoint, base_dir]

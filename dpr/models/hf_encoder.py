@@ -6,6 +6,8 @@ state dict has exactly the keys DPR checkpoints hold (`embeddings.*`, `encoder.*
 """
 import contextlib
 import functools
+import hashlib
+import json
 import logging
 from typing import Iterator, Optional, Tuple, Union
 
@@ -35,21 +37,79 @@ def resolve_pretrained_path(name: str) -> str:
     return name
 
 
-class MissingTokenizerError(UserInputError):
-    """A model directory without tokenizer files."""
+# Ordinary words any text tokenizer of a language model knows (a word that is all [UNK] is lost to the encoder).
+_PROBE_WORDS = "who wrote the declaration of independence and when was the city of paris founded".split()
+# A tokenizer with fewer tokens is a placeholder (transformers' from config.json alone has BERT's 5 special tokens),
+# whatever it does with the probe; test vocabularies of a few words stay above it.
+_MIN_VOCABULARY = 10
+
+
+class TokenizerError(UserInputError):
+    """A tokenizer that cannot tokenize ordinary text, or that tokenizes differently from the one recorded."""
 
 
 def load_tokenizer(pretrained_model_cfg: str, do_lower_case: bool = True) -> PreTrainedTokenizerBase:
-    """The tokenizer of a model. A directory without tokenizer files is refused: transformers then builds a
-    tokenizer whose vocabulary is its special tokens only, which turns every word into [UNK] without a word."""
+    """The model's tokenizer, refused when it cannot tokenize ordinary text (`check_tokenizer_works`)."""
     path = resolve_pretrained_path(pretrained_model_cfg)
     tokenizer = AutoTokenizer.from_pretrained(path, do_lower_case=do_lower_case)
-    if len(tokenizer.get_vocab()) <= len(set(tokenizer.all_special_tokens)):
-        raise MissingTokenizerError(
-            f"{pretrained_model_cfg} has no tokenizer (its vocabulary holds only the special tokens "
-            f"{', '.join(tokenizer.all_special_tokens)}): add the tokenizer files of the model it was trained from "
-            "(vocab.txt or tokenizer.json) to that folder")
+    check_tokenizer_works(tokenizer, path)
     return tokenizer
+
+
+# Texts whose token ids fingerprint how a tokenizer tokenizes: case, accents, punctuation, digits, rare scripts.
+_PROBE_TEXTS = (
+    "Who wrote the Declaration of Independence in 1776?",
+    "Zürich's café served crème brûlée; naïve résumés co-operate via e-mail.",
+    "THE QUICK BROWN FOX — jumps over 12,345 lazy dogs (½ of them) in 東京.",
+)
+
+
+def tokenizer_identity(tokenizer: PreTrainedTokenizerBase) -> dict:
+    """What says two tokenizers turn text into the same ids: a hash of the vocabulary (token -> id), whether it
+    lower-cases, and a hash of the ids of a few probe texts (normalisation, splitting and special tokens: a
+    transformers upgrade that changes any of them changes it)."""
+    vocabulary = json.dumps(sorted(tokenizer.get_vocab().items()), ensure_ascii=False).encode("utf-8")
+    probes = json.dumps([tokenizer(text)["input_ids"] for text in _PROBE_TEXTS]).encode("utf-8")
+    return {
+        "vocab_sha256": "sha256:" + hashlib.sha256(vocabulary).hexdigest(),
+        "do_lower_case": bool(getattr(tokenizer, "do_lower_case", False)),
+        "probe_sha256": "sha256:" + hashlib.sha256(probes).hexdigest(),
+    }
+
+
+def check_same_tokenizer(recorded: Optional[dict], tokenizer: PreTrainedTokenizerBase, path: str, what: str) -> None:
+    """Refuse `tokenizer` (of the model at `path`) when it tokenizes otherwise than the one `what` (a checkpoint)
+    recorded; without a record (older checkpoints, DPR's), warn that it cannot be checked."""
+    if not recorded:
+        logger.warning("%s has no record of its tokenizer (written by an older version or by DPR): the tokenizer "
+                       "of %s is used unchecked", what, path)
+        return
+    now = tokenizer_identity(tokenizer)
+    changed = next((key for key in ("vocab_sha256", "do_lower_case", "probe_sha256")
+                    if key in recorded and recorded[key] != now[key]), None)
+    if changed is not None:
+        raise TokenizerError(
+            f"the tokenizer of {path} tokenizes otherwise than the one {what} was made with: tokenizer.{changed} "
+            f"differs ({recorded[changed]!r} then, {now[changed]!r} now; another vocabulary, lower-casing or "
+            "transformers version): its vectors would not be comparable. Use the tokenizer files and transformers "
+            "version it was made with")
+
+
+def check_tokenizer_works(tokenizer: PreTrainedTokenizerBase, path: str) -> None:
+    """Refuse a tokenizer of a handful of tokens, or one that makes [UNK] of most words of a probe sentence: from
+    a model folder without its tokenizer files, transformers builds one from config.json alone (BERT's 5 special
+    tokens), and every text would be embedded as [UNK]s with no error."""
+    vocabulary = len(tokenizer)
+    unknown = 0
+    if tokenizer.unk_token_id is not None:
+        pieces = tokenizer(_PROBE_WORDS, add_special_tokens=False)["input_ids"]
+        unknown = sum(1 for ids in pieces if not ids or all(i == tokenizer.unk_token_id for i in ids))
+    if vocabulary < _MIN_VOCABULARY or unknown > len(_PROBE_WORDS) // 2:
+        raise TokenizerError(
+            f"{path}: its tokenizer cannot tokenize ordinary text ({vocabulary} tokens in its vocabulary, "
+            f"{unknown} of {len(_PROBE_WORDS)} words of a probe sentence unknown): the folder lacks its tokenizer "
+            "files (vocab.txt, tokenizer.json, ...) and transformers built a placeholder from config.json. Copy the "
+            "model's tokenizer files into it")
 
 
 def build_encoder(

@@ -18,8 +18,8 @@ from dpr.foundation.errors import UserInputError
 from dpr.models.biencoder import search_vectors
 from dpr.models.encoder_spec import EncoderConfigError, EncoderSpec
 from dpr.models.hf_encoder import (
-    MissingTokenizerError, encode, encoder_from_config, first_token_last_layer, load_tokenizer,
-    resolve_pretrained_path,
+    TokenizerError, check_same_tokenizer, encode, encoder_from_config, first_token_last_layer, load_tokenizer,
+    resolve_pretrained_path, tokenizer_identity,
 )
 
 logger = logging.getLogger(__name__)
@@ -40,6 +40,8 @@ class InferenceEncoder:
     tokenizer: PreTrainedTokenizerBase
     spec: EncoderSpec
     weights: str
+    weights_sha256: Optional[str] = None  # of every weight (`weights_sha256`): what `weights` samples
+    tokenizer_identity: Optional[dict] = None  # `hf_encoder.tokenizer_identity`
 
     def search_vectors(self, input_ids: torch.Tensor, attention_mask: torch.Tensor) -> torch.Tensor:
         """The vectors an inner-product index searches: pooled as the spec says, L2-normalised for cosine. With
@@ -62,6 +64,17 @@ def weights_fingerprint(state: Mapping[str, torch.Tensor]) -> str:
         digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
         digest.update(sample.view(torch.uint8).numpy().tobytes() if sample.numel() else b"")
     return "blake2b:" + digest.hexdigest()
+
+
+def weights_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """The sha256 of a state dict's every weight (with names, shapes and dtypes): `weights_fingerprint` samples
+    1,024 values a tensor, which an edit of a few weights passes. The tensors are in memory already: no I/O."""
+    digest = hashlib.sha256()
+    for name in sorted(state):
+        tensor = state[name].detach()
+        digest.update(f"{name}|{tuple(tensor.shape)}|{tensor.dtype}|".encode())
+        digest.update(tensor.reshape(-1).contiguous().cpu().view(torch.uint8).numpy().tobytes())
+    return "sha256:" + digest.hexdigest()
 
 
 class PretrainedWeightsError(UserInputError):
@@ -96,7 +109,8 @@ def load_inference_encoder(
         return checkpoint_encoder(ckpt, configured.with_checkpoint_params(ckpt.encoder_params), encoder_type, model_file)
     path = resolve_pretrained_path(configured.pretrained_model_cfg)
     model = _pretrained_encoder(AutoConfig.from_pretrained(path), path, configured.projection_dim)
-    return _inference_encoder(model, configured, weights_fingerprint(model.state_dict()))
+    state = model.state_dict()
+    return _inference_encoder(model, configured, weights_fingerprint(state), weights_sha256(state))
 
 
 def checkpoint_encoder(
@@ -113,12 +127,20 @@ def checkpoint_encoder(
     model = encoder_from_config(config, None, spec.projection_dim)
     checkpoints.load_model_state(model, state)
     logger.info("Loaded %s encoder weights from %s", encoder_type, model_file)
-    return _inference_encoder(model, spec, weights_fingerprint(ckpt.model_dict))
+    return _inference_encoder(model, spec, weights_fingerprint(ckpt.model_dict), weights_sha256(ckpt.model_dict),
+                              ckpt.encoder_params.get("tokenizer"), f"the checkpoint {model_file}")
 
 
-def _inference_encoder(model: PreTrainedModel, spec: EncoderSpec, fingerprint: str) -> InferenceEncoder:
+def _inference_encoder(model: PreTrainedModel, spec: EncoderSpec, fingerprint: str, full_digest: str,
+                       recorded_tokenizer: Optional[dict] = None, recorded_by: Optional[str] = None
+                       ) -> InferenceEncoder:
+    """`recorded_by` (a checkpoint) recorded `recorded_tokenizer`: a tokenizer that tokenizes otherwise is refused."""
     model.eval()
-    return InferenceEncoder(model, load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case), spec, fingerprint)
+    tokenizer = load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case)
+    if recorded_by is not None:
+        check_same_tokenizer(recorded_tokenizer, tokenizer, resolve_pretrained_path(spec.pretrained_model_cfg),
+                             recorded_by)
+    return InferenceEncoder(model, tokenizer, spec, fingerprint, full_digest, tokenizer_identity(tokenizer))
 
 
 @dataclass
@@ -168,15 +190,16 @@ def load_checkpoint_biencoder(
             "was trained from") from e
     try:
         tokenizer = load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case)
-    except MissingTokenizerError as e:
-        raise MissingTokenizerError(
+    except TokenizerError as e:
+        raise TokenizerError(
             f"'{spec.pretrained_model_cfg}', the model {checkpoint_path} names, has no tokenizer (no vocab.txt or "
             "tokenizer.json there): give --pretrained_model_cfg, a directory holding the tokenizer files of the "
             "model it was trained from") from e
     except (OSError, ValueError, TypeError) as e:
-        raise MissingTokenizerError(
+        raise TokenizerError(
             f"cannot read the tokenizer of '{spec.pretrained_model_cfg}' ({_first_line(e)}): give "
             "--pretrained_model_cfg, a directory holding the tokenizer files of the model it was trained from") from e
+    check_same_tokenizer(ckpt.encoder_params.get("tokenizer"), tokenizer, path, f"the checkpoint {checkpoint_path}")
     question_model = _checkpoint_tower(ckpt, "question", config, spec, checkpoint_path)
     ctx_model = question_model if spec.share_encoders else _checkpoint_tower(ckpt, "ctx", config, spec, checkpoint_path)
     return CheckpointBiEncoder(question_model, ctx_model, tokenizer, spec, ckpt)

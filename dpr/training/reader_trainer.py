@@ -89,6 +89,7 @@ class ReaderTrainer(Trainer):
         super().__init__(cfg, trains=bool(cfg.train_files))
         spec = self.spec
         self.tensorizer = Tensorizer.for_spec(spec)
+        self.check_checkpoint_tokenizer()
         self.tokenizer = self.tensorizer.tokenizer
         # Data is read (and preprocessed if need be) before the model is built: a bad file fails early.
         self.train_samples = self._samples(cfg.train_files, is_train=True)

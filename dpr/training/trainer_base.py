@@ -44,6 +44,7 @@ from dpr.foundation.run_lock import RunLock, acquire_run_lock
 from dpr.foundation.seed import set_seed
 from dpr.foundation.tensorboard import ScalarLog
 from dpr.models.encoder_spec import EncoderSpec
+from dpr.models.hf_encoder import check_same_tokenizer, tokenizer_identity
 from dpr.training.distributed import (all_gather_rows, all_reduce_gradients, all_reduce_sum, broadcast_parameters,
                                       init_distributed)
 from dpr.training.flops import ModelFlops
@@ -605,6 +606,13 @@ class Trainer:
         return TrainingRun(None, [], records)
 
     # ---------------------------------------------------------------- checkpoints
+    def check_checkpoint_tokenizer(self) -> None:
+        """The checkpoint resumed or started from, refused with a tokenizer (`self.tensorizer`'s) that tokenizes
+        otherwise than the one it was trained with (older checkpoints, DPR's: a warning)."""
+        if self.checkpoint is not None:
+            check_same_tokenizer(self.checkpoint.encoder_params.get("tokenizer"), self.tensorizer.tokenizer,
+                                 self.spec.pretrained_model_cfg, f"the checkpoint {self.checkpoint_file}")
+
     def save(self, epoch: int, offset: int, scheduler) -> str:
         """A checkpoint named `{checkpoint_file_name}.{epoch}[.{offset}]` in output_dir."""
         state = CheckpointState(
@@ -613,7 +621,8 @@ class Trainer:
             scheduler_dict=scheduler.state_dict(),
             offset=offset,
             epoch=epoch,
-            encoder_params=self.spec.checkpoint_params(),
+            # with the tokenizer's identity: embedding and retrieval refuse one that tokenizes otherwise
+            encoder_params={**self.spec.checkpoint_params(), "tokenizer": tokenizer_identity(self.tensorizer.tokenizer)},
         )
         path = checkpoints.checkpoint_path(self.ckpt_settings.output_dir, self.ckpt_settings.file_name, epoch, offset)
         return checkpoints.save_checkpoint(path, state)
