@@ -1,6 +1,6 @@
 """Memory of GC-DPR's 11 GB recipe, measured: bert-base (random weights, BertConfig()), 128 questions with a
 positive and a hard negative each, sequence length 256 filled by every input, gradient cache with chunks q 16 /
-ctx 8, AdamW; the repository's gradient cache and the trainers' optimizer step (through bench/gpu_check.py's
+ctx 8, AdamW; the repository's gradient cache and the trainers' optimizer step (through bench/bench_common.py's
 helpers). Each configuration runs `--steps` optimizer steps in a fresh process:
 
     nice -n 10 python bench/bench_memory.py --batches 16 128 --out memory.json
@@ -37,7 +37,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from transformers import BertConfig  # noqa: E402
 
-from gpu_check import (  # noqa: E402,I100
+from bench_common import (  # noqa: E402,I100
     build_model, forward_backward, make_towers, new_optimizer, optimizer_step, precision_for, synthetic_batch)
 from dpr.data.biencoder_batch import BiEncoderBatch  # noqa: E402
 
@@ -57,7 +57,7 @@ def recipe_config(tiny: bool) -> dict:
 
 
 def filled_batch(questions: int, vocab_size: int, sequence_length: int, seed: int = 0) -> BiEncoderBatch:
-    """gpu_check's synthetic batch (a question, a positive and a hard negative each) with token ids filling
+    """bench_common's synthetic batch (a question, a positive and a hard negative each) with token ids filling
     sequence_length in every row."""
     generator = torch.Generator().manual_seed(seed)
 
