@@ -20,7 +20,7 @@ from transformers import BertConfig  # noqa: E402
 from dpr.data.biencoder_batch import CONTEXT_DROPOUT, QUESTION_DROPOUT, BiEncoderBatch  # noqa: E402
 from dpr.data.biencoder_data import example_seed  # noqa: E402
 from dpr.models.biencoder import BiEncoder, nll_loss  # noqa: E402
-from dpr.models.hf_encoder import encoder_from_config  # noqa: E402
+from dpr.models.hf_encoder import enable_gradient_checkpointing, encoder_from_config  # noqa: E402
 from dpr.training.grad_cache import GradCache, Tower, full_batch_step  # noqa: E402
 from dpr.training.optim import build_optimizer  # noqa: E402
 from dpr.foundation.precision import Precision, make_precision  # noqa: E402
@@ -35,10 +35,15 @@ def precision_for(device: torch.device, name: str) -> Precision:
     return make_precision(device, fp16=name == "fp16", bf16=name == "bf16")
 
 
-def build_model(config: BertConfig, sequence_length: int, device: torch.device) -> BiEncoder:
-    """Two randomly initialised encoders with dropout 0.1, as build_biencoder makes them."""
+def build_model(config: BertConfig, sequence_length: int, device: torch.device,
+                gradient_checkpointing: bool = False) -> BiEncoder:
+    """Two randomly initialised encoders with dropout 0.1, as build_biencoder makes them; with
+    `gradient_checkpointing` their layers recompute activations in backward, as the trainer sets them."""
     torch.manual_seed(0)
     towers = [encoder_from_config(BertConfig.from_dict(config.to_dict()), dropout=0.1) for _ in range(2)]
+    if gradient_checkpointing:
+        for tower in towers:
+            enable_gradient_checkpointing(tower)
     return BiEncoder(*towers, sequence_length).to(device).train()
 
 

@@ -79,12 +79,15 @@ def test_auto_resume_from_output_dir_with_more_epochs_keeps_a_live_schedule(data
     assert lrs[0] == pytest.approx(expected_first, rel=1e-5)
 
 
-@pytest.mark.parametrize("steps,learning_rate", [(1, 2e-5), (4, 1e-3)])
-def test_training_with_and_without_cache_agree(data, tmp_path, steps, learning_rate):
+@pytest.mark.parametrize("steps,learning_rate,checkpointing", [(1, 2e-5, "false"), (4, 1e-3, "false"),
+                                                               (1, 2e-5, "true")])
+def test_training_with_and_without_cache_agree(data, tmp_path, steps, learning_rate, checkpointing):
     """Same loss and gradient norm at every step, dropout on. After one step the weights agree to 1e-5 (after
-    several, Adam's normalisation of near-zero gradient entries lets float noise grow, so only losses compare)."""
+    several, Adam's normalisation of near-zero gradient entries lets float noise grow, so only losses compare). With
+    encoder.gradient_checkpointing=true the cached run recomputes activations and still agrees with the plain one."""
     results = {}
-    for name, extra in {"plain": {}, "cached": {"train.grad_cache": "true", "train.q_chunk_size": 2, "train.ctx_chunk_size": 3}}.items():
+    for name, extra in {"plain": {}, "cached": {"train.grad_cache": "true", "train.q_chunk_size": 2, "train.ctx_chunk_size": 3,
+                                              "encoder.gradient_checkpointing": checkpointing}}.items():
         out = tmp_path / name
         cfg = compose_config(tiny_overrides(data["model"], data["train"], data["dev"], str(out), train__warmup_steps=0,
                                             train__batch_size=16 // steps, train__learning_rate=learning_rate,

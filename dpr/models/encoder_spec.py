@@ -23,6 +23,9 @@ SIMILARITIES = ("dot", "cosine")
 VECTOR_FIELDS = (
     "encoder_model_type", "projection_dim", "sequence_length", "token_type_ids", "pooling", "similarity", "do_lower_case"
 )
+# Keys of `cfg.encoder` that change how the trainer computes, not the model: the trainer reads them
+# (dpr/training/trainer_base.py), the spec and the checkpoints do not hold them.
+TRAINING_ONLY_KEYS = ("gradient_checkpointing",)
 # [CLS] and [SEP] take two positions: anything shorter leaves no room for a token of text.
 MIN_SEQUENCE_LENGTH = 3
 
@@ -79,7 +82,7 @@ class EncoderSpec:
     @classmethod
     def from_config(cls, encoder_cfg: Mapping[str, Any], do_lower_case: bool = True) -> "EncoderSpec":
         """The spec of a `cfg.encoder` mapping; keys this spec does not know are an error that names them."""
-        values = {key: encoder_cfg[key] for key in encoder_cfg}
+        values = {key: encoder_cfg[key] for key in encoder_cfg if key not in TRAINING_ONLY_KEYS}
         return cls._from_values(values, do_lower_case, "encoder config")
 
     @classmethod

@@ -131,6 +131,7 @@ class BiEncoderTrainer(Trainer):
             + f"; precision {self.precision.name}; gradient compensation {self.gradient_compensation():g} "
             f"(grad_compensation_ref_world={o.grad_compensation_ref_world or None}); "
             f"example dropout {('on, ' + ('compiled' if o.compile_dropout else 'eager')) if o.example_dropout else 'off'}; "
+            f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}; "
             f"similarity {self.spec.similarity}; "
             f"hard negatives {o.hard_negatives}, other negatives {o.other_negatives}"
         )

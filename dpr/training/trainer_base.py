@@ -36,12 +36,14 @@ from tqdm import tqdm
 from dpr.data.batching import GlobalBatch
 from dpr.foundation import checkpoints
 from dpr.foundation.checkpoints import CheckpointError, CheckpointState, UnreadableCheckpointError
+from dpr.foundation.config_values import true_or_false
 from dpr.foundation.errors import ConfigError
 from dpr.foundation.files import ensure_writable_directory, remove_stale_temporaries
 from dpr.foundation.precision import make_precision
 from dpr.foundation.seed import set_seed
 from dpr.foundation.tensorboard import ScalarLog
 from dpr.models.encoder_spec import EncoderSpec
+from dpr.models.hf_encoder import enable_gradient_checkpointing
 from dpr.training.distributed import all_gather_rows, all_reduce_gradients, broadcast_parameters, init_distributed
 from dpr.training.flops import ModelFlops
 from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
@@ -250,6 +252,8 @@ class Trainer:
         self.ckpt_settings = CheckpointSettings.from_config(cfg)
         # Resolved (and validated) before anything is read: a bad encoder setting fails in a second.
         self.spec = EncoderSpec.from_config(cfg.encoder, cfg.do_lower_case)
+        self.gradient_checkpointing = true_or_false(
+            "encoder.gradient_checkpointing", cfg.encoder.get("gradient_checkpointing", False))
         self.dist = init_distributed(cfg.get("local_rank"), cfg.get("no_cuda", False))
         self.device = self.dist.device
         if not self.dist.is_main:
@@ -345,6 +349,10 @@ class Trainer:
         if self.checkpoint is not None:
             checkpoints.load_model_state(self.model, self.checkpoint.model_dict)
         broadcast_parameters(self.model)
+        if self.gradient_checkpointing:
+            for encoder, trains in encoders:
+                if trains:
+                    enable_gradient_checkpointing(encoder)
         self.precision = make_precision(self.device, self.cfg.get("fp16", False), self.cfg.get("bf16", False))
         self.optimizer = build_optimizer(self.model, s.learning_rate, s.adam_eps, s.weight_decay, s.adam_betas)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
