@@ -142,7 +142,7 @@ def generate_dense_embeddings(cfg: DictConfig) -> Path:
 
     plan = ShardPlan(source, cfg.shard_id, cfg.num_shards, count_passages(source.path))
     encoder.model.to(device)
-    tensorizer = Tensorizer.for_spec(encoder.spec, encoder.tokenizer)
+    tensorizer = Tensorizer.for_biencoder(encoder.spec, encoder.tokenizer)
     dataset = TokenizedShard(plan, tensorizer, cfg.batch_size, cfg.tokenize_chunk, cfg.sort_by_length)
     loader = DataLoader(
         dataset,

@@ -14,7 +14,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 from dpr.foundation import checkpoints
 from dpr.foundation.errors import UserInputError
 from dpr.models.biencoder import search_vectors
-from dpr.models.encoder_spec import EncoderSpec
+from dpr.models.encoder_spec import EncoderSpec, check_fits_model
 from dpr.models.hf_encoder import (
     encode, encoder_from_config, first_token_last_layer, load_tokenizer, resolve_pretrained_path,
 )
@@ -100,6 +100,7 @@ def load_inference_encoder(
             )
     path = resolve_pretrained_path(spec.pretrained_model_cfg)
     config = AutoConfig.from_pretrained(path)
+    check_fits_model(spec, getattr(config, "max_position_embeddings", None))
     if state is None:
         model = _pretrained_encoder(config, path, spec.projection_dim)
         fingerprint = weights_fingerprint(model.state_dict())

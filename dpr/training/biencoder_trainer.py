@@ -101,7 +101,7 @@ class BiEncoderTrainer(Trainer):
         self.options = BiEncoderSettings.from_config(cfg)
         super().__init__(cfg, trains=bool(cfg.train_datasets))
         spec = self.spec
-        self.tensorizer = Tensorizer.for_spec(spec)
+        self.tensorizer = Tensorizer.for_biencoder(spec)
         # Data is read and checked before the model is built: a bad file fails in seconds, not minutes.
         self.train_sets = load_datasets(cfg.train_datasets, cfg, "training")
         self._check_dataset_lists(len(self.train_sets))
