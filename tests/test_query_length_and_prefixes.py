@@ -127,3 +127,19 @@ def test_shards_of_another_prefix_are_refused_and_old_records_still_match(tmp_pa
     old_record = shard_record(spec)  # written before the fields existed: they are absent
     assert field not in old_record["model"]["encoder_params"]["encoder"]
     check_question_encoder(SimpleNamespace(spec=spec, weights="blake2b:0"), (tmp_path / "shard_0", old_record))
+
+
+def test_training_saves_them_and_retrieval_reads_them_from_the_checkpoint(setup, tmp_path):
+    from tests.training_helpers import compose_config, run_trainer, tiny_overrides
+
+    model_dir, _ = setup
+    train = write_retriever_json(tmp_path / "train.json", 8)
+    cfg = compose_config(tiny_overrides(model_dir, train, train, str(tmp_path / "out"), **{
+        "encoder__query_sequence_length": 8, "encoder__query_prefix": "'query: '",
+        "encoder__passage_prefix": "'passage: '"}))
+    trainer, _ = run_trainer(cfg)
+    assert (trainer.tensorizer.questions.max_length, trainer.tensorizer.questions.prefix) == (8, "query: ")
+    assert (trainer.tensorizer.max_length, trainer.tensorizer.prefix) == (LENGTH, "passage: ")
+    encoder = load_inference_encoder(EncoderSpec(model_dir), "question", str(tmp_path / "out" / "dpr_biencoder.0"))
+    assert (encoder.spec.question_length, encoder.spec.query_prefix, encoder.spec.passage_prefix) == (
+        8, "query: ", "passage: ")
