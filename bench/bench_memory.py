@@ -4,6 +4,7 @@ ctx 8, AdamW; the repository's gradient cache and the trainers' optimizer step (
 helpers). Each configuration runs `--steps` optimizer steps in a fresh process:
 
     nice -n 10 python bench/bench_memory.py --batches 16 128 --out memory.json
+    nice -n 10 python bench/bench_memory.py --batches 128 --precisions bf16 --gradient_checkpointing --chunks 64 32
 
 The peak is split into
 - parameters, gradients (fp32) and AdamW state: the bytes of those tensors after the steps;
@@ -51,12 +52,14 @@ CUDA_CONTEXT_GIB = 0.5  # the CUDA context and cuBLAS/cuDNN workspaces, outside 
 ALLOCATOR_OVERHEAD = 0.15
 
 
-def recipe_config(tiny: bool) -> dict:
+def recipe_config(tiny: bool, large: bool = False) -> dict:
     if tiny:
         config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=64, max_position_embeddings=64)
         return {"config": config, "sequence_length": 32, "q_chunk": 4, "ctx_chunk": 2}
-    return {"config": BertConfig(), "sequence_length": 256, "q_chunk": 16, "ctx_chunk": 8}
+    config = (BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+              if large else BertConfig())
+    return {"config": config, "sequence_length": 256, "q_chunk": 16, "ctx_chunk": 8}
 
 
 def filled_batch(questions: int, vocab_size: int, sequence_length: int, seed: int = 0) -> BiEncoderBatch:
@@ -177,8 +180,9 @@ def run_in_subprocess(spec: dict) -> dict:
 
 def measure_spec(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
-    recipe = recipe_config(spec["tiny"])
-    return measure(recipe["config"], recipe["sequence_length"], spec["batch"], recipe["q_chunk"], recipe["ctx_chunk"],
+    recipe = recipe_config(spec["tiny"], spec["large"])
+    q_chunk, ctx_chunk = spec["chunks"] or (recipe["q_chunk"], recipe["ctx_chunk"])
+    return measure(recipe["config"], recipe["sequence_length"], spec["batch"], q_chunk, ctx_chunk,
                    spec["precision"], spec["steps"], torch.device(spec["device"]), spec["gradient_checkpointing"])
 
 
@@ -201,6 +205,9 @@ def main(argv=None) -> List[dict]:
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps (the AdamW state exists after one)")
     parser.add_argument("--tiny", action="store_true", help="a tiny BERT, for tests")
+    parser.add_argument("--large", action="store_true", help="bert-large's shape (24 layers, hidden 1024)")
+    parser.add_argument("--chunks", type=int, nargs=2, metavar=("Q", "CTX"), default=None,
+                        help="question and passage chunk sizes instead of the recipe's 16 and 8")
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="the steps recompute activations (encoder.gradient_checkpointing); one chunk's activations "
                              "are measured with and without")
@@ -213,7 +220,8 @@ def main(argv=None) -> List[dict]:
         for batch in args.batches:
             results.append(run_in_subprocess({"batch": batch, "precision": precision, "steps": args.steps,
                                               "tiny": args.tiny, "threads": args.threads, "device": device,
-                                              "gradient_checkpointing": args.gradient_checkpointing}))
+                                              "gradient_checkpointing": args.gradient_checkpointing,
+                                              "large": args.large, "chunks": args.chunks}))
             print(json.dumps(results[-1]), flush=True)  # a long run shows each configuration as it ends
     print_table(results)
     sixteen_bit = [r for r in results if r["precision"] in ("bf16", "fp16")]
