@@ -143,3 +143,18 @@ def test_training_saves_them_and_retrieval_reads_them_from_the_checkpoint(setup,
     encoder = load_inference_encoder(EncoderSpec(model_dir), "question", str(tmp_path / "out" / "dpr_biencoder.0"))
     assert (encoder.spec.question_length, encoder.spec.query_prefix, encoder.spec.passage_prefix) == (
         8, "query: ", "passage: ")
+
+
+@pytest.mark.parametrize("override", ["encoder.query_sequence_length=16", "encoder.query_prefix='q: '",
+                                      "encoder.passage_prefix='p: '"])
+def test_the_reader_refuses_the_bi_encoder_settings_before_reading_data(setup, tmp_path, override):
+    from dpr.foundation.errors import ConfigError
+    from dpr.training.reader_trainer import ReaderTrainer
+    from tests.training_helpers import compose_config
+
+    model_dir, _ = setup
+    cfg = compose_config([f"encoder.pretrained_model_cfg={model_dir}", f"output_dir={tmp_path}",
+                          f"train_files={tmp_path / 'missing.pkl'}", override], "extractive_reader_train_cfg")
+    with pytest.raises(ConfigError, match=r"^encoder\.\w+=.* is a bi-encoder setting: the reader reads question and "
+                                          r"passage as one sequence"):
+        ReaderTrainer(cfg)
