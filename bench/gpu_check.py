@@ -7,8 +7,8 @@ Sections, each bounded by steps and by the time left of `--budget_s` (a section 
 recorded as skipped):
 
 1. checks: the cached step's fp32 gradients equal the full batch's (dropout on, per-example masks) to the CPU
-   tests' tolerances; fp16 with a GradScaler end to end (finite losses, the parameters move, an injected inf
-   skips the step and halves the scale); bf16 (finite, cached and full-batch gradients agree); replay
+   tests' tolerances, and equal the cached step's with gradient checkpointing; fp16 with a GradScaler end to end
+   (finite losses, the parameters move, an injected inf skips the step and halves the scale); bf16 (finite, cached and full-batch gradients agree); replay
    (standard dropout under the recorded random state, per-example masks on this device equal to the CPU's);
 2. one dropout call on a context chunk's attention probabilities, per-example against standard: time and memory;
    then per-example drawn by the compiled kernel against the eager draw, fp32 and bf16: time, memory, the first
@@ -159,6 +159,24 @@ def check_cache_equals_full_batch(model, s: Sizes, device) -> dict:
     dropout_on = not torch.allclose(first, other)
     return {"passed": error <= 1.0 and loss_close and dropout_on, "gradient_error_over_tolerance": error,
             "loss_full": loss_full, "loss_cache": loss_cache, "dropout_changes_output": dropout_on}
+
+
+def check_gradient_checkpointing(model, s: Sizes, device) -> dict:
+    """The cached step's fp32 gradients with encoder.gradient_checkpointing equal those without it (per-example
+    dropout redrawn in the recompute, which runs in backward: on CUDA, on autograd's device thread)."""
+    batch = synthetic_batch(s.check_questions, s.config.vocab_size, s.check_length, seed=1).to(device)
+    checkpointed = build_model(s.config, s.sequence_length, device, gradient_checkpointing=True)
+    checkpointed.load_state_dict(model.state_dict())
+    results = []
+    for each in (model, checkpointed):
+        each.zero_grad(set_to_none=True)
+        results.append((forward_backward(each, batch, make_precision(device), True, 3, 5), gradients(each)))
+        each.zero_grad(set_to_none=True)
+    (loss_plain, grads_plain), (loss_checkpointed, grads_checkpointed) = results
+    error = gradient_error(grads_plain, grads_checkpointed)
+    loss_close = abs(loss_checkpointed - loss_plain) <= LOSS_RTOL * abs(loss_plain)
+    return {"passed": error <= 1.0 and loss_close, "gradient_error_over_tolerance": error,
+            "loss_plain": loss_plain, "loss_checkpointed": loss_checkpointed}
 
 
 def check_fp16(model, s: Sizes, device) -> dict:
@@ -485,7 +503,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in the equivalence check
     model = build_model(s.config, s.sequence_length, device)
     checks = {}
-    for name, check in (("cache_equals_full_batch_fp32", check_cache_equals_full_batch), ("fp16_grad_scaler", check_fp16),
+    for name, check in (("cache_equals_full_batch_fp32", check_cache_equals_full_batch),
+                        ("gradient_checkpointing_fp32", check_gradient_checkpointing), ("fp16_grad_scaler", check_fp16),
                         ("bf16", check_bf16), ("replay", check_replay)):
         run_section(checks, name, budget, 30, partial(check, model, s, device))
     results["checks"] = checks
