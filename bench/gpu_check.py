@@ -8,8 +8,9 @@ recorded as skipped):
 
 1. checks: the cached step's fp32 gradients equal the full batch's (dropout on, per-example masks) to the CPU
    tests' tolerances, and equal the cached step's with gradient checkpointing; fp16 with a GradScaler end to end
-   (finite losses, the parameters move, an injected inf skips the step and halves the scale); bf16 (finite, cached and full-batch gradients agree); replay
-   (standard dropout under the recorded random state, per-example masks on this device equal to the CPU's);
+   (finite losses, the parameters move, an injected inf skips the step and halves the scale); bf16 (finite,
+   cached and full-batch gradients agree); replay (standard dropout under the recorded random state, per-example
+   masks on this device equal to the CPU's);
 2. one dropout call on a context chunk's attention probabilities, per-example against standard: time and memory;
    then per-example drawn by the compiled kernel against the eager draw, fp32 and bf16: time, memory, the first
    call's compilation, masks equal bit for bit (to each other and to the CPU's); on CUDA only;
