@@ -1,15 +1,19 @@
 """Memory of GC-DPR's 11 GB recipe, measured: bert-base (random weights, BertConfig()), 128 questions with a
 positive and a hard negative each, sequence length 256 filled by every input, gradient cache with chunks q 16 /
-ctx 8, AdamW; the repository's gradient cache and the trainers' optimizer step (through bench/gpu_check.py's
+ctx 8, AdamW; the repository's gradient cache and the trainers' optimizer step (through bench/bench_common.py's
 helpers). Each configuration runs `--steps` optimizer steps in a fresh process:
 
     nice -n 10 python bench/bench_memory.py --batches 16 128 --out memory.json
+    nice -n 10 python bench/bench_memory.py --batches 128 --precisions bf16 --gradient_checkpointing --chunks 64 32
 
 The peak is split into
 - parameters, gradients (fp32) and AdamW state: the bytes of those tensors after the steps;
 - one chunk's activations: the bytes of the tensors autograd saves during one chunk's forward with gradients
   (torch.autograd.graph.saved_tensors_hooks, each storage counted once), the larger of a question chunk and a
-  passage chunk; under 16-bit autocast this includes the 16-bit copies of the weights it saves;
+  passage chunk; under 16-bit autocast this includes the 16-bit copies of the weights it saves. With
+  `--gradient_checkpointing` (encoder.gradient_checkpointing: each layer recomputed in backward) the steps
+  checkpoint, a checkpointed layer's saved tensors are its input hidden states only, and the table also gives one
+  chunk's activations without checkpointing (the recompute's one layer of activations in backward is not counted);
 - the cache's representations: questions and passages, in the autocast dtype, their fp32 copies and the fp32
   gradients the cache keeps of them;
 and the peak itself: torch.cuda.max_memory_allocated on a GPU, the process's peak resident memory on CPU (which
@@ -37,7 +41,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import torch  # noqa: E402
 from transformers import BertConfig  # noqa: E402
 
-from gpu_check import (  # noqa: E402,I100
+from bench_common import (  # noqa: E402,I100
     build_model, forward_backward, make_towers, new_optimizer, optimizer_step, precision_for, synthetic_batch)
 from dpr.data.biencoder_batch import BiEncoderBatch  # noqa: E402
 
@@ -48,16 +52,18 @@ CUDA_CONTEXT_GIB = 0.5  # the CUDA context and cuBLAS/cuDNN workspaces, outside 
 ALLOCATOR_OVERHEAD = 0.15
 
 
-def recipe_config(tiny: bool) -> dict:
+def recipe_config(tiny: bool, large: bool = False) -> dict:
     if tiny:
         config = BertConfig(vocab_size=1000, hidden_size=32, num_hidden_layers=2, num_attention_heads=4,
                             intermediate_size=64, max_position_embeddings=64)
         return {"config": config, "sequence_length": 32, "q_chunk": 4, "ctx_chunk": 2}
-    return {"config": BertConfig(), "sequence_length": 256, "q_chunk": 16, "ctx_chunk": 8}
+    config = (BertConfig(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, intermediate_size=4096)
+              if large else BertConfig())
+    return {"config": config, "sequence_length": 256, "q_chunk": 16, "ctx_chunk": 8}
 
 
 def filled_batch(questions: int, vocab_size: int, sequence_length: int, seed: int = 0) -> BiEncoderBatch:
-    """gpu_check's synthetic batch (a question, a positive and a hard negative each) with token ids filling
+    """bench_common's synthetic batch (a question, a positive and a hard negative each) with token ids filling
     sequence_length in every row."""
     generator = torch.Generator().manual_seed(seed)
 
@@ -74,31 +80,49 @@ def tensor_bytes(tensors) -> int:
     return sum(t.numel() * t.element_size() for t in tensors)
 
 
-def saved_bytes_of_one_chunk(tower, rows: int, precision) -> int:
-    """Bytes autograd saves for the backward of the tower's first `rows` rows (each storage once)."""
+def saved_bytes_of_one_chunk(tower, rows: int, precision, layers=()) -> int:
+    """Bytes autograd saves for the backward of the tower's first `rows` rows (each storage once). Under gradient
+    checkpointing a checkpointed layer saves nothing through autograd (its own hooks take over) and keeps its
+    input for the recompute instead: the input hidden states of `layers` count too."""
     storages = {}
 
-    def pack(t):
+    def keep(t):
         storage = t.untyped_storage()
         storages[storage.data_ptr()] = storage.nbytes()
         return t
 
+    handles = [layer.register_forward_pre_hook(lambda _, args: keep(args[0])) for layer in layers]
     # copies, as the cache's chunks are (index_select): a view would count the whole batch's storage
     chunk = {k: (v[:rows].clone() if torch.is_tensor(v) else v[:rows]) for k, v in tower.inputs.items()}
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), precision.autocast():
-        reps = tower.encode(chunk)
+    try:
+        with torch.autograd.graph.saved_tensors_hooks(keep, lambda t: t), precision.autocast():
+            reps = tower.encode(chunk)
+    finally:
+        for handle in handles:
+            handle.remove()
     del reps
     return sum(storages.values())
 
 
+def chunk_activations(model, data, q_chunk: int, ctx_chunk: int, precision) -> dict:
+    """The bytes one question chunk and one passage chunk save for backward, as the model's layers are set."""
+    q_tower, ctx_tower = make_towers(model, data, q_chunk, ctx_chunk, example_dropout=True)
+    checkpointed = [[layer for layer in encoder.encoder.layer if layer.gradient_checkpointing]
+                    for encoder in (model.question_model, model.ctx_model)]
+    return {"question_chunk": saved_bytes_of_one_chunk(q_tower, q_chunk, precision, checkpointed[0]),
+            "passage_chunk": saved_bytes_of_one_chunk(ctx_tower, ctx_chunk, precision, checkpointed[1])}
+
+
 def measure(config: BertConfig, sequence_length: int, batch: int, q_chunk: int, ctx_chunk: int, precision_name: str,
-            steps: int, device: torch.device) -> dict:
-    """The recipe's memory breakdown in bytes (see the module doc), after `steps` optimizer steps."""
+            steps: int, device: torch.device, gradient_checkpointing: bool = False) -> dict:
+    """The recipe's memory breakdown in bytes (see the module doc), after `steps` optimizer steps; with
+    `gradient_checkpointing` the steps recompute activations and one chunk's activations are also measured
+    without it (`activations_without_checkpointing`)."""
     # what is there before: the Python runtime and libraries on CPU, other models on a GPU
     runtime = (torch.cuda.memory_allocated(device) if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     precision = precision_for(device, precision_name)
-    model = build_model(config, sequence_length, device)
+    model = build_model(config, sequence_length, device, gradient_checkpointing)
     optimizer = new_optimizer(model)
     data = filled_batch(batch, config.vocab_size, sequence_length).to(device)
     if device.type == "cuda":
@@ -109,9 +133,12 @@ def measure(config: BertConfig, sequence_length: int, batch: int, q_chunk: int, 
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     params = [p for p in model.parameters() if p.requires_grad]
-    q_tower, ctx_tower = make_towers(model, data, q_chunk, ctx_chunk, example_dropout=True)
-    activations = {"question_chunk": saved_bytes_of_one_chunk(q_tower, q_chunk, precision),
-                   "passage_chunk": saved_bytes_of_one_chunk(ctx_tower, ctx_chunk, precision)}
+    activations = chunk_activations(model, data, q_chunk, ctx_chunk, precision)
+    without = None
+    if gradient_checkpointing:
+        for encoder in (model.question_model, model.ctx_model):
+            encoder.activation_checkpointing_disable()
+        without = chunk_activations(model, data, q_chunk, ctx_chunk, precision)
     reps_element = 2 if precision_name in ("fp16", "bf16") else 4
     fp32_copy = 4 if reps_element == 2 else 0  # the cache's .float() of 16-bit representations
     representations = 3 * batch * config.hidden_size * (reps_element + fp32_copy + 4)
@@ -125,7 +152,8 @@ def measure(config: BertConfig, sequence_length: int, batch: int, q_chunk: int, 
     }
     return {"device": device.type, "precision": precision_name, "batch": batch, "sequence_length": sequence_length,
             "q_chunk": q_chunk, "ctx_chunk": ctx_chunk, "steps": steps, "parts": parts,
-            "activations": activations, "peak": peak, "runtime": runtime, "parameter_count": sum(
+            "gradient_checkpointing": gradient_checkpointing, "activations": activations,
+            "activations_without_checkpointing": without, "peak": peak, "runtime": runtime, "parameter_count": sum(
                 p.numel() for p in model.parameters()), "trained_parameter_count": sum(p.numel() for p in params)}
 
 
@@ -152,19 +180,23 @@ def run_in_subprocess(spec: dict) -> dict:
 
 def measure_spec(spec: dict) -> dict:
     torch.set_num_threads(spec["threads"])
-    recipe = recipe_config(spec["tiny"])
-    return measure(recipe["config"], recipe["sequence_length"], spec["batch"], recipe["q_chunk"], recipe["ctx_chunk"],
-                   spec["precision"], spec["steps"], torch.device(spec["device"]))
+    recipe = recipe_config(spec["tiny"], spec["large"])
+    q_chunk, ctx_chunk = spec["chunks"] or (recipe["q_chunk"], recipe["ctx_chunk"])
+    return measure(recipe["config"], recipe["sequence_length"], spec["batch"], q_chunk, ctx_chunk,
+                   spec["precision"], spec["steps"], torch.device(spec["device"]), spec["gradient_checkpointing"])
 
 
 def print_table(results: List[dict]) -> None:
     names = list(results[0]["parts"])
-    print("| precision | batch | " + " | ".join(names) + " | sum of parts | peak | runtime | (MiB) |")
-    print("|" + "---|" * (len(names) + 6))
+    print("| precision | batch | checkpointing | " + " | ".join(names)
+          + " | chunk_activations without checkpointing | sum of parts | peak | runtime | (MiB) |")
+    print("|" + "---|" * (len(names) + 8))
     for r in results:
         parts = [r["parts"][n] / 2**20 for n in names]
-        cells = [f"{v:.0f}" for v in parts + [sum(parts), r["peak"] / 2**20, r["runtime"] / 2**20]]
-        print(f"| {r['precision']} | {r['batch']} | " + " | ".join(cells) + " | |")
+        without = r["activations_without_checkpointing"]
+        cells = [f"{v:.0f}" for v in parts] + [f"{max(without.values()) / 2**20:.0f}" if without else "-"] + [
+            f"{v:.0f}" for v in (sum(parts), r["peak"] / 2**20, r["runtime"] / 2**20)]
+        print(f"| {r['precision']} | {r['batch']} | {r['gradient_checkpointing']} | " + " | ".join(cells) + " | |")
 
 
 def main(argv=None) -> List[dict]:
@@ -173,6 +205,12 @@ def main(argv=None) -> List[dict]:
     parser.add_argument("--precisions", nargs="+", default=["bf16", "fp32"], choices=["fp32", "bf16", "fp16"])
     parser.add_argument("--steps", type=int, default=2, help="optimizer steps (the AdamW state exists after one)")
     parser.add_argument("--tiny", action="store_true", help="a tiny BERT, for tests")
+    parser.add_argument("--large", action="store_true", help="bert-large's shape (24 layers, hidden 1024)")
+    parser.add_argument("--chunks", type=int, nargs=2, metavar=("Q", "CTX"), default=None,
+                        help="question and passage chunk sizes instead of the recipe's 16 and 8")
+    parser.add_argument("--gradient_checkpointing", action="store_true",
+                        help="the steps recompute activations (encoder.gradient_checkpointing); one chunk's activations "
+                             "are measured with and without")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=None, help="JSON file of the results")
     args = parser.parse_args(argv)
@@ -181,7 +219,9 @@ def main(argv=None) -> List[dict]:
     for precision in args.precisions:
         for batch in args.batches:
             results.append(run_in_subprocess({"batch": batch, "precision": precision, "steps": args.steps,
-                                              "tiny": args.tiny, "threads": args.threads, "device": device}))
+                                              "tiny": args.tiny, "threads": args.threads, "device": device,
+                                              "gradient_checkpointing": args.gradient_checkpointing,
+                                              "large": args.large, "chunks": args.chunks}))
             print(json.dumps(results[-1]), flush=True)  # a long run shows each configuration as it ends
     print_table(results)
     sixteen_bit = [r for r in results if r["precision"] in ("bf16", "fp16")]

@@ -7,9 +7,10 @@ Sections, each bounded by steps and by the time left of `--budget_s` (a section 
 recorded as skipped):
 
 1. checks: the cached step's fp32 gradients equal the full batch's (dropout on, per-example masks) to the CPU
-   tests' tolerances; fp16 with a GradScaler end to end (finite losses, the parameters move, an injected inf
-   skips the step and halves the scale); bf16 (finite, cached and full-batch gradients agree); replay
-   (standard dropout under the recorded random state, per-example masks on this device equal to the CPU's);
+   tests' tolerances, and equal the cached step's with gradient checkpointing; fp16 with a GradScaler end to end
+   (finite losses, the parameters move, an injected inf skips the step and halves the scale); bf16 (finite,
+   cached and full-batch gradients agree); replay (standard dropout under the recorded random state, per-example
+   masks on this device equal to the CPU's);
 2. one dropout call on a context chunk's attention probabilities, per-example against standard: time and memory;
    then per-example drawn by the compiled kernel against the eager draw, fp32 and bf16: time, memory, the first
    call's compilation, masks equal bit for bit (to each other and to the CPU's); on CUDA only;
@@ -61,25 +62,22 @@ from typing import Callable, Dict, List, Optional
 REPO = Path(__file__).resolve().parents[1]
 DEFAULT_OUT = REPO / "outputs" / "gpu_check.json"  # outputs/ is ignored by git: results never land in a commit
 sys.path.insert(0, str(REPO))
-sys.path.insert(1, str(REPO / "bench"))  # bench_memory.py, which the memory section runs
+sys.path.insert(1, str(REPO / "bench"))  # bench_common.py, and bench_memory.py, which the memory section runs
 
 import torch  # noqa: E402
 from transformers import BertConfig, BertModel, BertTokenizerFast  # noqa: E402
 
-from dpr.data.biencoder_batch import CONTEXT_DROPOUT, QUESTION_DROPOUT, BiEncoderBatch  # noqa: E402
-from dpr.data.biencoder_data import example_seed  # noqa: E402
+from bench_common import (  # noqa: E402,I100
+    SPECIAL_TOKENS, build_model, forward_backward, new_optimizer, optimizer_step, precision_for, synthetic_batch)
 from dpr.data.tensorizer import Tensorizer  # noqa: E402
-from dpr.models.biencoder import BiEncoder, nll_loss  # noqa: E402
 from dpr.models.example_dropout import example_keep_mask, example_keys  # noqa: E402
 from dpr.models.hf_encoder import encode, encoder_from_config  # noqa: E402
 from dpr.training.flops import ModelFlops  # noqa: E402
-from dpr.training.grad_cache import GradCache, RandState, Tower, full_batch_step  # noqa: E402
-from dpr.training.optim import build_optimizer  # noqa: E402
+from dpr.training.grad_cache import RandState  # noqa: E402
 from dpr.foundation.precision import Precision, make_precision  # noqa: E402
 
 # The CPU tests' tolerances for "the cache equals the full batch" (tests/test_grad_cache.py)
 GRADIENT_RTOL, GRADIENT_ATOL_OF_LARGEST, LOSS_RTOL = 1e-4, 1e-6, 1e-5
-SPECIAL_TOKENS = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
 
 
 @dataclass
@@ -118,87 +116,6 @@ class Budget:
 def synchronize(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def precision_for(device: torch.device, name: str) -> Precision:
-    if name == "fp16" and device.type == "cpu":
-        # make_precision refuses fp16 on CPU; the --cpu run still walks the GradScaler code
-        return Precision("fp16", partial(torch.autocast, "cpu", dtype=torch.float16), torch.amp.GradScaler("cpu"))
-    return make_precision(device, fp16=name == "fp16", bf16=name == "bf16")
-
-
-def build_model(config: BertConfig, sequence_length: int, device: torch.device) -> BiEncoder:
-    """Two randomly initialised encoders with dropout 0.1, as build_biencoder makes them."""
-    torch.manual_seed(0)
-    towers = [encoder_from_config(BertConfig.from_dict(config.to_dict()), dropout=0.1) for _ in range(2)]
-    return BiEncoder(*towers, sequence_length).to(device).train()
-
-
-def synthetic_batch(questions: int, vocab_size: int, sequence_length: int, seed: int = 0) -> BiEncoderBatch:
-    """Random token ids: questions of 12-40 tokens and, per question, a positive and a hard negative of 160-256
-    (both cut to `sequence_length`); per-example dropout seeds as make_biencoder_batch gives them."""
-    generator = torch.Generator().manual_seed(seed)
-
-    def rows(n: int, shortest: int, longest: int):
-        lengths = torch.randint(min(shortest, sequence_length), min(longest, sequence_length) + 1, (n,),
-                                generator=generator)
-        width = int(lengths.max())
-        ids = torch.randint(len(SPECIAL_TOKENS), vocab_size, (n, width), generator=generator)
-        mask = (torch.arange(width) < lengths[:, None]).long()
-        ids[:, 0] = SPECIAL_TOKENS.index("[CLS]")
-        return ids * mask, mask  # [PAD] is 0
-
-    q_ids, q_mask = rows(questions, 12, 40)
-    c_ids, c_mask = rows(2 * questions, 160, 256)
-    return BiEncoderBatch(
-        question_ids=q_ids, question_mask=q_mask, context_ids=c_ids, context_mask=c_mask,
-        positive_indices=torch.arange(questions) * 2,
-        hard_negative_indices=[[2 * i + 1] for i in range(questions)],
-        question_seeds=[example_seed(seed, 0, i, QUESTION_DROPOUT) for i in range(questions)],
-        context_seeds=[example_seed(seed, 0, i, CONTEXT_DROPOUT + slot) for i in range(questions) for slot in (0, 1)],
-    )
-
-
-def make_towers(model: BiEncoder, batch: BiEncoderBatch, q_chunk: int, ctx_chunk: int, example_dropout: bool):
-    """The two towers as the bi-encoder trainer builds them; without per-example seeds dropout is standard."""
-    def tower(encode_rows, ids, mask, seeds, chunk):
-        inputs = {"input_ids": ids, "attention_mask": mask}
-        if example_dropout:
-            inputs["seeds"] = seeds
-        return Tower(lambda c: encode_rows(c["input_ids"], c["attention_mask"], c.get("seeds")), inputs, chunk)
-
-    return [tower(model.encode_questions, batch.question_ids, batch.question_mask, batch.question_seeds, q_chunk),
-            tower(model.encode_contexts, batch.context_ids, batch.context_mask, batch.context_seeds, ctx_chunk)]
-
-
-def forward_backward(model, batch, precision: Precision, cache: bool, q_chunk: int, ctx_chunk: int,
-                     example_dropout: bool = True) -> float:
-    towers = make_towers(model, batch, q_chunk, ctx_chunk, example_dropout)
-    if cache:
-        loss, _ = GradCache(nll_loss, precision.autocast, precision.grad_scaler)(
-            towers, positive_indices=batch.positive_indices)
-    else:
-        loss, _ = full_batch_step(towers, nll_loss, 1.0, precision.autocast, precision.grad_scaler,
-                                  positive_indices=batch.positive_indices)
-    return float(loss)
-
-
-def optimizer_step(model, optimizer, precision: Precision, max_norm: float = 2.0) -> None:
-    """The trainers' step (dpr/training/trainer_base.py) on one process: unscale, clip, step, zero."""
-    scaler = precision.grad_scaler
-    if scaler is not None:
-        scaler.unscale_(optimizer)
-    torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], max_norm)
-    if scaler is not None:
-        scaler.step(optimizer)
-        scaler.update()
-    else:
-        optimizer.step()
-    optimizer.zero_grad(set_to_none=True)
-
-
-def new_optimizer(model):
-    return build_optimizer(model, 1e-5, 1e-8, 0.01, (0.9, 0.999))
 
 
 def gradients(model) -> Dict[str, torch.Tensor]:
@@ -243,6 +160,24 @@ def check_cache_equals_full_batch(model, s: Sizes, device) -> dict:
     dropout_on = not torch.allclose(first, other)
     return {"passed": error <= 1.0 and loss_close and dropout_on, "gradient_error_over_tolerance": error,
             "loss_full": loss_full, "loss_cache": loss_cache, "dropout_changes_output": dropout_on}
+
+
+def check_gradient_checkpointing(model, s: Sizes, device) -> dict:
+    """The cached step's fp32 gradients with encoder.gradient_checkpointing equal those without it (per-example
+    dropout redrawn in the recompute, which runs in backward: on CUDA, on autograd's device thread)."""
+    batch = synthetic_batch(s.check_questions, s.config.vocab_size, s.check_length, seed=1).to(device)
+    checkpointed = build_model(s.config, s.sequence_length, device, gradient_checkpointing=True)
+    checkpointed.load_state_dict(model.state_dict())
+    results = []
+    for each in (model, checkpointed):
+        each.zero_grad(set_to_none=True)
+        results.append((forward_backward(each, batch, make_precision(device), True, 3, 5), gradients(each)))
+        each.zero_grad(set_to_none=True)
+    (loss_plain, grads_plain), (loss_checkpointed, grads_checkpointed) = results
+    error = gradient_error(grads_plain, grads_checkpointed)
+    loss_close = abs(loss_checkpointed - loss_plain) <= LOSS_RTOL * abs(loss_plain)
+    return {"passed": error <= 1.0 and loss_close, "gradient_error_over_tolerance": error,
+            "loss_plain": loss_plain, "loss_checkpointed": loss_checkpointed}
 
 
 def check_fp16(model, s: Sizes, device) -> dict:
@@ -429,7 +364,7 @@ def recipe_throughput(model, s: Sizes, device, budget: Budget) -> dict:
 def recipe_memory(s: Sizes, device) -> dict:
     """The recipe's memory breakdown (bench/bench_memory.py) at fp16 on CUDA, peak by torch.cuda.max_memory_allocated;
     on CPU, bf16 autocast and the whole process's peak resident memory, which says nothing of a GPU's."""
-    from bench_memory import measure  # bench/ is on sys.path: bench_memory imports this script's helpers
+    from bench_memory import measure  # bench/ is on sys.path
 
     precision_name = "fp16" if device.type == "cuda" else "bf16"
     breakdown = measure(s.config, s.sequence_length, s.batch, s.q_chunk, s.ctx_chunk, precision_name, 2, device)
@@ -569,7 +504,8 @@ def main(argv: Optional[List[str]] = None) -> dict:
     torch.backends.cuda.matmul.allow_tf32 = False  # fp32 means fp32 in the equivalence check
     model = build_model(s.config, s.sequence_length, device)
     checks = {}
-    for name, check in (("cache_equals_full_batch_fp32", check_cache_equals_full_batch), ("fp16_grad_scaler", check_fp16),
+    for name, check in (("cache_equals_full_batch_fp32", check_cache_equals_full_batch),
+                        ("gradient_checkpointing_fp32", check_gradient_checkpointing), ("fp16_grad_scaler", check_fp16),
                         ("bf16", check_bf16), ("replay", check_replay)):
         run_section(checks, name, budget, 30, partial(check, model, s, device))
     results["checks"] = checks

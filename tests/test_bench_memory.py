@@ -20,3 +20,13 @@ def test_breakdown_is_consistent_and_flat_in_the_batch():
     # the cache's representations grow with the batch, one chunk's activations do not
     assert large["parts"]["cache_representations"] == 2 * small["parts"]["cache_representations"]
     assert large["parts"]["chunk_activations"] == small["parts"]["chunk_activations"]
+
+
+def test_gradient_checkpointing_keeps_less_of_one_chunk_and_reports_both():
+    (r,) = BENCH["main"](["--tiny", "--batches", "4", "--precisions", "fp32", "--threads", "1",
+                          "--gradient_checkpointing", "--chunks", "2", "3"])
+    assert r["gradient_checkpointing"] is True and (r["q_chunk"], r["ctx_chunk"]) == (2, 3)
+    without = r["activations_without_checkpointing"]
+    for chunk in ("question_chunk", "passage_chunk"):
+        assert 0 < r["activations"][chunk] < without[chunk]
+    assert r["parts"]["chunk_activations"] == max(r["activations"].values())

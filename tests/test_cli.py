@@ -96,10 +96,13 @@ def test_a_sequence_length_without_room_for_text_is_a_one_line_error_before_any_
         "error: encoder.sequence_length=0 leaves no room for text after [CLS] and [SEP]")
 
 
-@pytest.mark.parametrize("in_batch_negatives", ["all", "mask_duplicates", "mask_answers"])
-def test_two_processes_equal_one_process_with_the_global_batch(data, tmp_path, in_batch_negatives):
+@pytest.mark.parametrize("in_batch_negatives,two_process_extra", [
+    ("all", []), ("mask_duplicates", []), ("mask_answers", []), ("all", ["encoder.gradient_checkpointing=true"])],
+    ids=["all", "mask_duplicates", "mask_answers", "two_processes_checkpoint"])
+def test_two_processes_equal_one_process_with_the_global_batch(data, tmp_path, in_batch_negatives, two_process_extra):
     """torchrun with 2 gloo processes of batch 4 against 1 process of batch 8, dropout on, false negatives masked
-    or not: same losses, gradient norms, masked pairs and weights."""
+    or not: same losses, gradient norms, masked pairs and weights; also when the two processes recompute
+    activations (gradient checkpointing) and the one does not."""
     train = data["train"] if in_batch_negatives == "all" else data["train_topics"]
     common = [f"train_datasets=[{train}]", f"dev_datasets=[{data['dev']}]", f"encoder.pretrained_model_cfg={data['model']}",
               "encoder.sequence_length=48", "train.num_train_epochs=1", "train.log_batch_step=1", "train.warmup_steps=0",
@@ -108,7 +111,8 @@ def test_two_processes_equal_one_process_with_the_global_batch(data, tmp_path, i
     # batch sizes are per process, as in DPR under DDP
     _, single = run([SCRIPT, *common, "train.batch_size=8", "train.dev_batch_size=4", f"output_dir={tmp_path / 'one'}"], tmp_path)
     torchrun = (sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2")
-    _, double = run([SCRIPT, *common, "train.batch_size=4", "train.dev_batch_size=2", f"output_dir={tmp_path / 'two'}"], tmp_path, launcher=torchrun)
+    _, double = run([SCRIPT, *common, *two_process_extra, "train.batch_size=4", "train.dev_batch_size=2",
+                     f"output_dir={tmp_path / 'two'}"], tmp_path, launcher=torchrun)
     assert "rank 1 of 2" in double and double.count("Total cleaned data size") == 2  # rank 0 speaks for all
     assert [s[0] for s in steps(tmp_path / "one")] == [s[0] for s in steps(tmp_path / "two")] == [1, 2]
     assert len(records_file(tmp_path / "two", "validation")) == 1

@@ -45,7 +45,8 @@ def test_checkpoint_params_round_trip_and_override_the_configuration():
     assert resolved == trained
     assert trained.vector_params() == {
         "encoder_model_type": "hf_bert", "projection_dim": 128, "sequence_length": 256, "token_type_ids": False,
-        "pooling": "mean", "similarity": "cosine", "do_lower_case": False,
+        "pooling": "mean", "similarity": "cosine", "do_lower_case": False, "query_sequence_length": None,
+        "query_prefix": "", "passage_prefix": "",
     }
 
 

@@ -24,9 +24,11 @@ def test_gpu_check_passes_its_checks_and_measures_every_section_on_cpu(tmp_path)
     results = json.loads(out.read_text())
 
     checks = results["checks"]
-    assert set(checks) == {"cache_equals_full_batch_fp32", "fp16_grad_scaler", "bf16", "replay"}
+    assert set(checks) == {"cache_equals_full_batch_fp32", "gradient_checkpointing_fp32", "fp16_grad_scaler", "bf16",
+                           "replay"}
     assert all(check["passed"] is True for check in checks.values()), checks
     assert checks["cache_equals_full_batch_fp32"]["gradient_error_over_tolerance"] <= 1.0
+    assert checks["gradient_checkpointing_fp32"]["gradient_error_over_tolerance"] <= 1.0
     assert checks["fp16_grad_scaler"]["inf_step_skipped"] and checks["replay"]["masks_equal_to_cpu_masks"]
 
     assert results["dropout_call"]["per_example_ms"] > 0 and results["dropout_call"]["standard_ms"] > 0

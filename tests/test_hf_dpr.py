@@ -116,6 +116,19 @@ def test_export_refuses_a_model_pooled_otherwise_than_by_cls(tmp_path, base_dir)
     assert not (tmp_path / "hf").exists()
 
 
+def test_export_warns_of_prefixes_and_a_question_length_the_exported_tokenizers_do_not_apply(tmp_path, base_dir,
+                                                                                             caplog):
+    checkpoint = make_biencoder_checkpoint(tmp_path / "dpr_biencoder.1", base_dir)
+    ckpt = load_checkpoint(str(checkpoint))
+    ckpt.encoder_params["encoder"].update(query_prefix="query: ", query_sequence_length=32)
+    save_checkpoint(str(checkpoint), ckpt)
+    with caplog.at_level("WARNING", logger="dpr.interop.hf_dpr"):
+        hf_dpr.export_biencoder(str(checkpoint), str(tmp_path / "hf"))
+    warned = [r.getMessage() for r in caplog.records if "texts prepared the same way" in r.getMessage()]
+    assert len(warned) == 1 and "encoder.query_prefix='query: '" in warned[0]
+    assert "encoder.query_sequence_length=32" in warned[0] and "passage_prefix" not in warned[0]
+
+
 def test_export_import_round_trip_keeps_weights(tmp_path, base_dir):
     checkpoint = make_biencoder_checkpoint(tmp_path / "dpr_biencoder.1", base_dir, projection_dim=8)
     hf_dpr.export_biencoder(str(checkpoint), str(tmp_path / "hf"))

@@ -86,15 +86,18 @@ def test_auto_resume_from_output_dir_with_more_epochs_keeps_a_live_schedule(data
     assert lrs[0] == pytest.approx(expected_first, rel=1e-5)
 
 
-@pytest.mark.parametrize("steps,learning_rate,in_batch_negatives", [
-    (1, 2e-5, "all"), (4, 1e-3, "all"), (4, 1e-3, "mask_duplicates"), (4, 1e-3, "mask_answers")])
-def test_training_with_and_without_cache_agree(data, tmp_path, steps, learning_rate, in_batch_negatives):
+@pytest.mark.parametrize("steps,learning_rate,in_batch_negatives,checkpointing", [
+    (1, 2e-5, "all", "false"), (4, 1e-3, "all", "false"), (4, 1e-3, "mask_duplicates", "false"),
+    (4, 1e-3, "mask_answers", "false"), (1, 2e-5, "all", "true")])
+def test_training_with_and_without_cache_agree(data, tmp_path, steps, learning_rate, in_batch_negatives, checkpointing):
     """Same loss and gradient norm at every step, dropout on, false negatives masked or not. After one step the
     weights agree to 1e-5 (after several, Adam's normalisation of near-zero gradient entries lets float noise grow,
-    so only losses compare)."""
+    so only losses compare). With encoder.gradient_checkpointing=true the cached run recomputes activations and
+    still agrees with the plain one."""
     results = {}
     train = data["train"] if in_batch_negatives == "all" else data["train_topics"]
-    for name, extra in {"plain": {}, "cached": {"train.grad_cache": "true", "train.q_chunk_size": 2, "train.ctx_chunk_size": 3}}.items():
+    for name, extra in {"plain": {}, "cached": {"train.grad_cache": "true", "train.q_chunk_size": 2, "train.ctx_chunk_size": 3,
+                                              "encoder.gradient_checkpointing": checkpointing}}.items():
         out = tmp_path / name
         cfg = compose_config(tiny_overrides(data["model"], train, data["dev"], str(out), train__warmup_steps=0,
                                             train__batch_size=16 // steps, train__learning_rate=learning_rate,

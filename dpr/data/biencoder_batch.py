@@ -88,7 +88,7 @@ def make_biencoder_batch(
             c_seeds.extend(
                 example_seed(seed, epoch, index, CONTEXT_DROPOUT + slot) for slot in range(len(sampled.contexts))
             )
-    q_ids, q_mask = tensorizer.tensorize(questions)
+    q_ids, q_mask = tensorizer.questions.tensorize(questions)
     c_ids, c_mask = tensorizer.tensorize([c.text for c in contexts], [c.title for c in contexts])
     return BiEncoderBatch(
         question_ids=q_ids,

@@ -16,11 +16,17 @@ from dpr.models.hf_encoder import load_tokenizer
 
 
 class Tensorizer:
-    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, pad_to_max: bool = False):
+    """`prefix` goes before the first segment of every input (the title when there is one), before tokenization.
+    `questions` is the tensorizer of a bi-encoder's questions (their own length and prefix); itself by default."""
+
+    def __init__(self, tokenizer: PreTrainedTokenizerBase, max_length: int, pad_to_max: bool = False,
+                 prefix: str = "", questions: Optional["Tensorizer"] = None):
         self.tokenizer = tokenizer
         self.max_length = max_length
         self.pad_to_max = pad_to_max
         self.pad_id = tokenizer.pad_token_id
+        self.prefix = prefix
+        self.questions = questions if questions is not None else self
 
     @classmethod
     def for_spec(cls, spec: EncoderSpec, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> "Tensorizer":
@@ -30,6 +36,15 @@ class Tensorizer:
             tokenizer = load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case)
         return cls(tokenizer, spec.sequence_length, spec.pad_to_max)
 
+    @classmethod
+    def for_biencoder(cls, spec: EncoderSpec, tokenizer: Optional[PreTrainedTokenizerBase] = None) -> "Tensorizer":
+        """The tensorizer of a bi-encoder's passages (sequence_length, passage_prefix), with its `questions`
+        (query_sequence_length, query_prefix)."""
+        passages = cls.for_spec(spec, tokenizer)
+        passages.prefix = spec.passage_prefix
+        passages.questions = cls(passages.tokenizer, spec.question_length, spec.pad_to_max, spec.query_prefix)
+        return passages
+
     def token_ids(
         self, texts: Sequence[str], titles: Optional[Sequence[Optional[str]]] = None, add_special_tokens: bool = True
     ) -> List[List[int]]:
@@ -37,6 +52,9 @@ class Tensorizer:
         kind so that fast tokenizers work on whole lists."""
         texts = [t.strip() for t in texts]
         titles = list(titles) if titles is not None else [None] * len(texts)
+        if self.prefix:
+            titles = [self.prefix + title if title else title for title in titles]
+            texts = [text if title else self.prefix + text for text, title in zip(texts, titles)]
         out: List[Optional[List[int]]] = [None] * len(texts)
         with_title = [i for i, title in enumerate(titles) if title]
         without_title = [i for i, title in enumerate(titles) if not title]

@@ -156,9 +156,9 @@ def encode_batches(
 def encode_questions(
     encoder: InferenceEncoder, vectors_of: BatchEncoder, questions: Sequence[str], batch_size: int
 ) -> np.ndarray:
-    """float32 [len(questions), D] search vectors of `[CLS] question [SEP]`, tokenized as `encoder` says and
-    encoded by `vectors_of`."""
-    tensorizer = Tensorizer.for_spec(encoder.spec, encoder.tokenizer)
+    """float32 [len(questions), D] search vectors of `[CLS] query_prefix question [SEP]`, truncated at the spec's
+    question length, encoded by `vectors_of`."""
+    tensorizer = Tensorizer.for_biencoder(encoder.spec, encoder.tokenizer).questions
     started = time.perf_counter()
     batches = padded_batches(tensorizer, tensorizer.token_ids(list(questions)), batch_size, sort_by_length=True)
     vectors = encode_batches(vectors_of, batches, len(questions), "questions")

@@ -177,7 +177,7 @@ def _embed_shard(settings: EmbeddingSettings) -> Path:
     plan = ShardPlan(source, shard_id, num_shards, count_passages(source.path, digest))
     provenance["passages"]["sha256"] = "sha256:" + digest.hexdigest()
     vectors_of = batch_encoder(encoder, backend, settings.encoder_type, settings.encoder.model_file, device, precision)
-    tensorizer = Tensorizer.for_spec(encoder.spec, encoder.tokenizer)
+    tensorizer = Tensorizer.for_biencoder(encoder.spec, encoder.tokenizer)
     batch_size = settings.encoder.batch_size
     dataset = TokenizedShard(plan, tensorizer, batch_size, settings.tokenize_chunk, settings.sort_by_length)
     loader = DataLoader(

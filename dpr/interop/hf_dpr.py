@@ -220,6 +220,11 @@ def check_exportable(ckpt: CheckpointState, checkpoint_path: str) -> None:
     if saved.get("similarity") == "cosine":
         logger.warning("%s was trained with cosine similarity: L2-normalise the exported encoders' pooler_output "
                        "before taking inner products", checkpoint_path)
+    texts = {key: saved[key] for key in ("query_prefix", "passage_prefix", "query_sequence_length") if saved.get(key)}
+    if texts:  # transformers' DPR tokenizers know no prefix and one length for both encoders
+        logger.warning("%s was trained with %s: give the exported encoders texts prepared the same way (prefixes "
+                       "put before the text, questions cut at their length)", checkpoint_path,
+                       ", ".join(f"encoder.{key}={value!r}" for key, value in texts.items()))
 
 
 def checkpoint_half(ckpt: CheckpointState, role: str) -> Dict[str, torch.Tensor]:

@@ -6,7 +6,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from dpr.models.example_dropout import example_seeds
-from dpr.models.encoder_spec import EncoderSpec
+from dpr.models.encoder_spec import EncoderSpec, check_fits_model
 from dpr.models.hf_encoder import build_encoder, encode, encoder_out_size
 
 
@@ -102,8 +102,11 @@ def build_biencoder(spec: EncoderSpec, compile_dropout: bool = False) -> BiEncod
         return build_encoder(spec.pretrained_model_cfg, spec.projection_dim, spec.dropout, spec.pretrained)
 
     question_model = one_encoder()
+    check_fits_model(spec, getattr(question_model.config, "max_position_embeddings", None))
     ctx_model = question_model if spec.share_encoders else one_encoder()
+    # the longest row either tower sees: per-example dropout numbers elements at this length
+    longest = max(spec.sequence_length, spec.question_length)
     return BiEncoder(
-        question_model, ctx_model, spec.sequence_length, fix_ctx_encoder=spec.fix_ctx_encoder, pooling=spec.pooling,
+        question_model, ctx_model, longest, fix_ctx_encoder=spec.fix_ctx_encoder, pooling=spec.pooling,
         compile_dropout=compile_dropout,
     )

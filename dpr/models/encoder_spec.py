@@ -21,8 +21,15 @@ POOLINGS = ("cls", "mean")
 SIMILARITIES = ("dot", "cosine")
 # The fields of `vector_params`.
 VECTOR_FIELDS = (
-    "encoder_model_type", "projection_dim", "sequence_length", "token_type_ids", "pooling", "similarity", "do_lower_case"
+    "encoder_model_type", "projection_dim", "sequence_length", "token_type_ids", "pooling", "similarity", "do_lower_case",
+    "query_sequence_length", "query_prefix", "passage_prefix",
 )
+# Fields added after checkpoints and shard records were first written: saved only when not at their default, so
+# that a checkpoint or record of the defaults is the one older versions wrote, and the two compare equal.
+SAVED_WHEN_SET = {"query_sequence_length": None, "query_prefix": "", "passage_prefix": ""}
+# Keys of `cfg.encoder` that change how the trainer computes, not the model: the trainer reads them
+# (dpr/training/trainer_base.py), the spec and the checkpoints do not hold them.
+TRAINING_ONLY_KEYS = ("gradient_checkpointing",)
 # [CLS] and [SEP] take two positions: anything shorter leaves no room for a token of text.
 MIN_SEQUENCE_LENGTH = 3
 
@@ -53,6 +60,15 @@ class EncoderSpec:
     similarity: str = "dot"
     temperature: float = 1.0
     do_lower_case: bool = True
+    # questions' own length (None: sequence_length), and text put before each question / passage before
+    # tokenization (e5's "query: ", "passage: "); the passage's goes before its title when it has one
+    query_sequence_length: Optional[int] = None
+    query_prefix: str = ""
+    passage_prefix: str = ""
+
+    @property
+    def question_length(self) -> int:
+        return int(self.query_sequence_length or self.sequence_length)
 
     def __post_init__(self) -> None:
         if not self.pretrained_model_cfg:
@@ -62,6 +78,13 @@ class EncoderSpec:
                 f"encoder.sequence_length={self.sequence_length} leaves no room for text after [CLS] and [SEP]: "
                 f"use at least {MIN_SEQUENCE_LENGTH} (DPR: 256 for the retriever, 350 for the reader)"
             )
+        if self.query_sequence_length is not None and int(self.query_sequence_length) < MIN_SEQUENCE_LENGTH:
+            raise EncoderConfigError(
+                f"encoder.query_sequence_length={self.query_sequence_length} leaves no room for text after [CLS] and "
+                f"[SEP]: use at least {MIN_SEQUENCE_LENGTH}, or null for encoder.sequence_length")
+        for key in ("query_prefix", "passage_prefix"):
+            if not isinstance(getattr(self, key), str):
+                raise EncoderConfigError(f"encoder.{key}={getattr(self, key)!r} must be text (quote it), or empty")
         if self.pooling not in POOLINGS:
             raise EncoderConfigError(f"encoder.pooling={self.pooling!r}: choose one of {', '.join(POOLINGS)}")
         if self.similarity not in SIMILARITIES:
@@ -79,7 +102,7 @@ class EncoderSpec:
     @classmethod
     def from_config(cls, encoder_cfg: Mapping[str, Any], do_lower_case: bool = True) -> "EncoderSpec":
         """The spec of a `cfg.encoder` mapping; keys this spec does not know are an error that names them."""
-        values = {key: encoder_cfg[key] for key in encoder_cfg}
+        values = {key: encoder_cfg[key] for key in encoder_cfg if key not in TRAINING_ONLY_KEYS}
         return cls._from_values(values, do_lower_case, "encoder config")
 
     @classmethod
@@ -94,7 +117,8 @@ class EncoderSpec:
 
     def checkpoint_params(self) -> dict:
         """The `encoder_params` a checkpoint saves: DPR's shape, every field of this spec under `encoder`."""
-        encoder = dataclasses.asdict(self)
+        encoder = {key: value for key, value in dataclasses.asdict(self).items()
+                   if key not in SAVED_WHEN_SET or value != SAVED_WHEN_SET[key]}
         do_lower_case = encoder.pop("do_lower_case")
         return {"do_lower_case": do_lower_case, "encoder": encoder}
 
@@ -123,6 +147,16 @@ class EncoderSpec:
         if "do_lower_case" in params:
             updates["do_lower_case"] = bool(params["do_lower_case"])
         return dataclasses.replace(self, **updates)
+
+
+def check_fits_model(spec: EncoderSpec, max_position_embeddings: Optional[int]) -> None:
+    """Refuse a query_sequence_length the model has no positions for (sequence_length is not checked here, as
+    before it)."""
+    if (spec.query_sequence_length is not None and max_position_embeddings
+            and int(spec.query_sequence_length) > int(max_position_embeddings)):
+        raise EncoderConfigError(
+            f"encoder.query_sequence_length={spec.query_sequence_length} is above the model's "
+            f"max_position_embeddings={max_position_embeddings}: use at most {max_position_embeddings}")
 
 
 def _model_is_here(name: str) -> bool:

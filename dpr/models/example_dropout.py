@@ -37,7 +37,7 @@ import platform
 import subprocess
 import sys
 import threading
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from fractions import Fraction
 from typing import Callable, Dict, Optional, Sequence, Tuple
@@ -115,6 +115,28 @@ def example_seeds(seeds: Optional[Sequence[int]], device: torch.device, max_leng
         yield
     finally:
         _active.block = previous
+
+
+def checkpoint_contexts():
+    """torch.utils.checkpoint's `context_fn` for layers under activation checkpointing: the layer's recompute in
+    backward (outside any `example_seeds` block, possibly on another thread) runs in a block of the same seeds
+    whose call counter starts where the layer's forward started, so it redraws the forward's masks exactly.
+    Standard dropout needs nothing: checkpoint restores the random state itself."""
+    block = _block()
+    if block is None:
+        return nullcontext(), nullcontext()
+    first_call = block.calls  # checkpoint calls this right before the layer's forward
+
+    @contextmanager
+    def replay():
+        previous = _block()
+        _active.block = _Block(block.keys, block.max_length, block.compiled, calls=first_call)
+        try:
+            yield
+        finally:
+            _active.block = previous
+
+    return nullcontext(), replay()
 
 
 def _int64_scratch(shape: Tuple[int, ...], device: torch.device) -> Tuple[torch.Tensor, torch.Tensor]:

@@ -16,7 +16,7 @@ from torch import nn
 from transformers import AutoConfig, AutoModel, AutoTokenizer, PreTrainedModel, PreTrainedTokenizerBase
 
 from dpr.foundation.errors import UserInputError
-from dpr.models.example_dropout import install_example_dropout, register_attention
+from dpr.models.example_dropout import checkpoint_contexts, install_example_dropout, register_attention
 
 logger = logging.getLogger(__name__)
 
@@ -148,6 +148,14 @@ def encoder_from_config(
         pooler.requires_grad_(False)
     install_example_dropout(model)
     return model
+
+
+def enable_gradient_checkpointing(model: PreTrainedModel) -> None:
+    """Recompute each layer's activations in backward instead of keeping them (transformers' activation
+    checkpointing, non-reentrant), per-example dropout masks redrawn as the forward drew them. Applies in training
+    mode with gradients on only: the gradient cache's no-grad first forward runs as before."""
+    model.activation_checkpointing_enable(
+        activation_checkpointing_kwargs={"use_reentrant": False, "context_fn": checkpoint_contexts})
 
 
 def encoder_out_size(model: PreTrainedModel) -> int:

@@ -16,7 +16,7 @@ from transformers import AutoConfig, PreTrainedModel, PreTrainedTokenizerBase
 from dpr.foundation import checkpoints
 from dpr.foundation.errors import UserInputError
 from dpr.models.biencoder import search_vectors
-from dpr.models.encoder_spec import EncoderConfigError, EncoderSpec
+from dpr.models.encoder_spec import EncoderConfigError, EncoderSpec, check_fits_model
 from dpr.models.hf_encoder import (
     TokenizerError, check_same_tokenizer, encode, encoder_from_config, first_token_last_layer, load_tokenizer,
     resolve_pretrained_path, tokenizer_identity,
@@ -108,7 +108,9 @@ def load_inference_encoder(
         ckpt = checkpoints.load_checkpoint(model_file, trust=trust)
         return checkpoint_encoder(ckpt, configured.with_checkpoint_params(ckpt.encoder_params), encoder_type, model_file)
     path = resolve_pretrained_path(configured.pretrained_model_cfg)
-    model = _pretrained_encoder(AutoConfig.from_pretrained(path), path, configured.projection_dim)
+    config = AutoConfig.from_pretrained(path)
+    check_fits_model(configured, getattr(config, "max_position_embeddings", None))
+    model = _pretrained_encoder(config, path, configured.projection_dim)
     state = model.state_dict()
     return _inference_encoder(model, configured, weights_fingerprint(state), weights_sha256(state))
 
@@ -124,6 +126,7 @@ def checkpoint_encoder(
             f"{model_file} has no '{CHECKPOINT_PREFIXES[encoder_type]}*' weights: is it a bi-encoder checkpoint?"
         )
     config = AutoConfig.from_pretrained(resolve_pretrained_path(spec.pretrained_model_cfg))
+    check_fits_model(spec, getattr(config, "max_position_embeddings", None))
     model = encoder_from_config(config, None, spec.projection_dim)
     checkpoints.load_model_state(model, state)
     logger.info("Loaded %s encoder weights from %s", encoder_type, model_file)
@@ -188,6 +191,7 @@ def load_checkpoint_biencoder(
             f"cannot read the model configuration of '{spec.pretrained_model_cfg}' ({_first_line(e)}); give "
             "--pretrained_model_cfg, a local directory with the config and tokenizer of the model the checkpoint "
             "was trained from") from e
+    check_fits_model(spec, getattr(config, "max_position_embeddings", None))
     try:
         tokenizer = load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case)
     except TokenizerError as e:

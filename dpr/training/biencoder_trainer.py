@@ -105,7 +105,7 @@ class BiEncoderTrainer(Trainer):
         self.options = BiEncoderSettings.from_config(cfg)
         super().__init__(cfg, trains=bool(cfg.train_datasets))
         spec = self.spec
-        self.tensorizer = Tensorizer.for_spec(spec)
+        self.tensorizer = Tensorizer.for_biencoder(spec)
         self.check_checkpoint_tokenizer()
         # Data is read and checked before the model is built: a bad file fails in seconds, not minutes.
         self.train_sets = load_datasets(cfg.train_datasets, cfg, "training")
@@ -137,6 +137,7 @@ class BiEncoderTrainer(Trainer):
             + f"; precision {self.precision.name}; gradient compensation {self.gradient_compensation():g} "
             f"(grad_compensation_ref_world={o.grad_compensation_ref_world or None}); "
             f"example dropout {('on, ' + ('compiled' if o.compile_dropout else 'eager')) if o.example_dropout else 'off'}; "
+            f"gradient checkpointing {'on' if self.gradient_checkpointing else 'off'}; "
             f"similarity {self.spec.similarity}; in-batch negatives {o.in_batch_negatives}; "
             f"hard negatives {o.hard_negatives}, other negatives {o.other_negatives}"
         )

@@ -88,6 +88,10 @@ class ReaderTrainer(Trainer):
         self.options = ReaderSettings.from_config(cfg)
         super().__init__(cfg, trains=bool(cfg.train_files))
         spec = self.spec
+        given = [key for key in ("query_sequence_length", "query_prefix", "passage_prefix") if getattr(spec, key)]
+        if given:
+            raise ConfigError(f"encoder.{given[0]}={getattr(spec, given[0])!r} is a bi-encoder setting: the reader "
+                              "reads question and passage as one sequence of encoder.sequence_length; leave it unset")
         self.tensorizer = Tensorizer.for_spec(spec)
         self.check_checkpoint_tokenizer()
         self.tokenizer = self.tensorizer.tokenizer

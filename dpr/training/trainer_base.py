@@ -37,6 +37,7 @@ from tqdm import tqdm
 from dpr.data.batching import GlobalBatch
 from dpr.foundation import checkpoints
 from dpr.foundation.checkpoints import CheckpointError, CheckpointState, UnreadableCheckpointError
+from dpr.foundation.config_values import true_or_false
 from dpr.foundation.errors import ConfigError, UserInputError
 from dpr.foundation.files import ensure_writable_directory, remove_stale_temporaries
 from dpr.foundation.precision import make_precision
@@ -44,7 +45,7 @@ from dpr.foundation.run_lock import RunLock, acquire_run_lock
 from dpr.foundation.seed import set_seed
 from dpr.foundation.tensorboard import ScalarLog
 from dpr.models.encoder_spec import EncoderSpec
-from dpr.models.hf_encoder import check_same_tokenizer, tokenizer_identity
+from dpr.models.hf_encoder import check_same_tokenizer, enable_gradient_checkpointing, tokenizer_identity
 from dpr.training.distributed import (all_gather_rows, all_reduce_gradients, all_reduce_sum, broadcast_parameters,
                                       init_distributed)
 from dpr.training.flops import ModelFlops
@@ -288,6 +289,8 @@ class Trainer:
         self.ckpt_settings = CheckpointSettings.from_config(cfg)
         # Resolved (and validated) before anything is read: a bad encoder setting fails in a second.
         self.spec = EncoderSpec.from_config(cfg.encoder, cfg.do_lower_case)
+        self.gradient_checkpointing = true_or_false(
+            "encoder.gradient_checkpointing", cfg.encoder.get("gradient_checkpointing", False))
         self.dist = init_distributed(cfg.get("local_rank"), cfg.get("no_cuda", False))
         self.device = self.dist.device
         # before any data is read or model built: fp16 on a CPU fails in a second
@@ -413,6 +416,10 @@ class Trainer:
         if self.checkpoint is not None:
             checkpoints.load_model_state(self.model, self.checkpoint.model_dict)
         broadcast_parameters(self.model)
+        if self.gradient_checkpointing:
+            for encoder, trains in encoders:
+                if trains:
+                    enable_gradient_checkpointing(encoder)
         self.optimizer = build_optimizer(self.model, s.learning_rate, s.adam_eps, s.weight_decay, s.adam_betas)
         self.params = [p for p in self.model.parameters() if p.requires_grad]
         self.flops = ModelFlops(encoders, self.device, self.precision.name, s.peak_tflops)
