@@ -56,6 +56,15 @@ def init_distributed(local_rank: Optional[int] = None, no_cuda: bool = False) ->
     return ctx
 
 
+def end_distributed() -> None:
+    """Leave the process group once every process has reached the end of the run. Without it a process could exit
+    while another's gloo threads still talk to it, and the other aborted at exit ("terminate called without an
+    active exception", seen under load in the 2-process reader and two-node tests)."""
+    if dist.is_available() and dist.is_initialized():
+        dist.barrier()
+        dist.destroy_process_group()
+
+
 def all_gather_rows(tensor: torch.Tensor) -> List[torch.Tensor]:
     """Every process's `tensor` (rows may differ in number), in rank order. This process's entry is `tensor`
     itself, so gradients flow into the local rows only; the others are detached copies."""

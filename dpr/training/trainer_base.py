@@ -47,7 +47,7 @@ from dpr.foundation.tensorboard import ScalarLog
 from dpr.models.encoder_spec import EncoderSpec
 from dpr.models.hf_encoder import check_same_tokenizer, enable_gradient_checkpointing, tokenizer_identity
 from dpr.training.distributed import (all_gather_rows, all_reduce_gradients, all_reduce_sum, broadcast_parameters,
-                                      init_distributed)
+                                      end_distributed, init_distributed)
 from dpr.training.flops import ModelFlops
 from dpr.training.optim import build_optimizer, build_scheduler, parse_adam_betas
 
@@ -447,9 +447,11 @@ class Trainer:
         """Train (or, without training data, evaluate); returns the best checkpoint and the records. output_dir is
         released at the end, however it ends."""
         try:
-            return self._train_or_evaluate()
+            run = self._train_or_evaluate()
         finally:
             self.release_output_dir()
+        end_distributed()
+        return run
 
     def _train_or_evaluate(self) -> TrainingRun:
         if not self.has_training_data():
