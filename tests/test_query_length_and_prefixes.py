@@ -11,7 +11,7 @@ from dpr.data.biencoder_batch import make_biencoder_batch
 from dpr.data.biencoder_data import load_biencoder_samples
 from dpr.data.tensorizer import Tensorizer
 from dpr.foundation.precision import make_precision
-from dpr.indexing.encoding import encode_questions
+from dpr.indexing.encoding import TorchVectors, encode_questions
 from dpr.indexing.shard_provenance import ShardProvenanceError, check_question_encoder, model_record
 from dpr.models.biencoder import build_biencoder
 from dpr.models.encoder_spec import EncoderConfigError, EncoderSpec
@@ -71,12 +71,12 @@ def test_retrieval_encodes_questions_at_their_length_and_with_their_prefix(setup
 
     def vectors(**fields):
         encoder = load_inference_encoder(EncoderSpec(model_dir, sequence_length=LENGTH, **fields))
-        return encode_questions(encoder, questions, 4, cpu, make_precision(cpu))
+        return encode_questions(encoder, TorchVectors(encoder, cpu, make_precision(cpu)), questions, 4)
 
     plain, short = vectors(), vectors(query_sequence_length=6)
     expected = load_inference_encoder(EncoderSpec(model_dir, sequence_length=6))  # questions cut at 6 tokens
-    np.testing.assert_allclose(short, encode_questions(expected, questions, 4, cpu, make_precision(cpu)),
-                               rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(short, encode_questions(expected, TorchVectors(expected, cpu, make_precision(cpu)),
+                                                       questions, 4), rtol=1e-5, atol=1e-6)
     assert not np.allclose(short, plain)
     assert not np.allclose(vectors(query_prefix="query: "), plain)
     np.testing.assert_allclose(vectors(passage_prefix="passage: "), plain, rtol=1e-5, atol=1e-6)
@@ -115,18 +115,23 @@ def test_a_question_length_beyond_the_models_positions_is_refused(setup):
 
 
 def shard_record(spec: EncoderSpec) -> dict:
-    return {"model": model_record(SimpleNamespace(spec=spec, weights="blake2b:0"))}
+    return {"model": model_record(stand_in_encoder(spec))}
+
+
+def stand_in_encoder(spec: EncoderSpec) -> SimpleNamespace:
+    """What model_record reads of an encoder; records of older versions lack the full digest and tokenizer."""
+    return SimpleNamespace(spec=spec, weights="blake2b:0", weights_sha256=None, tokenizer_identity=None)
 
 
 @pytest.mark.parametrize("field", ["query_prefix", "passage_prefix"])
 def test_shards_of_another_prefix_are_refused_and_old_records_still_match(tmp_path, field):
     spec = EncoderSpec("m")
-    encoder = SimpleNamespace(spec=EncoderSpec("m", **{field: "x: "}), weights="blake2b:0")
+    encoder = stand_in_encoder(EncoderSpec("m", **{field: "x: "}))
     with pytest.raises(ShardProvenanceError, match=f"encoder_params.encoder.{field}"):
         check_question_encoder(encoder, (tmp_path / "shard_0", shard_record(spec)))
     old_record = shard_record(spec)  # written before the fields existed: they are absent
     assert field not in old_record["model"]["encoder_params"]["encoder"]
-    check_question_encoder(SimpleNamespace(spec=spec, weights="blake2b:0"), (tmp_path / "shard_0", old_record))
+    check_question_encoder(stand_in_encoder(spec), (tmp_path / "shard_0", old_record))
 
 
 def test_training_saves_them_and_retrieval_reads_them_from_the_checkpoint(setup, tmp_path):
