@@ -113,3 +113,16 @@ def encode_directly(model_dir: str, texts: List[str], titles: Optional[List[str]
         return hidden[:, 0, :]
     mask = encoded["attention_mask"].unsqueeze(-1).float()
     return (hidden * mask).sum(dim=1) / mask.sum(dim=1)
+
+
+def embedded_tiny_collection(folder: Path) -> dict:
+    """A tiny model, 23 passages embedded in 2 shards (by generate_dense_embeddings), 12 questions."""
+    from dpr.indexing.generate_embeddings import generate_dense_embeddings
+
+    model = tiny_model(folder / "bert")
+    psgs = write_passages_tsv(folder / "psgs.tsv")
+    for shard_id in range(2):
+        generate_dense_embeddings(gen_embs_config(model, psgs, folder / "embs" / "psgs", shard_id=shard_id,
+                                                  num_shards=2))
+    return {"model": model, "psgs": psgs, "qas": write_questions_csv(folder / "qas.csv"),
+            "embs": str(folder / "embs" / "psgs_*"), "dir": folder}

@@ -29,12 +29,12 @@ from dpr.foundation.errors import ConfigError
 from tests.conftest import REPO_ROOT
 from tests.fixtures import forbid_calls
 from tests.retrieval_helpers import (
+    embedded_tiny_collection,
     gen_embs_config,
     passages,
     retriever_config,
     tiny_model,
     write_passages_tsv,
-    write_questions_csv,
 )
 from tests.training_helpers import CONF_DIR, compose_config
 
@@ -45,13 +45,7 @@ RAW_HITS = re.compile(r"^Validation results: top k documents hits (\[.*\])$", re
 def data(tmp_path_factory):
     """A tiny model, 23 passages embedded in 2 shards, 12 questions."""
     folder = tmp_path_factory.mktemp("retrieval")
-    model = tiny_model(folder / "bert")
-    psgs = write_passages_tsv(folder / "psgs.tsv")
-    for shard_id in range(2):
-        generate_dense_embeddings(gen_embs_config(model, psgs, folder / "embs" / "psgs", shard_id=shard_id,
-                                                  num_shards=2))
-    return {"model": model, "psgs": psgs, "qas": write_questions_csv(folder / "qas.csv"),
-            "embs": str(folder / "embs" / "psgs_*"), "dir": folder}
+    return embedded_tiny_collection(folder)
 
 
 def run(data, out_file, **values):

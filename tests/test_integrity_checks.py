@@ -15,20 +15,14 @@ from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.indexing.question_encodings import QuestionEncodingsError
 from dpr.models.hf_encoder import TokenizerError, check_tokenizer_works, load_tokenizer
 from dpr.models.loading import InferenceEncoder
-from tests.retrieval_helpers import gen_embs_config, retriever_config, tiny_model, write_passages_tsv, write_questions_csv
+from tests.retrieval_helpers import embedded_tiny_collection, gen_embs_config, retriever_config, write_passages_tsv
 
 
 @pytest.fixture(scope="module")
 def data(tmp_path_factory):
     """A tiny model, 23 passages embedded in 2 shards, 12 questions."""
     folder = tmp_path_factory.mktemp("integrity")
-    model = tiny_model(folder / "bert")
-    psgs = write_passages_tsv(folder / "psgs.tsv")
-    for shard_id in range(2):
-        generate_dense_embeddings(gen_embs_config(model, psgs, folder / "embs" / "psgs", shard_id=shard_id,
-                                                  num_shards=2))
-    return {"model": model, "psgs": psgs, "qas": write_questions_csv(folder / "qas.csv"),
-            "embs": str(folder / "embs" / "psgs_*"), "dir": folder}
+    return embedded_tiny_collection(folder)
 
 
 def retrieve(data, tmp_path, embs=None, psgs=None, **values):
