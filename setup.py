@@ -14,7 +14,9 @@ setup(
         "faiss-cpu>=1.7.4",
         "numpy",
         "regex",
-        "hydra-core>=1.3",
+        # below 1.4: hydra-submitit-launcher asks for hydra-core>=1.1.0.dev7, a pre-release specifier that lets pip
+        # take 1.4 release candidates, which warn at every start (version_base) and change job logs
+        "hydra-core>=1.3,<1.4",
         "tqdm",
         "bm25s>=0.2",
     ],
