@@ -23,7 +23,11 @@ peak resident memory so far on CPU, torch.cuda.memory_allocated on a GPU).
 From the CPU breakdown it projects the recipe's GPU memory at fp16 (bf16 autocast on CPU saves tensors of the same
 sizes as fp16 autocast on a GPU): parameters + gradients + AdamW state + one chunk's activations + the cache's
 representations + a CUDA context of CUDA_CONTEXT_GIB (not counted by the allocator) + ALLOCATOR_OVERHEAD of
-the allocated bytes (caching-allocator fragmentation and the optimizer step's temporaries), against 11 GB.
+the allocated bytes (caching-allocator fragmentation and the optimizer step's temporaries), against 11 GB; and
+the largest question chunk (passage chunk half of it) that projection keeps within 10 GiB, with checkpointing
+and without (one chunk's activations are linear in its rows). Each optimizer step is timed (`step_seconds`; the
+last one, after the first step's warm-up, is in the table): with `--chunks 64 32 --gradient_checkpointing`
+against the recipe's 16 / 8 without, it shows what fewer, larger chunks cost or save in time.
 """
 import argparse
 import json
@@ -31,6 +35,7 @@ import platform
 import resource
 import subprocess
 import sys
+import time
 from dataclasses import replace
 from pathlib import Path
 from typing import List
@@ -127,9 +132,12 @@ def measure(config: BertConfig, sequence_length: int, batch: int, q_chunk: int, 
     data = filled_batch(batch, config.vocab_size, sequence_length).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
+    step_seconds = []
     for _ in range(steps):
+        start = time.perf_counter()
         forward_backward(model, data, precision, True, q_chunk, ctx_chunk)
         optimizer_step(model, optimizer, precision)
+        step_seconds.append(time.perf_counter() - start)
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     params = [p for p in model.parameters() if p.requires_grad]
@@ -153,8 +161,9 @@ def measure(config: BertConfig, sequence_length: int, batch: int, q_chunk: int, 
     return {"device": device.type, "precision": precision_name, "batch": batch, "sequence_length": sequence_length,
             "q_chunk": q_chunk, "ctx_chunk": ctx_chunk, "steps": steps, "parts": parts,
             "gradient_checkpointing": gradient_checkpointing, "activations": activations,
-            "activations_without_checkpointing": without, "peak": peak, "runtime": runtime, "parameter_count": sum(
-                p.numel() for p in model.parameters()), "trained_parameter_count": sum(p.numel() for p in params)}
+            "activations_without_checkpointing": without, "step_seconds": step_seconds, "peak": peak,
+            "runtime": runtime, "parameter_count": sum(p.numel() for p in model.parameters()),
+            "trained_parameter_count": sum(p.numel() for p in params)}
 
 
 def projection_fp16_gpu(breakdown: dict) -> dict:
@@ -166,6 +175,26 @@ def projection_fp16_gpu(breakdown: dict) -> dict:
             "assumptions": f"CUDA context {CUDA_CONTEXT_GIB} GiB; allocator and optimizer temporaries "
                            f"+{ALLOCATOR_OVERHEAD:.0%} of the allocated bytes; fp32 master weights, gradients "
                            f"and AdamW state; activations of 16-bit autocast as measured with bf16 on CPU"}
+
+
+def largest_chunks_within_target(breakdown: dict) -> dict:
+    """The largest question chunk (passage chunk half of it, the recipe's ratio) whose projected fp16 GPU memory
+    stays within TARGET_GIB, with the layers checkpointed as measured and, where measured, without: one chunk's
+    activations are linear in its rows, so the bytes per row of the measured chunks scale to any chunk."""
+    fixed = sum(v for k, v in breakdown["parts"].items() if k != "chunk_activations")
+    budget = ((TARGET_GIB - CUDA_CONTEXT_GIB) * GIB / (1 + ALLOCATOR_OVERHEAD)) - fixed
+
+    def largest(activations: dict) -> int:
+        per_question_row = activations["question_chunk"] / breakdown["q_chunk"]
+        per_passage_row = activations["passage_chunk"] / breakdown["ctx_chunk"]
+        # a question chunk of q rows and a passage chunk of q / 2 rows; the larger of the two is what is held
+        per_q = max(per_question_row, per_passage_row / 2)
+        return max(0, int(budget // per_q))
+
+    result = {"with_layers_as_measured": largest(breakdown["activations"])}
+    if breakdown["activations_without_checkpointing"]:
+        result["without_checkpointing"] = largest(breakdown["activations_without_checkpointing"])
+    return result
 
 
 def run_in_subprocess(spec: dict) -> dict:
@@ -189,14 +218,15 @@ def measure_spec(spec: dict) -> dict:
 def print_table(results: List[dict]) -> None:
     names = list(results[0]["parts"])
     print("| precision | batch | checkpointing | " + " | ".join(names)
-          + " | chunk_activations without checkpointing | sum of parts | peak | runtime | (MiB) |")
-    print("|" + "---|" * (len(names) + 8))
+          + " | chunk_activations without checkpointing | sum of parts | peak | runtime | (MiB) | last step (s) |")
+    print("|" + "---|" * (len(names) + 9))
     for r in results:
         parts = [r["parts"][n] / 2**20 for n in names]
         without = r["activations_without_checkpointing"]
         cells = [f"{v:.0f}" for v in parts] + [f"{max(without.values()) / 2**20:.0f}" if without else "-"] + [
             f"{v:.0f}" for v in (sum(parts), r["peak"] / 2**20, r["runtime"] / 2**20)]
-        print(f"| {r['precision']} | {r['batch']} | {r['gradient_checkpointing']} | " + " | ".join(cells) + " | |")
+        print(f"| {r['precision']} | {r['batch']} | {r['gradient_checkpointing']} | " + " | ".join(cells)
+              + f" | | {r['step_seconds'][-1]:.1f} |")
 
 
 def main(argv=None) -> List[dict]:
@@ -227,8 +257,12 @@ def main(argv=None) -> List[dict]:
     sixteen_bit = [r for r in results if r["precision"] in ("bf16", "fp16")]
     report = {"machine": platform.processor() or platform.machine(), "results": results}
     if sixteen_bit:
-        report["projection_fp16_gpu"] = projection_fp16_gpu(max(sixteen_bit, key=lambda r: sum(r["parts"].values())))
-        print(json.dumps(report["projection_fp16_gpu"], indent=1))
+        largest = max(sixteen_bit, key=lambda r: sum(r["parts"].values()))
+        report["projection_fp16_gpu"] = projection_fp16_gpu(largest)
+        report["largest_question_chunk_within_target"] = largest_chunks_within_target(largest)
+        print(json.dumps({**report["projection_fp16_gpu"],
+                          "largest_question_chunk_within_target": report["largest_question_chunk_within_target"]},
+                         indent=1))
     if args.out:
         Path(args.out).write_text(json.dumps(report, indent=1))
     return results

@@ -22,11 +22,29 @@ def test_breakdown_is_consistent_and_flat_in_the_batch():
     assert large["parts"]["chunk_activations"] == small["parts"]["chunk_activations"]
 
 
-def test_gradient_checkpointing_keeps_less_of_one_chunk_and_reports_both():
+def test_gradient_checkpointing_keeps_less_of_one_chunk_and_the_largest_chunk_that_fits_grows():
     (r,) = BENCH["main"](["--tiny", "--batches", "4", "--precisions", "fp32", "--threads", "1",
                           "--gradient_checkpointing", "--chunks", "2", "3"])
+    largest_chunks_fit_and_one_more_row_does_not(r)
     assert r["gradient_checkpointing"] is True and (r["q_chunk"], r["ctx_chunk"]) == (2, 3)
     without = r["activations_without_checkpointing"]
     for chunk in ("question_chunk", "passage_chunk"):
         assert 0 < r["activations"][chunk] < without[chunk]
     assert r["parts"]["chunk_activations"] == max(r["activations"].values())
+    assert len(r["step_seconds"]) == 2 and all(s > 0 for s in r["step_seconds"])
+
+
+def largest_chunks_fit_and_one_more_row_does_not(r: dict) -> None:
+    largest = BENCH["largest_chunks_within_target"](r)
+    assert largest["with_layers_as_measured"] > largest["without_checkpointing"] > 0
+
+    def projected_gib(activations: dict, q_rows: int) -> float:
+        per_row = max(activations["question_chunk"] / r["q_chunk"], activations["passage_chunk"] / r["ctx_chunk"] / 2)
+        return BENCH["projection_fp16_gpu"]({**r, "parts": {**r["parts"], "chunk_activations": per_row * q_rows}})[
+            "total_gib"]
+
+    for key, activations in (("with_layers_as_measured", r["activations"]),
+                             ("without_checkpointing", r["activations_without_checkpointing"])):
+        rows = largest[key]
+        assert projected_gib(activations, rows) <= BENCH["TARGET_GIB"] < projected_gib(activations, rows + 1)
+
