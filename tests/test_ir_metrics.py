@@ -91,11 +91,41 @@ def test_metrics_equal_ir_measures_on_the_written_files(tmp_path):
     ours = compute_metrics(read_qrels(qrels_file), as_run(list(RANKINGS), list(RANKINGS.values())),
                            report_measures(1000))
     measures = [nDCG @ 10, RR @ 10, R @ 20, R @ 100, AP @ 1000]
-    direct = ir_measures.pytrec_eval.calc_aggregate(
-        measures, ir_measures.read_trec_qrels(qrels_file), ir_measures.read_trec_run(run_file))
+    direct = trec_eval_on_files(measures, qrels_file, run_file)
     assert list(ours) == [str(measure) for measure in measures]
     for measure in measures:
         assert abs(ours[str(measure)] - direct[measure]) < 1e-9
+
+
+def trec_eval_on_files(measures, qrels_file, run_file) -> dict:
+    """trec_eval (ir-measures' pytrec_eval provider) on the files as written. Its recip_rank has no cutoff, so
+    RR@k is recip_rank on each query's lines of rank <= k (the file's ranks are trec_eval's order): what
+    `trec_eval -M k -m recip_rank` computes."""
+    qrels = list(ir_measures.read_trec_qrels(str(qrels_file)))
+    direct = {}
+    for measure in measures:
+        lines = list(map(str.split, open(run_file)))
+        if measure.NAME == "RR" and measure["cutoff"] is not None:
+            lines, measure_asked = [line for line in lines if int(line[3]) <= measure["cutoff"]], RR
+        else:
+            measure_asked = measure
+        run = [ir_measures.ScoredDoc(q, d, float(score)) for q, _, d, _, score, _ in lines]
+        direct[measure] = ir_measures.pytrec_eval.calc_aggregate([measure_asked], qrels, run)[measure_asked]
+    return direct
+
+
+def test_rr_at_10_is_zero_beyond_rank_10_and_ties_are_cut_in_trec_eval_order():
+    """ir-measures' pytrec_eval provider, asked for RR@10, gives RR at the full depth (trec_eval has no RR
+    cutoff): a first relevant passage at rank 21 must count 0, not 1/21. At the cut, tied scores are ordered as
+    trec_eval orders them (docid descending), so which tied passage makes the first 10 is trec_eval's choice."""
+    qrels = {"deep": {"d21": 1}, "tied": {"a": 1}}
+    run = {"deep": {f"d{i:02d}": 100.0 - i for i in range(1, 30)},
+           # 9 passages above, then a and b tied at the 10th place: trec_eval puts b (docid descending) 10th
+           "tied": {**{f"x{i}": 10.0 + i for i in range(9)}, "a": 1.0, "b": 1.0}}
+    assert compute_metrics(qrels, run, ["RR@10"]) == {"RR@10": 0.0}
+    run["tied"]["a"] = 1.5  # a alone at the 10th place
+    assert compute_metrics(qrels, run, ["RR@10"]) == {"RR@10": (0 + 1 / 10) / 2}
+    assert ir_measures.calc_aggregate([RR @ 10], qrels, run)[RR @ 10] == (0 + 1 / 10) / 2
 
 
 def test_an_id_a_run_cannot_hold_is_one_line():
@@ -198,11 +228,10 @@ def test_every_retriever_is_judged_and_its_metrics_equal_ir_measures_on_its_run_
     assert (report["evaluated_queries"], report["judged_not_in_queries"], report["queries_not_judged"]) == (
         13, ["lost"], [])
     assert "1 queries of qrels=" in printed and "(lost)" in printed
-    qrels = list(ir_measures.read_trec_qrels(data["qrels"]))
     measures = [ir_measures.parse_measure(name) for name in report["measures"]]
     for position, name in enumerate(["dense", "bm25", "hybrid"]):
         path = str(results_path(str(run_file), name, position == 0))
-        direct = ir_measures.pytrec_eval.calc_aggregate(measures, qrels, ir_measures.read_trec_run(path))
+        direct = trec_eval_on_files(measures, data["qrels"], path)
         for measure in measures:
             assert abs(report["retrievers"][name][str(measure)] - direct[measure]) < 1e-9, (name, measure)
         lines = [line.split() for line in open(path)]

@@ -4,6 +4,9 @@ retrieved (at most 1000), and rankings written as TREC runs.
 - The metrics are ir-measures' pytrec_eval provider's, that is trec_eval's own code, asked for explicitly: the
   default pipeline of ir-measures 0.4 computes RR through its msmarco provider, which orders tied scores by another
   rule than trec_eval, so one run's metrics would mix two orders.
+- trec_eval's reciprocal rank has no cutoff, and the provider, asked for RR@10, silently gives RR at the full
+  depth (1/21 for a first relevant passage at rank 21). RR@k is therefore trec_eval's RR over each query's first
+  k passages in trec_eval's order, what `trec_eval -M k -m recip_rank` computes.
 - trec_eval ignores a run's rank column and orders each query's passages by score, descending, ties by docid,
   descending (strcmp). `trec_order` gives that order, so a written run's ranks say what trec_eval and the metrics
   see; scores are written with `repr` (exact: read back they are the same doubles).
@@ -57,9 +60,24 @@ def compute_metrics(qrels: Mapping[str, Mapping[str, int]], run: Mapping[str, Ma
     import ir_measures
 
     provider = trec_eval_provider()
-    measures = [ir_measures.parse_measure(name) for name in measure_names]
-    values = provider.calc_aggregate(measures, qrels, run)
-    return {name: float(values[measure]) for name, measure in zip(measure_names, measures)}
+    measures = {name: ir_measures.parse_measure(name) for name in measure_names}
+    supported = [measure for measure in measures.values() if provider.supports(measure)]
+    computed = dict(provider.calc_aggregate(supported, qrels, run)) if supported else {}
+    values = {}
+    for name, measure in measures.items():
+        if measure in computed:
+            values[name] = computed[measure]
+        elif measure.NAME == "RR" and measure["cutoff"] is not None:
+            uncut = ir_measures.RR(**{k: v for k, v in measure.params.items() if k != "cutoff"})
+            values[name] = provider.calc_aggregate([uncut], qrels, cut_run(run, measure["cutoff"]))[uncut]
+        else:
+            raise ValueError(f"trec_eval cannot compute {name}")
+    return {name: float(value) for name, value in values.items()}
+
+
+def cut_run(run: Mapping[str, Mapping[str, float]], depth: int) -> Run:
+    """Each query's first `depth` passages in trec_eval's order."""
+    return {qid: dict(trec_order(docs.items())[:depth]) for qid, docs in run.items()}
 
 
 def trec_order(ranked: Iterable[tuple[str, float]]) -> list[tuple[str, float]]:
