@@ -12,14 +12,17 @@ import torch
 from transformers import AutoModel, AutoTokenizer, DistilBertConfig, DistilBertModel, BertTokenizerFast
 
 import convert_dpr_checkpoint
+from dpr.data.tensorizer import Tensorizer
 from dpr.foundation.checkpoints import CheckpointState, save_checkpoint
+from dpr.foundation.precision import make_precision
+from dpr.indexing.encoding import TorchVectors, encode_questions
 from dpr.foundation.files import atomic_output_directory
 from dpr.models import onnx_graph
 from dpr.models.encoder_spec import EncoderSpec
 from dpr.models.hf_encoder import resolve_pretrained_path
 from dpr.models.loading import load_inference_encoder, weights_fingerprint
 from dpr.models.onnx_graph import RECORD_NAME, OnnxVectors
-from tests.retrieval_helpers import tiny_model, write_biencoder_checkpoint
+from tests.retrieval_helpers import SEQUENCE_LENGTH, tiny_model, write_biencoder_checkpoint
 from tests.tiny_models import write_vocab
 
 # lengths that differ from the export's probe batch, one row padded far
@@ -104,6 +107,57 @@ def test_minilm_cls_cosine(tmp_path):
                                             share_encoders=True)
     export(checkpoint, tmp_path / "onnx")
     assert_graph_gives_torch_vectors(tmp_path / "onnx" / "encoder.onnx", checkpoint, minilm, "ctx", normalised=True)
+
+
+QUERY_LENGTH = 12
+PREFIXED = dict(query_prefix="query: ", passage_prefix="passage: ", query_sequence_length=QUERY_LENGTH)
+# (title, text); the question longer than QUERY_LENGTH tokens, shorter than the passage length
+PASSAGES = [("paris", "paris is the capital of france"), ("river", "the river runs to the sea and the sea is blue")]
+QUESTIONS = ["who", "who was the one of the two in the tower and what is it to the sea"]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["two_towers", "shared"])
+def test_the_folder_says_how_to_tokenize_and_the_documented_recipe_gives_the_repository_vectors(towers, tmp_path,
+                                                                                               shared):
+    """onnx_export.json's `tokenization` holds the prefixes and both lengths; docs/interop.md's ONNX Runtime recipe,
+    reading them from there, gives the vectors of the repository's question and passage encoding (1e-4)."""
+    question_dir, ctx_dir = towers
+    checkpoint = write_biencoder_checkpoint(tmp_path / "cp", ctx_dir if shared else question_dir, ctx_dir,
+                                            share_encoders=shared, pooling="mean", **PREFIXED)
+    out = tmp_path / "onnx"
+    export(checkpoint, out)
+    settings = json.loads((out / RECORD_NAME).read_text())["tokenization"]
+    assert settings == {"query_prefix": "query: ", "passage_prefix": "passage: ", "query_sequence_length": QUERY_LENGTH,
+                        "sequence_length": SEQUENCE_LENGTH, "do_lower_case": True}
+
+    # the recipe of docs/interop.md ("Using it elsewhere"), reading the settings from the folder
+    import onnxruntime
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    question_graph = onnxruntime.InferenceSession(str(out / ("encoder.onnx" if shared else "question_encoder.onnx")))
+    ctx_graph = onnxruntime.InferenceSession(str(out / ("encoder.onnx" if shared else "ctx_encoder.onnx")))
+    q = tokenizer([settings["query_prefix"] + question for question in QUESTIONS], padding=True, truncation=True,
+                  max_length=settings["query_sequence_length"], return_tensors="np")
+    p = tokenizer([settings["passage_prefix"] + title for title, _ in PASSAGES], [text for _, text in PASSAGES],
+                  padding=True, truncation=True, max_length=settings["sequence_length"], return_tensors="np")
+    question_vectors = question_graph.run(["vectors"], {"input_ids": q["input_ids"],
+                                                        "attention_mask": q["attention_mask"]})[0]
+    passage_vectors = ctx_graph.run(["vectors"], {"input_ids": p["input_ids"], "attention_mask": p["attention_mask"]})[0]
+
+    cpu = torch.device("cpu")
+    encoders = {half: load_inference_encoder(EncoderSpec(ctx_dir), half, checkpoint) for half in ("question", "ctx")}
+    assert len(tokenizer(settings["query_prefix"] + QUESTIONS[1])["input_ids"]) > QUERY_LENGTH  # it is cut
+    ours_q = encode_questions(encoders["question"], TorchVectors(encoders["question"], cpu, make_precision(cpu)),
+                              QUESTIONS, 2)
+    tensorizer = Tensorizer.for_biencoder(encoders["ctx"].spec, encoders["ctx"].tokenizer)
+    ids, mask = tensorizer.tensorize([text for _, text in PASSAGES], [title for title, _ in PASSAGES])
+    with torch.inference_mode():
+        ours_p = encoders["ctx"].search_vectors(ids, mask).numpy()
+    assert np.abs(question_vectors - ours_q).max() <= 1e-4 and np.abs(passage_vectors - ours_p).max() <= 1e-4
+    # the settings matter: the same texts without the prefix are other vectors
+    plain = tokenizer(QUESTIONS, padding=True, truncation=True, max_length=QUERY_LENGTH, return_tensors="np")
+    unprefixed = question_graph.run(["vectors"], {"input_ids": plain["input_ids"],
+                                                  "attention_mask": plain["attention_mask"]})[0]
+    assert np.abs(unprefixed - ours_q).max() > 1e-3
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
