@@ -13,17 +13,18 @@ from transformers import AutoModel, AutoTokenizer, DistilBertConfig, DistilBertM
 
 import convert_dpr_checkpoint
 from dpr.data.tensorizer import Tensorizer
-from dpr.foundation.checkpoints import CheckpointState, save_checkpoint
+from dpr.foundation.checkpoints import CheckpointState, load_checkpoint, save_checkpoint
+from dpr.foundation.files import atomic_output_directory
 from dpr.foundation.precision import make_precision
 from dpr.indexing.encoding import TorchVectors, encode_questions
-from dpr.foundation.files import atomic_output_directory
+from dpr.indexing.shard_provenance import model_record
 from dpr.models import onnx_graph
-from dpr.models.encoder_spec import EncoderSpec
+from dpr.models.encoder_spec import EncoderConfigError, EncoderSpec
 from dpr.models.hf_encoder import resolve_pretrained_path
-from dpr.models.loading import load_inference_encoder, weights_fingerprint
+from dpr.models.loading import load_checkpoint_biencoder, load_inference_encoder, weights_fingerprint
 from dpr.models.onnx_graph import RECORD_NAME, OnnxVectors
 from tests.retrieval_helpers import SEQUENCE_LENGTH, tiny_model, write_biencoder_checkpoint
-from tests.tiny_models import write_vocab
+from tests.tiny_models import tiny_bert_dir, write_vocab
 
 # lengths that differ from the export's probe batch, one row padded far
 TEXTS = ["paris is the capital of france", "who", "the river runs to the sea and the sea is blue and long", "a b c"]
@@ -158,6 +159,29 @@ def test_the_folder_says_how_to_tokenize_and_the_documented_recipe_gives_the_rep
     unprefixed = question_graph.run(["vectors"], {"input_ids": plain["input_ids"],
                                                   "attention_mask": plain["attention_mask"]})[0]
     assert np.abs(unprefixed - ours_q).max() > 1e-3
+
+
+def test_export_and_embedding_read_a_checkpoint_alike(towers, tmp_path):
+    """export-onnx reads the checkpoint with load_checkpoint_biencoder, embedding and retrieval with
+    load_inference_encoder: the same model record (fingerprints, spec, tokenizer) for each half, and weights that
+    do not fit the named model refused in one line by both, each naming its own way out."""
+    question_dir, ctx_dir = towers
+    checkpoint = write_biencoder_checkpoint(tmp_path / "cp", question_dir, ctx_dir, **PREFIXED)
+    encoders = load_checkpoint_biencoder(checkpoint).inference_encoders()
+    for half in ("question", "ctx"):
+        assert model_record(encoders[half], checkpoint) == model_record(
+            load_inference_encoder(EncoderSpec(ctx_dir), half, checkpoint), checkpoint)
+    other = tiny_bert_dir(tmp_path / "wider", dropout=0.0, hidden=48)
+    message = one_line_error(checkpoint, tmp_path / "out", "--pretrained_model_cfg", other)
+    assert f"the question weights of {checkpoint} do not fit '{other}'" in message
+    assert "give --pretrained_model_cfg, the model it was trained from" in message
+    assert not (tmp_path / "out").exists()
+    state = load_checkpoint(checkpoint)
+    state.encoder_params["encoder"]["pretrained_model_cfg"] = other  # names a model its weights do not fit
+    save_checkpoint(checkpoint, state)
+    with pytest.raises(EncoderConfigError, match=r"^the ctx weights of .* do not fit .*: give "
+                                                 r"encoder.pretrained_model_cfg, the model it was trained from$"):
+        load_inference_encoder(EncoderSpec(ctx_dir), "ctx", checkpoint)
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs
