@@ -12,15 +12,19 @@ import torch
 from transformers import AutoModel, AutoTokenizer, DistilBertConfig, DistilBertModel, BertTokenizerFast
 
 import convert_dpr_checkpoint
-from dpr.foundation.checkpoints import CheckpointState, save_checkpoint
+from dpr.data.tensorizer import Tensorizer
+from dpr.foundation.checkpoints import CheckpointState, load_checkpoint, save_checkpoint
 from dpr.foundation.files import atomic_output_directory
+from dpr.foundation.precision import make_precision
+from dpr.indexing.encoding import TorchVectors, encode_questions
+from dpr.indexing.shard_provenance import model_record
 from dpr.models import onnx_graph
-from dpr.models.encoder_spec import EncoderSpec
+from dpr.models.encoder_spec import EncoderConfigError, EncoderSpec
 from dpr.models.hf_encoder import resolve_pretrained_path
-from dpr.models.loading import load_inference_encoder, weights_fingerprint
+from dpr.models.loading import load_checkpoint_biencoder, load_inference_encoder, weights_fingerprint
 from dpr.models.onnx_graph import RECORD_NAME, OnnxVectors
-from tests.retrieval_helpers import tiny_model, write_biencoder_checkpoint
-from tests.tiny_models import write_vocab
+from tests.retrieval_helpers import SEQUENCE_LENGTH, tiny_model, write_biencoder_checkpoint
+from tests.tiny_models import tiny_bert_dir, write_vocab
 
 # lengths that differ from the export's probe batch, one row padded far
 TEXTS = ["paris is the capital of france", "who", "the river runs to the sea and the sea is blue and long", "a b c"]
@@ -104,6 +108,80 @@ def test_minilm_cls_cosine(tmp_path):
                                             share_encoders=True)
     export(checkpoint, tmp_path / "onnx")
     assert_graph_gives_torch_vectors(tmp_path / "onnx" / "encoder.onnx", checkpoint, minilm, "ctx", normalised=True)
+
+
+QUERY_LENGTH = 12
+PREFIXED = dict(query_prefix="query: ", passage_prefix="passage: ", query_sequence_length=QUERY_LENGTH)
+# (title, text); the question longer than QUERY_LENGTH tokens, shorter than the passage length
+PASSAGES = [("paris", "paris is the capital of france"), ("river", "the river runs to the sea and the sea is blue")]
+QUESTIONS = ["who", "who was the one of the two in the tower and what is it to the sea"]
+
+
+@pytest.mark.parametrize("shared", [False, True], ids=["two_towers", "shared"])
+def test_the_folder_says_how_to_tokenize_and_the_documented_recipe_gives_the_repository_vectors(towers, tmp_path,
+                                                                                               shared):
+    """onnx_export.json's `tokenization` holds the prefixes and both lengths; docs/interop.md's ONNX Runtime recipe,
+    reading them from there, gives the vectors of the repository's question and passage encoding (1e-4)."""
+    question_dir, ctx_dir = towers
+    checkpoint = write_biencoder_checkpoint(tmp_path / "cp", ctx_dir if shared else question_dir, ctx_dir,
+                                            share_encoders=shared, pooling="mean", **PREFIXED)
+    out = tmp_path / "onnx"
+    export(checkpoint, out)
+    settings = json.loads((out / RECORD_NAME).read_text())["tokenization"]
+    assert settings == {"query_prefix": "query: ", "passage_prefix": "passage: ", "query_sequence_length": QUERY_LENGTH,
+                        "sequence_length": SEQUENCE_LENGTH, "do_lower_case": True}
+
+    # the recipe of docs/interop.md ("Using it elsewhere"), reading the settings from the folder
+    import onnxruntime
+    tokenizer = AutoTokenizer.from_pretrained(str(out))
+    question_graph = onnxruntime.InferenceSession(str(out / ("encoder.onnx" if shared else "question_encoder.onnx")))
+    ctx_graph = onnxruntime.InferenceSession(str(out / ("encoder.onnx" if shared else "ctx_encoder.onnx")))
+    q = tokenizer([settings["query_prefix"] + question for question in QUESTIONS], padding=True, truncation=True,
+                  max_length=settings["query_sequence_length"], return_tensors="np")
+    p = tokenizer([settings["passage_prefix"] + title for title, _ in PASSAGES], [text for _, text in PASSAGES],
+                  padding=True, truncation=True, max_length=settings["sequence_length"], return_tensors="np")
+    question_vectors = question_graph.run(["vectors"], {"input_ids": q["input_ids"],
+                                                        "attention_mask": q["attention_mask"]})[0]
+    passage_vectors = ctx_graph.run(["vectors"], {"input_ids": p["input_ids"], "attention_mask": p["attention_mask"]})[0]
+
+    cpu = torch.device("cpu")
+    encoders = {half: load_inference_encoder(EncoderSpec(ctx_dir), half, checkpoint) for half in ("question", "ctx")}
+    assert len(tokenizer(settings["query_prefix"] + QUESTIONS[1])["input_ids"]) > QUERY_LENGTH  # it is cut
+    ours_q = encode_questions(encoders["question"], TorchVectors(encoders["question"], cpu, make_precision(cpu)),
+                              QUESTIONS, 2)
+    tensorizer = Tensorizer.for_biencoder(encoders["ctx"].spec, encoders["ctx"].tokenizer)
+    ids, mask = tensorizer.tensorize([text for _, text in PASSAGES], [title for title, _ in PASSAGES])
+    with torch.inference_mode():
+        ours_p = encoders["ctx"].search_vectors(ids, mask).numpy()
+    assert np.abs(question_vectors - ours_q).max() <= 1e-4 and np.abs(passage_vectors - ours_p).max() <= 1e-4
+    # the settings matter: the same texts without the prefix are other vectors
+    plain = tokenizer(QUESTIONS, padding=True, truncation=True, max_length=QUERY_LENGTH, return_tensors="np")
+    unprefixed = question_graph.run(["vectors"], {"input_ids": plain["input_ids"],
+                                                  "attention_mask": plain["attention_mask"]})[0]
+    assert np.abs(unprefixed - ours_q).max() > 1e-3
+
+
+def test_export_and_embedding_read_a_checkpoint_alike(towers, tmp_path):
+    """export-onnx reads the checkpoint with load_checkpoint_biencoder, embedding and retrieval with
+    load_inference_encoder: the same model record (fingerprints, spec, tokenizer) for each half, and weights that
+    do not fit the named model refused in one line by both, each naming its own way out."""
+    question_dir, ctx_dir = towers
+    checkpoint = write_biencoder_checkpoint(tmp_path / "cp", question_dir, ctx_dir, **PREFIXED)
+    encoders = load_checkpoint_biencoder(checkpoint).inference_encoders()
+    for half in ("question", "ctx"):
+        assert model_record(encoders[half], checkpoint) == model_record(
+            load_inference_encoder(EncoderSpec(ctx_dir), half, checkpoint), checkpoint)
+    other = tiny_bert_dir(tmp_path / "wider", dropout=0.0, hidden=48)
+    message = one_line_error(checkpoint, tmp_path / "out", "--pretrained_model_cfg", other)
+    assert f"the question weights of {checkpoint} do not fit '{other}'" in message
+    assert "give --pretrained_model_cfg, the model it was trained from" in message
+    assert not (tmp_path / "out").exists()
+    state = load_checkpoint(checkpoint)
+    state.encoder_params["encoder"]["pretrained_model_cfg"] = other  # names a model its weights do not fit
+    save_checkpoint(checkpoint, state)
+    with pytest.raises(EncoderConfigError, match=r"^the ctx weights of .* do not fit .*: give "
+                                                 r"encoder.pretrained_model_cfg, the model it was trained from$"):
+        load_inference_encoder(EncoderSpec(ctx_dir), "ctx", checkpoint)
 
 
 # ------------------------------------------------------------------------------------------------ bad inputs

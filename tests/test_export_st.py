@@ -88,8 +88,9 @@ def repository_question_vectors(encoder, questions) -> torch.Tensor:
 
 
 def repository_passage_vectors(encoder, titles, texts) -> torch.Tensor:
-    """generate_dense_embeddings.py's passage vectors: title/text token ids, length-sorted batches."""
-    tensorizer = Tensorizer.for_spec(encoder.spec, encoder.tokenizer)
+    """generate_dense_embeddings.py's passage vectors: title/text token ids (passage prefix before the title),
+    length-sorted batches."""
+    tensorizer = Tensorizer.for_biencoder(encoder.spec, encoder.tokenizer)
     batches = padded_batches(tensorizer, tensorizer.token_ids(list(texts), list(titles)), 2, sort_by_length=True)
     return torch.from_numpy(encode_batches(TorchVectors(encoder, CPU, make_precision(CPU)), batches, len(texts)))
 
@@ -206,6 +207,53 @@ def test_transformers_dpr_folders_export_after_import_biencoder(tmp_path, tiny_b
     assert (st_vectors(model, "query", QUESTIONS) - repository_question_vectors(question_encoder, QUESTIONS)).abs().max() <= 1e-5
     assert (st_vectors(model, "document", passage_inputs(titles, texts))
             - repository_passage_vectors(ctx_encoder, titles, texts)).abs().max() <= 1e-5
+
+
+# ---------------------------------------------------------------- prefixes and the question length (issue 27)
+
+QUERY_LENGTH = 12
+PREFIXED = dict(query_prefix="query: ", passage_prefix="passage: ", query_sequence_length=QUERY_LENGTH)
+# fits the passage length, not the question length: only a question length of its own cuts it
+LONG_QUESTION = "who was the one of the two in the tower and what is it to the sea"
+
+
+@pytest.mark.parametrize("shared, pooling", [(False, "cls"), (True, "mean")], ids=["two_towers", "shared"])
+def test_prefixes_and_question_length_need_nothing_from_the_user(tmp_path, tiny_base, shared, pooling):
+    """A checkpoint trained with encoder.query_prefix, passage_prefix and a shorter query_sequence_length:
+    encode_query / encode_document with no argument but the texts give the repository's vectors (the prompts
+    and the question length are the folder's own); a shared encoder stays one set of weights."""
+    spec_fields = dict(pooling=pooling, similarity="cosine", share_encoders=shared, **PREFIXED)
+    checkpoint = write_checkpoint(tmp_path / "dpr_biencoder.1", tiny_base, TINY_LENGTH, **spec_fields)
+    model = export(checkpoint, tmp_path / "st")
+    question_encoder, ctx_encoder = repository_encoders(checkpoint)
+    questions = QUESTIONS + [LONG_QUESTION]
+    long_ids = question_encoder.tokenizer("query: " + LONG_QUESTION)["input_ids"]
+    assert QUERY_LENGTH < len(long_ids) <= TINY_LENGTH  # cut by the question length only
+    titles, texts = [t for t, _ in PASSAGES], [p for _, p in PASSAGES]
+    ours_q = repository_question_vectors(question_encoder, questions)
+    ours_p = repository_passage_vectors(ctx_encoder, titles, texts)
+    documents = passage_inputs(titles, texts)
+    quiet = dict(convert_to_tensor=True, show_progress_bar=False)
+    assert (model.encode_query(questions, **quiet) - ours_q).abs().max() <= 1e-5
+    assert (model.encode_document(documents, **quiet) - ours_p).abs().max() <= 1e-5
+    assert (model.encode(documents, **quiet) - ours_p).abs().max() <= 1e-5  # no task: as a document
+    # the prefixes matter here: without them the vectors are others
+    assert (model.encode_query(questions, prompt="", **quiet) - ours_q).abs().max() > 1e-3
+    assert (model.encode_document(documents, prompt="", **quiet) - ours_p).abs().max() > 1e-3
+
+    config = json.loads((tmp_path / "st" / "config_sentence_transformers.json").read_text())
+    assert config["prompts"] == {"query": "query: ", "document": "passage: "}
+    if shared:
+        assert not isinstance(model[0], Router) and model[0].query_length == QUERY_LENGTH
+        assert model.max_seq_length == TINY_LENGTH
+        assert len(list((tmp_path / "st").rglob("*.safetensors"))) == 1  # one set of weights
+    else:
+        lengths = {route: modules[0].max_seq_length for route, modules in model[0].sub_modules.items()}
+        assert lengths == {"query": QUERY_LENGTH, "document": TINY_LENGTH}
+    card = (tmp_path / "st" / "README.md").read_text()
+    for row in (f"| max sequence length | {TINY_LENGTH} tokens", f"| question length | {QUERY_LENGTH} tokens",
+                "| question prefix | `'query: '`", "| passage prefix | `'passage: '`"):
+        assert row in card, row
 
 
 # ---------------------------------------------------------------- squad_open: the same top-20 as dense_retriever.py

@@ -129,6 +129,23 @@ def test_export_warns_of_prefixes_and_a_question_length_the_exported_tokenizers_
     assert "encoder.query_sequence_length=32" in warned[0] and "passage_prefix" not in warned[0]
 
 
+def test_export_warns_of_exactly_what_is_lost(tmp_path, base_dir, caplog):
+    """A passage prefix is named with where it goes; a question length equal to the passage length loses nothing
+    and is not named; a checkpoint without these settings exports without the warning."""
+    checkpoint = make_biencoder_checkpoint(tmp_path / "dpr_biencoder.1", base_dir)
+    with caplog.at_level("WARNING", logger="dpr.interop.hf_dpr"):
+        hf_dpr.export_biencoder(str(checkpoint), str(tmp_path / "plain"))
+    assert not [r for r in caplog.records if "texts prepared the same way" in r.getMessage()]
+    ckpt = load_checkpoint(str(checkpoint))
+    ckpt.encoder_params["encoder"].update(passage_prefix="passage: ", query_sequence_length=SEQUENCE_LENGTH)
+    save_checkpoint(str(checkpoint), ckpt)
+    with caplog.at_level("WARNING", logger="dpr.interop.hf_dpr"):
+        hf_dpr.export_biencoder(str(checkpoint), str(tmp_path / "hf"))
+    [warned] = [r.getMessage() for r in caplog.records if "texts prepared the same way" in r.getMessage()]
+    assert "encoder.passage_prefix='passage: ' (put it before each passage's title, or its text" in warned
+    assert "query_sequence_length" not in warned and "query_prefix" not in warned
+
+
 def test_export_import_round_trip_keeps_weights(tmp_path, base_dir):
     checkpoint = make_biencoder_checkpoint(tmp_path / "dpr_biencoder.1", base_dir, projection_dim=8)
     hf_dpr.export_biencoder(str(checkpoint), str(tmp_path / "hf"))

@@ -6,13 +6,19 @@ import shutil
 
 import numpy as np
 import pytest
+import torch
 
 import convert_dpr_checkpoint
 from dpr.data.embeddings_io import read_embeddings
 from dpr.foundation.errors import ConfigError
+from dpr.foundation.precision import make_precision
 from dpr.indexing.dense_retriever import run_dense_retriever
+from dpr.indexing.encoder_backend import EncoderBackend, batch_encoder
+from dpr.indexing.encoding import TorchVectors, encode_questions
 from dpr.indexing.generate_embeddings import generate_dense_embeddings
 from dpr.indexing.shard_provenance import ShardProvenanceError, check_shard_sets, read_provenance, sidecar_path
+from dpr.models.encoder_spec import EncoderSpec
+from dpr.models.loading import load_inference_encoder
 from dpr.models.onnx_graph import RECORD_NAME, OnnxExportError
 from tests.fixtures import forbid_calls
 from tests.retrieval_helpers import (
@@ -125,6 +131,42 @@ def test_onnx_dir_of_another_model_is_refused_before_embedding(data, tmp_path, m
                           encoder_backend="onnx", onnx_dir=tmp_path)
     with pytest.raises(OnnxExportError, match=f"onnx_dir={tmp_path} has no {RECORD_NAME}"):
         generate_dense_embeddings(cfg)
+
+
+PREFIXED = dict(query_prefix="query: ", passage_prefix="passage: ", query_sequence_length=12)
+LONG_QUESTION = "who was the one of the two in the tower and what is it to the sea"  # over 12 tokens
+
+
+def test_a_prefixed_checkpoint_gives_the_torch_vectors_and_another_tokenization_is_refused(data, tmp_path, monkeypatch):
+    """The same two towers trained with prefixes and a shorter question length: its export-onnx folder, run by
+    encoder_backend=onnx, gives torch's passage shards and question vectors (1e-4); the folder of the
+    unprefixed checkpoint (the same weights) is refused in one line naming the setting that differs."""
+    checkpoint = write_biencoder_checkpoint(tmp_path / "cp", str(data["dir"] / "q"), data["ctx_dir"], **PREFIXED)
+    onnx_dir = tmp_path / "onnx"
+    convert_dpr_checkpoint.main(["export-onnx", checkpoint, str(onnx_dir)])
+    prefixed = dict(data, cp=checkpoint)
+    [torch_shard] = embed(prefixed, tmp_path / "torch" / "emb", "torch", num_shards=1)
+    [onnx_shard] = embed(prefixed, tmp_path / "onnx_emb" / "emb", "onnx", num_shards=1, onnx_dir=onnx_dir)
+    (ids, torch_vectors), (onnx_ids, onnx_vectors) = read_embeddings(torch_shard), read_embeddings(onnx_shard)
+    assert onnx_ids == ids and np.abs(onnx_vectors - torch_vectors).max() <= 1e-4
+    unprefixed_ids, unprefixed = read_embeddings(data["torch_shards"][0])  # the same weights, no passage prefix
+    assert np.abs(torch_vectors[[ids.index(i) for i in unprefixed_ids]] - unprefixed).max() > 1e-3
+
+    cpu = torch.device("cpu")
+    encoder = load_inference_encoder(EncoderSpec(data["ctx_dir"]), "question", checkpoint)
+    assert len(encoder.tokenizer("query: " + LONG_QUESTION)["input_ids"]) > encoder.spec.question_length == 12
+    questions = ["what is the capital of france?", LONG_QUESTION]
+    backend = EncoderBackend("onnx", onnx_dir=str(onnx_dir))
+    by_onnx = encode_questions(encoder, batch_encoder(encoder, backend, "question", checkpoint, cpu,
+                                                      make_precision(cpu)), questions, 2)
+    by_torch = encode_questions(encoder, TorchVectors(encoder, cpu, make_precision(cpu)), questions, 2)
+    assert np.abs(by_onnx - by_torch).max() <= 1e-4
+
+    forbid_calls(monkeypatch, "dpr.indexing.generate_embeddings.encode_batches")
+    with pytest.raises(OnnxExportError, match=r"^onnx_dir=.* was exported to tokenize with query_prefix='', but the "
+                                              r"model's encoder spec \(model_file and encoder settings\) says "
+                                              r"query_prefix='query: ': give the folder exported from this checkpoint"):
+        embed(prefixed, tmp_path / "x" / "emb", "onnx", num_shards=1, onnx_dir=data["onnx_dir"])
 
 
 @pytest.mark.parametrize("values, message", [

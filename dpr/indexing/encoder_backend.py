@@ -8,7 +8,8 @@ conf/dense_retriever.yaml): torch, or ONNX Runtime on the exported graph (`dpr.m
   say `model.quantization: int8` and its shards and question vectors are compared only with int8 ones.
 
 The graph comes from `onnx_dir` (written by `convert_dpr_checkpoint.py export-onnx`, checked to be of the model
-being used) or, when that is empty, from a cache folder under `onnx_cache_dir`, exported on first use: one folder
+being used, its recorded tokenization (prefixes, lengths) checked to be the spec's, by which the texts are
+tokenized) or, when that is empty, from a cache folder under `onnx_cache_dir`, exported on first use: one folder
 per model weights, vector settings, encoder half and precision, written to a temporary folder and renamed, so shard
 jobs running at once each find it whole (when two export it together, the first rename wins and the other's copy is
 discarded). Both backends get the same length-sorted batches and write the same shards.
@@ -103,6 +104,7 @@ def graph_path(encoder: InferenceEncoder, backend: EncoderBackend, encoder_type:
             logger.info("exporting the %s encoder to ONNX in %s (first use of this model)", encoder_type, folder)
             record = export_folder({encoder_type: encoder}, str(folder), model_record(encoder, model_file),
                                    quantize="int8" if precision == "int8" else None, keep_existing=True)
+    _check_tokenization(record, encoder, folder, option)
     _check_model(record, encoder, folder, option)
     name = record.graph_for(encoder_type, precision)
     if name is None:
@@ -120,6 +122,21 @@ def cache_folder(encoder: InferenceEncoder, backend: EncoderBackend, encoder_typ
            "encoder_type": encoder_type, "precision": precision}
     digest = hashlib.blake2b(json.dumps(key, sort_keys=True).encode(), digest_size=10).hexdigest()
     return Path(backend.onnx_cache_dir).expanduser() / f"{encoder_type}-{precision}-{digest}"
+
+
+def _check_tokenization(record: ExportRecord, encoder: InferenceEncoder, folder: Path, option: str) -> None:
+    """Refuse graphs whose folder says their token ids are made otherwise (prefixes, lengths, lower-casing) than the
+    model's spec makes them: the graphs would be fed ids of other texts. Folders exported before the record held
+    these settings are left to `_check_model` (their encoder_params hold them)."""
+    if record.tokenization is None:
+        return
+    ours = encoder.spec.tokenization_params()
+    for key, value in ours.items():
+        if key in record.tokenization and record.tokenization[key] != value:
+            raise OnnxExportError(
+                f"{option}={folder} was exported to tokenize with {key}={record.tokenization[key]!r}, but the "
+                f"model's encoder spec (model_file and encoder settings) says {key}={value!r}: give the folder "
+                "exported from this checkpoint, or export it again (convert_dpr_checkpoint.py export-onnx)")
 
 
 def _check_model(record: ExportRecord, encoder: InferenceEncoder, folder: Path, option: str) -> None:

@@ -220,11 +220,27 @@ def check_exportable(ckpt: CheckpointState, checkpoint_path: str) -> None:
     if saved.get("similarity") == "cosine":
         logger.warning("%s was trained with cosine similarity: L2-normalise the exported encoders' pooler_output "
                        "before taking inner products", checkpoint_path)
-    texts = {key: saved[key] for key in ("query_prefix", "passage_prefix", "query_sequence_length") if saved.get(key)}
-    if texts:  # transformers' DPR tokenizers know no prefix and one length for both encoders
-        logger.warning("%s was trained with %s: give the exported encoders texts prepared the same way (prefixes "
-                       "put before the text, questions cut at their length)", checkpoint_path,
-                       ", ".join(f"encoder.{key}={value!r}" for key, value in texts.items()))
+    lost = settings_the_dpr_tokenizers_lose(saved)
+    if lost:  # transformers' DPR tokenizers know no prefix, and no length of their own for questions
+        logger.warning("%s was trained with %s; transformers' DPR classes have no place for them, so the exported "
+                       "folders do not apply them: give the exported encoders texts prepared the same way",
+                       checkpoint_path, "; ".join(lost))
+
+
+def settings_the_dpr_tokenizers_lose(saved: dict) -> List[str]:
+    """Each setting of a checkpoint's `encoder` params that the exported DPR folders cannot hold, with what to do
+    in its stead: a question prefix, a passage prefix, a question length other than the passage length."""
+    lost = []
+    if saved.get("query_prefix"):
+        lost.append(f"encoder.query_prefix={saved['query_prefix']!r} (put it before each question)")
+    if saved.get("passage_prefix"):
+        lost.append(f"encoder.passage_prefix={saved['passage_prefix']!r} (put it before each passage's title, or "
+                    "its text when it has none)")
+    length = saved.get("query_sequence_length")
+    if length and length != saved.get("sequence_length"):
+        lost.append(f"encoder.query_sequence_length={length} (cut questions at {length} tokens; passages at "
+                    f"encoder.sequence_length={saved.get('sequence_length')})")
+    return lost
 
 
 def checkpoint_half(ckpt: CheckpointState, role: str) -> Dict[str, torch.Tensor]:

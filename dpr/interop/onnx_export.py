@@ -1,15 +1,12 @@
 """`convert_dpr_checkpoint.py export-onnx`: a bi-encoder checkpoint -> ONNX graphs whose output is the retrieval
 vector (`dpr.models.onnx_graph`), with the tokenizer and a record of what they are (see docs/interop.md)."""
-import dataclasses
 import os
 from pathlib import Path
 from typing import Optional
 
-from dpr.foundation.checkpoints import load_checkpoint
 from dpr.indexing.shard_provenance import model_record
 from dpr.interop.hf_dpr import ConversionReport
-from dpr.models.encoder_spec import EncoderSpec
-from dpr.models.loading import checkpoint_encoder
+from dpr.models.loading import load_checkpoint_biencoder
 from dpr.models.onnx_graph import DEFAULT_OPSET, RECORD_NAME, OnnxExportError, export_folder, require_onnx
 
 
@@ -29,23 +26,10 @@ def export_onnx(
     """`out_dir/question_encoder.onnx` and `ctx_encoder.onnx` (`encoder.onnx` when the checkpoint's towers share
     one encoder), their int8 copies with `quantize="int8"`, the tokenizer and `onnx_export.json`; the folder
     appears only complete. `pretrained_model_cfg` overrides the base model the checkpoint names (a released
-    checkpoint names a hub model that may not be here)."""
+    checkpoint names a hub model that may not be here); `load_checkpoint_biencoder` reads the checkpoint, as for
+    the other exports."""
     require_onnx("convert_dpr_checkpoint.py export-onnx")
     check_out_dir(out_dir, overwrite)
-    ckpt = load_checkpoint(checkpoint_path, trust_checkpoint)
-    name = pretrained_model_cfg or ckpt.encoder_params.get("encoder", {}).get("pretrained_model_cfg")
-    if not name:
-        raise OnnxExportError(f"{checkpoint_path} names no pretrained model: give --pretrained_model_cfg")
-    spec = EncoderSpec(name).with_checkpoint_params(ckpt.encoder_params)
-    if pretrained_model_cfg:
-        spec = dataclasses.replace(spec, pretrained_model_cfg=pretrained_model_cfg)
-    try:
-        question = checkpoint_encoder(ckpt, spec, "question", checkpoint_path)
-    except OSError as e:  # transformers cannot read the base model's configuration
-        raise OnnxExportError(
-            f"cannot read the base model '{spec.pretrained_model_cfg}' of {checkpoint_path} ({e}); give "
-            "--pretrained_model_cfg: a local folder with the config and tokenizer it was trained from") from e
-    ctx = question if spec.share_encoders else checkpoint_encoder(ckpt, spec, "ctx", checkpoint_path)
-    record = export_folder({"question": question, "ctx": ctx}, out_dir, model_record(question, checkpoint_path),
-                           quantize, opset)
+    encoders = load_checkpoint_biencoder(checkpoint_path, pretrained_model_cfg, trust_checkpoint).inference_encoders()
+    record = export_folder(encoders, out_dir, model_record(encoders["question"], checkpoint_path), quantize, opset)
     return ConversionReport(written=[os.path.join(out_dir, name) for name in [*record.files, RECORD_NAME]])

@@ -10,10 +10,16 @@ What the repository computes, and the module that computes it in the folder:
     pooling     last-layer [CLS] vector, or the mean over non-padding tokens         Pooling (cls / mean)
     projection  encode_proj, when encoder.projection_dim > 0                         Dense (no activation)
     similarity  dot product; cosine: L2-normalised vectors, inner product            Normalize; similarity_fn_name
+    prefixes    encoder.query_prefix before each question, encoder.passage_prefix    the folder's prompts "query"
+                before each passage's title (its text when it has none)              and "document"
+    lengths     questions cut at encoder.query_sequence_length, passages at          each tower's max_seq_length;
+                encoder.sequence_length                                              a shared encoder's query_length
 
 Two towers become one model through a `Router` (the question encoder on the "query" route, the context encoder
-on the "document" route); a checkpoint trained with encoder.share_encoders=true is one plain module chain.
-A passage goes in as the pair `[title, text]`, which the tokenizer joins exactly as the tensorizer does.
+on the "document" route); a checkpoint trained with encoder.share_encoders=true is one plain module chain, whose
+Transformer cuts `encode_query`'s texts at its `query_length` (sentence-transformers' per-task length) when the
+question length differs. A passage goes in as the pair `[title, text]`, which the tokenizer joins exactly as the
+tensorizer does; a prompt goes before a pair's first text, where the tensorizer puts the passage prefix.
 """
 import copy
 import datetime
@@ -46,7 +52,8 @@ EXTRA_MISSING = "sentence-transformers export needs the st extra: pip install -e
 # passage's text segment type 1, so the folder's Transformer asks it for none.
 PROCESSING_KWARGS = {"text": {"return_token_type_ids": False}}
 # Texts the export encodes both ways before it finishes: a mismatch is a bug, not a folder to hand out.
-PROBE_QUESTIONS = ["who wrote the origin of species?", "what is the capital of france"]
+PROBE_QUESTIONS = ["who wrote the origin of species?", "what is the capital of france",
+                   "which " + "very " * 120 + "long question is cut at the question length?"]
 PROBE_PASSAGES = [("Charles Darwin", "darwin published on the origin of species."),
                   ("", "paris is the capital and largest city of france.")]
 PROBE_TOLERANCE = 1e-4
@@ -170,10 +177,12 @@ def _numbers(data: dict, prefix: str) -> Dict[str, float]:
 # ---------------------------------------------------------------- the folder
 
 
-def tower_modules(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: EncoderSpec, staging: str):
+def tower_modules(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, spec: EncoderSpec, staging: str,
+                  max_length: int, query_length: Optional[int] = None):
     """Transformer, Pooling, [Dense], [Normalize] computing `model`'s search vectors. The Transformer is read
     from `staging`, where the plain transformers model (the checkpoint's weights without encode_proj, which
-    becomes the Dense) and the tokenizer (its model_max_length the sequence length) are saved first."""
+    becomes the Dense) and the tokenizer (its model_max_length `max_length`) are saved first; `query_length`
+    cuts the texts of `encode_query` at another length."""
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
     plain = AutoModel.from_config(copy.deepcopy(model.config))
@@ -181,9 +190,9 @@ def tower_modules(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sp
     plain.load_state_dict(weights, strict=True)
     plain.save_pretrained(staging)
     tokenizer = copy.deepcopy(tokenizer)
-    tokenizer.model_max_length = spec.sequence_length
+    tokenizer.model_max_length = max_length
     tokenizer.save_pretrained(staging)
-    transformer = Transformer(staging, processing_kwargs=copy.deepcopy(PROCESSING_KWARGS))
+    transformer = Transformer(staging, processing_kwargs=copy.deepcopy(PROCESSING_KWARGS), query_length=query_length)
     hidden = transformer.get_embedding_dimension()
     modules = [transformer, Pooling(hidden, pooling_mode=spec.pooling)]
     projection = getattr(model, "encode_proj", None)
@@ -195,27 +204,42 @@ def tower_modules(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase, sp
     return modules
 
 
+def st_prompts(spec: EncoderSpec) -> dict:
+    """The folder's prompts: `encode_query` puts the "query" prompt before each text, `encode_document` the
+    "document" prompt (before a pair's first text, the title), both without being asked."""
+    return {"query": spec.query_prefix, "document": spec.passage_prefix}
+
+
 def build_sentence_transformer(loaded: CheckpointBiEncoder, staging: str):
-    """The SentenceTransformer of a loaded checkpoint: one chain for a shared encoder, else a Router with the
-    question encoder on the query route and the context encoder on the document route."""
+    """The SentenceTransformer of a loaded checkpoint: one chain for a shared encoder (its Transformer's
+    query_length the question length, when that differs), else a Router with the question encoder (cut at the
+    question length) on the query route and the context encoder on the document route. `encode` without a task
+    takes the document route and, through default_prompt_name, the passage prefix."""
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Router
 
-    def chain(model: PreTrainedModel, name: str):
-        folder = os.path.join(staging, name)
-        return tower_modules(model, loaded.tokenizer, loaded.spec, folder)
+    spec = loaded.spec
+
+    def chain(model: PreTrainedModel, name: str, max_length: int, query_length: Optional[int] = None):
+        return tower_modules(model, loaded.tokenizer, spec, os.path.join(staging, name), max_length, query_length)
 
     if loaded.shares_encoders:
-        modules = chain(loaded.question_model, "shared")
+        query_length = spec.question_length if spec.question_length != spec.sequence_length else None
+        modules = chain(loaded.question_model, "shared", spec.sequence_length, query_length)
     else:
-        modules = [Router.for_query_document(query_modules=chain(loaded.question_model, "question"),
-                                             document_modules=chain(loaded.ctx_model, "ctx"))]
-    return SentenceTransformer(modules=modules, device="cpu", similarity_fn_name=loaded.spec.similarity)
+        modules = [Router.for_query_document(
+            query_modules=chain(loaded.question_model, "question", spec.question_length),
+            document_modules=chain(loaded.ctx_model, "ctx", spec.sequence_length))]
+    return SentenceTransformer(modules=modules, device="cpu", similarity_fn_name=spec.similarity, prompts=st_prompts(spec),
+                               default_prompt_name="document" if spec.passage_prefix else None)
 
 
 def repository_vectors(loaded: CheckpointBiEncoder, texts: Sequence[str], titles=None, role: str = "question"):
-    """float32 search vectors of the repository's encoding path (tensorizer, encode, search_vectors)."""
-    tensorizer = Tensorizer.for_spec(loaded.spec, loaded.tokenizer)
+    """float32 search vectors of the repository's encoding path (the bi-encoder's tensorizer: the question one for
+    `role="question"`, encode, search_vectors)."""
+    tensorizer = Tensorizer.for_biencoder(loaded.spec, loaded.tokenizer)
+    if role == "question":
+        tensorizer = tensorizer.questions
     ids, mask = tensorizer.tensorize(list(texts), titles)
     model = loaded.question_model if role == "question" else loaded.ctx_model
     with torch.inference_mode():
@@ -288,6 +312,10 @@ def model_card(loaded: CheckpointBiEncoder, card: ModelCardInputs, model) -> str
                    "one model through sentence-transformers' `Router`")
     projection = (f"encode_proj, a linear layer to {spec.projection_dim} (a `Dense` module)"
                   if spec.projection_dim else "none")
+    where_cut = ""
+    if spec.question_length != spec.sequence_length:
+        where_cut = (": the shared Transformer's `query_length`" if loaded.shares_encoders
+                     else ": the query tower's `max_seq_length`")
     similarity = ("dot product (DPR's)" if spec.similarity == "dot"
                   else "cosine: vectors L2-normalised (a `Normalize` module), ranked by inner product")
     lines = [
@@ -318,7 +346,12 @@ def model_card(loaded: CheckpointBiEncoder, card: ModelCardInputs, model) -> str
         f"| projection | {projection} |",
         f"| similarity | {similarity}; `model.similarity` ranks as the retriever does |",
         f"| temperature | {spec.temperature:g} (training loss only: it scales every score alike, so rankings do not change) |",
-        f"| max sequence length | {spec.sequence_length} tokens (longer texts are truncated) |",
+        f"| max sequence length | {spec.sequence_length} tokens (passages; longer texts are truncated) |",
+        f"| question length | {spec.question_length} tokens (`encode_query` truncates questions there{where_cut}) |",
+        f"| question prefix | {_shown(spec.query_prefix)} (`encode_query` puts it before each question: the folder's "
+        "`query` prompt) |",
+        f"| passage prefix | {_shown(spec.passage_prefix)} (`encode_document` and `encode` put it before each "
+        "passage's title, or its text when it has none: the folder's `document` prompt) |",
         f"| lower-cased | {'yes' if spec.do_lower_case else 'no'} |",
         f"| dimensions | {dimension} |",
         "",
@@ -338,7 +371,9 @@ def model_card(loaded: CheckpointBiEncoder, card: ModelCardInputs, model) -> str
         "",
         "Passages are `[title, text]` pairs: the tokenizer joins them as the repository does, `[CLS] title [SEP] "
         "text [SEP]`, truncating the longer of the two first. The single string `\"title [SEP] text\"` gives the "
-        "same tokens and vectors unless the passage is longer than the sequence length. The retriever replaces "
+        "same tokens and vectors unless the passage is longer than the sequence length. The prefixes and the question "
+        "length above are applied by `encode_query` and `encode_document` themselves: give them the plain texts "
+        "(a `prompt=` or `prompt_name=` argument would replace the prefix). The retriever replaces "
         "`\u2019` with `'` in questions (DPR's normalisation) before encoding them; do the same for identical "
         "vectors. `model.encode` without a task encodes as `encode_document` does.",
         "",
@@ -351,6 +386,10 @@ def model_card(loaded: CheckpointBiEncoder, card: ModelCardInputs, model) -> str
                   "|---|---|"]
         lines += [f"| {name} | {value:.4f} |" for name, value in card.metrics.items()]
     return "\n".join(lines) + "\n"
+
+
+def _shown(prefix: str) -> str:
+    return f"`{prefix!r}`" if prefix else "none"
 
 
 RECIPE_ROWS = (

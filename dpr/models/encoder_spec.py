@@ -128,6 +128,14 @@ class EncoderSpec:
         agree. Training-only settings, padding (masked out) and the temperature (a scale) are left out."""
         return {key: getattr(self, key) for key in VECTOR_FIELDS}
 
+    def tokenization_params(self) -> dict:
+        """How texts become the token ids an exported graph takes: the prefix put before each question / passage
+        (before a passage's title when it has one), the length each is cut at, and the lower-casing of the
+        tokenizer saved beside the graph."""
+        return {"query_prefix": self.query_prefix, "passage_prefix": self.passage_prefix,
+                "query_sequence_length": self.question_length, "sequence_length": int(self.sequence_length),
+                "do_lower_case": bool(self.do_lower_case)}
+
     def with_checkpoint_params(self, params: Mapping[str, Any]) -> "EncoderSpec":
         """This spec with a checkpoint's saved encoder settings applied over it, as DPR does; a saved model path
         that does not exist on this machine keeps the configured one (with a warning). Keys of DPR's encoder

@@ -119,16 +119,12 @@ def checkpoint_encoder(
     ckpt: checkpoints.CheckpointState, spec: EncoderSpec, encoder_type: str, model_file: str
 ) -> InferenceEncoder:
     """The `encoder_type` half of a loaded checkpoint as an InferenceEncoder following `spec` (the checkpoint's
-    settings already applied), its fingerprint that of the whole checkpoint."""
-    state = checkpoints.strip_prefix(ckpt.model_dict, CHECKPOINT_PREFIXES[encoder_type])
-    if not state:
-        raise checkpoints.CheckpointError(
-            f"{model_file} has no '{CHECKPOINT_PREFIXES[encoder_type]}*' weights: is it a bi-encoder checkpoint?"
-        )
+    settings already applied over the configured ones), its fingerprint that of the whole checkpoint. One half
+    only: embedding and retrieval need no other (`load_checkpoint_biencoder` reads both, for the exports)."""
+    state = _tower_weights(ckpt, encoder_type, model_file)
     config = AutoConfig.from_pretrained(resolve_pretrained_path(spec.pretrained_model_cfg))
     check_fits_model(spec, getattr(config, "max_position_embeddings", None))
-    model = encoder_from_config(config, None, spec.projection_dim)
-    checkpoints.load_model_state(model, state)
+    model = _checkpoint_tower(state, encoder_type, config, spec, model_file, "encoder.pretrained_model_cfg")
     logger.info("Loaded %s encoder weights from %s", encoder_type, model_file)
     return _inference_encoder(model, spec, weights_fingerprint(ckpt.model_dict), weights_sha256(ckpt.model_dict),
                               ckpt.encoder_params.get("tokenizer"), f"the checkpoint {model_file}")
@@ -160,6 +156,20 @@ class CheckpointBiEncoder:
     @property
     def shares_encoders(self) -> bool:
         return self.question_model is self.ctx_model
+
+    def inference_encoders(self) -> dict:
+        """{"question": InferenceEncoder, "ctx": InferenceEncoder} of the two towers (one object under both keys
+        when they share the encoder), fingerprinted as `checkpoint_encoder` fingerprints them: the same model
+        record, so graphs or vectors made from either are accepted beside the other's."""
+        model_dict = self.checkpoint.model_dict
+        fingerprint, digest = weights_fingerprint(model_dict), weights_sha256(model_dict)
+        identity = tokenizer_identity(self.tokenizer)
+
+        def encoder(model: PreTrainedModel) -> InferenceEncoder:
+            return InferenceEncoder(model, self.tokenizer, self.spec, fingerprint, digest, identity)
+
+        question = encoder(self.question_model)
+        return {"question": question, "ctx": question if self.shares_encoders else encoder(self.ctx_model)}
 
 
 def load_checkpoint_biencoder(
@@ -196,31 +206,43 @@ def load_checkpoint_biencoder(
         tokenizer = load_tokenizer(spec.pretrained_model_cfg, spec.do_lower_case)
     except TokenizerError as e:
         raise TokenizerError(
-            f"'{spec.pretrained_model_cfg}', the model {checkpoint_path} names, has no tokenizer (no vocab.txt or "
-            "tokenizer.json there): give --pretrained_model_cfg, a directory holding the tokenizer files of the "
-            "model it was trained from") from e
+            f"'{spec.pretrained_model_cfg}', the model {checkpoint_path} names, has no tokenizer ({_first_line(e)}): "
+            "give --pretrained_model_cfg, a directory holding the tokenizer files of the model it was trained "
+            "from") from e
     except (OSError, ValueError, TypeError) as e:
         raise TokenizerError(
             f"cannot read the tokenizer of '{spec.pretrained_model_cfg}' ({_first_line(e)}): give "
             "--pretrained_model_cfg, a directory holding the tokenizer files of the model it was trained from") from e
     check_same_tokenizer(ckpt.encoder_params.get("tokenizer"), tokenizer, path, f"the checkpoint {checkpoint_path}")
-    question_model = _checkpoint_tower(ckpt, "question", config, spec, checkpoint_path)
-    ctx_model = question_model if spec.share_encoders else _checkpoint_tower(ckpt, "ctx", config, spec, checkpoint_path)
+    def tower(encoder_type: str) -> PreTrainedModel:
+        return _checkpoint_tower(_tower_weights(ckpt, encoder_type, checkpoint_path), encoder_type, config, spec,
+                                 checkpoint_path)
+
+    question_model = tower("question")
+    ctx_model = question_model if spec.share_encoders else tower("ctx")
     return CheckpointBiEncoder(question_model, ctx_model, tokenizer, spec, ckpt)
 
 
-def _checkpoint_tower(ckpt, encoder_type: str, config, spec: EncoderSpec, checkpoint_path: str) -> PreTrainedModel:
+def _tower_weights(ckpt, encoder_type: str, checkpoint_path: str) -> dict:
+    """The `encoder_type` half's weights of a bi-encoder checkpoint, their prefix stripped."""
     state = checkpoints.strip_prefix(ckpt.model_dict, CHECKPOINT_PREFIXES[encoder_type])
     if not state:
         raise checkpoints.CheckpointError(
             f"{checkpoint_path} has no '{CHECKPOINT_PREFIXES[encoder_type]}*' weights: is it a bi-encoder checkpoint?")
+    return state
+
+
+def _checkpoint_tower(state: dict, encoder_type: str, config, spec: EncoderSpec, checkpoint_path: str,
+                      option: str = "--pretrained_model_cfg") -> PreTrainedModel:
+    """The model of `config` holding a tower's weights, in eval mode; weights that do not fit it are refused in
+    one line naming `option`, the way to name the model they were trained from."""
     model = encoder_from_config(copy.deepcopy(config), None, spec.projection_dim)
     try:
         checkpoints.load_model_state(model, state)
     except RuntimeError as e:  # load_model_state's "does not fit": another architecture than the one named
         raise EncoderConfigError(
             f"the {encoder_type} weights of {checkpoint_path} do not fit '{spec.pretrained_model_cfg}' "
-            f"({_first_line(e)}): give --pretrained_model_cfg, the model it was trained from") from e
+            f"({_first_line(e)}): give {option}, the model it was trained from") from e
     return model.eval()
 
 

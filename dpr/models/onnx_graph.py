@@ -18,6 +18,10 @@ graph files, the tokenizer and `onnx_export.json`:
     opset, torch, onnxruntime   how it was exported
     inputs, output      the graph's input names and output name
     files               {file name: {"encoder_types": [question and/or ctx], "precision": fp32 | int8}}
+    tokenization        how texts become the graphs' token ids (`EncoderSpec.tokenization_params`): query_prefix
+                        and passage_prefix (before a passage's title when it has one), query_sequence_length and
+                        sequence_length (where questions and passages are cut), do_lower_case; absent in folders
+                        exported before it was written (their model.encoder_params hold the same settings)
 """
 import contextlib
 import importlib
@@ -159,13 +163,15 @@ class ExportRecord:
     model: dict  # checkpoint, weights, encoder_params
     opset: int
     files: Dict[str, dict]
+    tokenization: Optional[dict] = None  # EncoderSpec.tokenization_params; None in older folders
 
     def to_json(self) -> dict:
         import onnxruntime
 
         return {"format": FORMAT, "version": VERSION, "model": self.model, "opset": self.opset,
                 "torch": torch.__version__, "onnxruntime": onnxruntime.__version__,
-                "inputs": list(INPUT_NAMES), "output": OUTPUT_NAME, "files": self.files}
+                "inputs": list(INPUT_NAMES), "output": OUTPUT_NAME, "files": self.files,
+                "tokenization": self.tokenization}
 
     def graph_for(self, encoder_type: str, precision: str) -> Optional[str]:
         """The file holding `encoder_type`'s graph at `precision`, or None."""
@@ -194,8 +200,9 @@ def write_export(
             int8_name = graph_file_name(encoder_types, "int8")
             quantize_int8(os.path.join(folder, fp32_name), os.path.join(folder, int8_name))
             files[int8_name] = {"encoder_types": encoder_types, "precision": "int8"}
-    next(iter(encoders.values())).tokenizer.save_pretrained(folder)
-    record = ExportRecord(model, opset, files)
+    first = next(iter(encoders.values()))
+    first.tokenizer.save_pretrained(folder)
+    record = ExportRecord(model, opset, files, first.spec.tokenization_params())
     with open(os.path.join(folder, RECORD_NAME), "w", encoding="utf-8") as file:
         json.dump(record.to_json(), file, indent=2, sort_keys=True)
     return record
@@ -228,7 +235,7 @@ def read_export_record(folder: str, option: str) -> ExportRecord:
         raise OnnxExportError(f"{path}: unreadable ({e}); export the checkpoint again") from e
     if not isinstance(raw, dict) or raw.get("format") != FORMAT:
         raise OnnxExportError(f"{path} is not a record of exported ONNX graphs; export the checkpoint again")
-    return ExportRecord(raw["model"], int(raw["opset"]), raw["files"])
+    return ExportRecord(raw["model"], int(raw["opset"]), raw["files"], raw.get("tokenization"))
 
 
 class OnnxVectors:
