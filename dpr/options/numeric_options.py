@@ -94,6 +94,10 @@ BIENCODER_TRAINING = TRAINING + (
     _whole("train.val_av_rank_other_neg", 0),
     _whole("train.val_av_rank_bsz", 1),
     _whole("train.val_av_rank_max_qs", 1),
+    _whole("train.val_retrieval_other_passages", 0),
+    _whole("train.val_retrieval_recall_at", 1, each=True),
+    _whole("train.val_retrieval_seed", 0, maximum=UNSIGNED_32),
+    _whole("train.val_retrieval_max_qs", 1, null=True),  # null: every dev question
     _whole("train.q_chunk_size", 1),
     _whole("train.ctx_chunk_size", 1),
     _whole("train.grad_compensation_ref_world", 0, null=True),  # 0 or null: unscaled

@@ -11,14 +11,18 @@ from omegaconf import DictConfig, OmegaConf
 from dpr.data.batching import GlobalBatch, evaluation_batches, local_slice, training_batches
 from dpr.data.biencoder_batch import BiEncoderBatch, make_biencoder_batch, sample_examples
 from dpr.data.biencoder_data import BiEncoderSample, load_biencoder_samples
+from dpr.data.passages import Passage
 from dpr.data.resources import resolve_dataset
 from dpr.data.tensorizer import Tensorizer
+from dpr.evaluation.rank_metrics import MRR_NAME, recall_name
 from dpr.foundation.config_values import one_of, true_or_false
 from dpr.foundation.errors import ConfigError
 from dpr.models.biencoder import BiEncoder, build_biencoder, nll_loss, similarity_scores
 from dpr.training.distributed import all_gather_rows, all_reduce_sum
 from dpr.training.false_negatives import IN_BATCH_NEGATIVES, FalseNegativeMask
 from dpr.training.grad_cache import GradCache, Tower, full_batch_step
+from dpr.training.retrieval_validation import (RetrievalCorpus, RetrievalValidationSettings, build_retrieval_corpus,
+                                               local_part, ranking_sums)
 from dpr.training.trainer_base import BatchResult, Trainer, TrainingRun, Validation
 
 logger = logging.getLogger(__name__)
@@ -63,6 +67,7 @@ class BiEncoderSettings:
     val_av_rank_other_neg: int
     val_av_rank_bsz: int
     val_av_rank_max_qs: int
+    retrieval: Optional[RetrievalValidationSettings]  # None: DPR's average rank from val_av_rank_start_epoch on
 
     @classmethod
     def from_config(cls, cfg: DictConfig) -> "BiEncoderSettings":
@@ -89,6 +94,7 @@ class BiEncoderSettings:
             val_av_rank_other_neg=int(t.val_av_rank_other_neg),
             val_av_rank_bsz=int(t.val_av_rank_bsz),
             val_av_rank_max_qs=int(t.val_av_rank_max_qs),
+            retrieval=RetrievalValidationSettings.from_config(t),
         )
         if settings.grad_cache and (settings.q_chunk_size < 1 or settings.ctx_chunk_size < 1):
             raise ConfigError("train.q_chunk_size and train.ctx_chunk_size must be >= 1")
@@ -111,6 +117,11 @@ class BiEncoderTrainer(Trainer):
         self.train_sets = load_datasets(cfg.train_datasets, cfg, "training")
         self._check_dataset_lists(len(self.train_sets))
         self.dev_set = [s for d in load_datasets(cfg.dev_datasets, cfg, "dev") for s in d]
+        self.retrieval_corpus: Optional[RetrievalCorpus] = None
+        if self.options.retrieval is not None and self.dev_set:
+            self.retrieval_corpus = build_retrieval_corpus(self.dev_set, self.options.retrieval)
+            logger.info("Retrieval validation corpus (seed %d): %s", self.options.retrieval.seed,
+                        self.retrieval_corpus.describe())
 
         self.model: BiEncoder = build_biencoder(spec, self.options.compile_dropout).to(self.device)
         self._prepare_model(list(zip((self.model.question_model, self.model.ctx_model), self.model.trainable_towers())))
@@ -243,18 +254,22 @@ class BiEncoderTrainer(Trainer):
 
     # ---------------------------------------------------------------- validation
     def validate(self, epoch: int) -> Optional[Validation]:
-        """NLL validation, or average-rank validation from val_av_rank_start_epoch on."""
+        """NLL validation, or from val_av_rank_start_epoch on average-rank validation (retrieval validation with
+        train.val_retrieval)."""
         if not self.dev_set:
             return None
         if epoch >= self.options.val_av_rank_start_epoch:
-            return self.validate_average_rank()
+            return self._ranking_validation()
         return self.validate_nll()
+
+    def _ranking_validation(self) -> Validation:
+        return self.validate_retrieval() if self.retrieval_corpus is not None else self.validate_average_rank()
 
     def evaluate(self) -> List[Validation]:
         if self.checkpoint is None or not self.dev_set:
             raise ConfigError("nothing to do: give train_datasets, or model_file and dev_datasets to validate")
         logger.info("No training data: validating %s only", self.checkpoint_file)
-        return [self.validate_nll(), self.validate_average_rank()]
+        return [self.validate_nll(), self._ranking_validation()]
 
     def _dev_batches(self, hard_negatives: int, other_negatives: int):
         world = self.dist.world_size
@@ -314,6 +329,44 @@ class BiEncoderTrainer(Trainer):
         av_rank = rank_sum / max(1.0, q_num)
         logger.info("Av.rank validation: average rank %s, total questions=%d", av_rank, int(q_num))
         return Validation("average_rank", av_rank, higher_is_better=False)
+
+    @torch.no_grad()
+    def validate_retrieval(self) -> Validation:
+        """MRR@10 and Recall@k of the retrieval corpus (dpr/training/retrieval_validation.py): each process encodes
+        its part of the passages (train.val_av_rank_bsz at a time) and of the questions (train.dev_batch_size at a
+        time), ranks the gathered corpus for its questions, and the sums are added across processes."""
+        corpus, rank, world = self.retrieval_corpus, self.dist.rank, self.dist.world_size
+        self.model.eval()
+        passages = [corpus.passages[i] for i in local_part(len(corpus.passages), rank, world)]
+        passage_vectors = torch.cat(all_gather_rows(self._encode_passages(passages)))
+        mine = local_part(len(corpus.questions), rank, world)
+        question_vectors = self._encode_questions([corpus.questions[i] for i in mine])
+        sums = ranking_sums(question_vectors, passage_vectors, [corpus.relevant[i] for i in mine], corpus.recall_at,
+                            lambda q, ctx: similarity_scores(q, ctx, self.spec.similarity, self.spec.temperature))
+        *sums, questions = all_reduce_sum(sums, self.device)
+        values = {name: total / questions for name, total in
+                  zip([MRR_NAME] + [recall_name(k) for k in corpus.recall_at], sums)}
+        logger.info("Retrieval validation: %s; %s", ", ".join(f"{name} = {v:.4f}" for name, v in values.items()),
+                    corpus.describe())
+        return Validation(MRR_NAME, values.pop(MRR_NAME), higher_is_better=True, scalars=values)
+
+    def _encode_passages(self, passages: Sequence[Passage]) -> torch.Tensor:
+        return self._encode(self.model.encode_contexts, passages, self.options.val_av_rank_bsz,
+                            lambda part: self.tensorizer.tensorize([p.text for p in part], [p.title for p in part]))
+
+    def _encode_questions(self, questions: Sequence[str]) -> torch.Tensor:
+        return self._encode(self.model.encode_questions, questions, self.settings.dev_batch_size,
+                            self.tensorizer.questions.tensorize)
+
+    def _encode(self, encode, items: Sequence, batch_size: int, tensorize) -> torch.Tensor:
+        """The float32 vectors of `items`, tensorized and encoded `batch_size` at a time, in order; a process
+        without any gets 0 rows (one empty batch)."""
+        vectors = []
+        for start in range(0, max(1, len(items)), batch_size):
+            ids, mask = tensorize(items[start : start + batch_size])
+            with self.precision.autocast():
+                vectors.append(encode(ids.to(self.device), mask.to(self.device)).float())
+        return torch.cat(vectors)
 
 
 def run_training(cfg: DictConfig) -> TrainingRun:

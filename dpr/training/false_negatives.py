@@ -16,7 +16,7 @@ text's token key is computed once and cached, not at every step.
 """
 from collections import defaultdict
 from functools import lru_cache
-from typing import Dict, List, Optional, Sequence, Set
+from typing import Callable, Dict, List, Optional, Sequence, Set
 
 import torch
 
@@ -28,6 +28,31 @@ IN_BATCH_NEGATIVES = ("all", "mask_duplicates", "mask_answers")
 # Texts (passages and answers) whose token keys stay cached: every passage of squad_open, those of some hundreds of
 # batches of NQ; at most about 100 MB for DPR's 100-word passages.
 KEY_CACHE_SIZE = 1 << 17
+
+
+def same_passages(passages: Sequence[Passage], key: Callable[[str], str] = token_key) -> Callable[[int], List[int]]:
+    """The passage identity: a function of a passage's position giving the positions of the passages that are the
+    same passage (itself included). Ids decide where both passages have one, the normalised text (`key`, the
+    uncased NFD tokens of has_answer) where either has none. Symmetric: q is among p's exactly when p is among q's."""
+    by_id: Dict[str, List[int]] = defaultdict(list)
+    no_id_by_text: Dict[str, List[int]] = defaultdict(list)
+    for position, passage in enumerate(passages):
+        if passage.id is None:
+            no_id_by_text[key(passage.text)].append(position)
+        else:
+            by_id[passage.id].append(position)
+    all_by_text: Dict[str, List[int]] = defaultdict(list)
+    if no_id_by_text:  # texts are compared only when some passage has no id
+        for position, passage in enumerate(passages):
+            all_by_text[key(passage.text)].append(position)
+
+    def same(position: int) -> List[int]:
+        passage = passages[position]
+        if passage.id is None:
+            return all_by_text[key(passage.text)]
+        return by_id[passage.id] + (no_id_by_text.get(key(passage.text), []) if no_id_by_text else [])
+
+    return same
 
 
 class FalseNegativeMask:
@@ -52,7 +77,7 @@ class FalseNegativeMask:
             positives.append(offset + example.positive_index)
             offset += len(example.contexts)
         pairs = []  # (question, context) positions to mask, set in one indexing operation
-        same = self._same_passage(contexts)
+        same = same_passages(contexts, self._key)
         for question, positive in enumerate(positives):
             pairs += [(question, position) for position in same(positive)]
         if self.mode == "mask_answers":
@@ -66,29 +91,6 @@ class FalseNegativeMask:
             masked[tuple(torch.tensor(pairs, dtype=torch.long).T)] = True
         masked[torch.arange(len(positives)), torch.tensor(positives, dtype=torch.long)] = False
         return masked
-
-    def _same_passage(self, contexts: List[Passage]):
-        """A function of a context's position: the positions of the contexts that are the same passage (itself
-        included). Ids decide where both passages have one, the normalised text where either has none."""
-        by_id: Dict[str, List[int]] = defaultdict(list)
-        no_id_by_text: Dict[str, List[int]] = defaultdict(list)
-        for position, context in enumerate(contexts):
-            if context.id is None:
-                no_id_by_text[self._key(context.text)].append(position)
-            else:
-                by_id[context.id].append(position)
-        all_by_text: Dict[str, List[int]] = defaultdict(list)
-        if no_id_by_text:  # texts are compared only when some context has no id
-            for position, context in enumerate(contexts):
-                all_by_text[self._key(context.text)].append(position)
-
-        def same(position: int) -> List[int]:
-            context = contexts[position]
-            if context.id is None:
-                return all_by_text[self._key(context.text)]
-            return by_id[context.id] + (no_id_by_text.get(self._key(context.text), []) if no_id_by_text else [])
-
-        return same
 
     def _answer_finder(self, contexts: List[Passage], answer_keys: Set[str]):
         """A function of an answer's token key (one of `answer_keys`): the positions of the contexts whose text

@@ -231,6 +231,9 @@ class ValidationRecord:
     seconds: float
     checkpoint: Optional[str]  # on the main process
     best: bool
+    # the validation's scalars beside its value (retrieval validation's Recall@k); a record without any is written
+    # without the key, as before scalars were recorded
+    scalars: Dict[str, float] = field(default_factory=dict)
 
 
 @dataclass(frozen=True)
@@ -581,6 +584,7 @@ class Trainer:
         record = ValidationRecord(
             epoch=epoch, offset=offset, step=self.update, metric=validation.metric if validation else None,
             value=validation.value if validation else None, seconds=seconds, checkpoint=path, best=best,
+            scalars=dict(validation.scalars) if validation else {},
         )
         if best:
             self.best = record
@@ -600,8 +604,11 @@ class Trainer:
     def _write_record(self, kind: str, record) -> None:
         """One JSON line per record in output_dir, for plots and tools that should not parse the log."""
         if self.records_file and self.dist.is_main:
+            fields = dataclasses.asdict(record)
+            if fields.get("scalars") == {}:
+                del fields["scalars"]
             with open(self.records_file, "a") as f:
-                f.write(json.dumps({"kind": kind, **dataclasses.asdict(record)}) + "\n")
+                f.write(json.dumps({"kind": kind, **fields}) + "\n")
 
     def _evaluate_only(self) -> TrainingRun:
         ckpt = self.checkpoint
@@ -610,7 +617,7 @@ class Trainer:
             records.append(ValidationRecord(
                 epoch=ckpt.epoch if ckpt else 0, offset=ckpt.offset if ckpt else 0, step=0,
                 metric=validation.metric, value=validation.value, seconds=0.0, checkpoint=self.checkpoint_file,
-                best=False,
+                best=False, scalars=dict(validation.scalars),
             ))
         return TrainingRun(None, [], records)
 
