@@ -27,7 +27,12 @@ the allocated bytes (caching-allocator fragmentation and the optimizer step's te
 the largest question chunk (passage chunk half of it) that projection keeps within 10 GiB, with checkpointing
 and without (one chunk's activations are linear in its rows). Each optimizer step is timed (`step_seconds`; the
 last one, after the first step's warm-up, is in the table): with `--chunks 64 32 --gradient_checkpointing`
-against the recipe's 16 / 8 without, it shows what fewer, larger chunks cost or save in time.
+against the recipe's 16 / 8 without, it shows what fewer, larger chunks cost or save in time (`--time_only`: the
+steps alone, for chunks whose activations without checkpointing would not fit in the machine's memory):
+
+    python bench/bench_memory.py --batches 64 --precisions bf16 --chunks 16 8 --steps 3 --threads 2
+    python bench/bench_memory.py --batches 64 --precisions bf16 --chunks 64 32 --gradient_checkpointing --time_only \
+        --steps 3 --threads 2
 """
 import argparse
 import json
@@ -119,10 +124,11 @@ def chunk_activations(model, data, q_chunk: int, ctx_chunk: int, precision) -> d
 
 
 def measure(config: BertConfig, sequence_length: int, batch: int, q_chunk: int, ctx_chunk: int, precision_name: str,
-            steps: int, device: torch.device, gradient_checkpointing: bool = False) -> dict:
+            steps: int, device: torch.device, gradient_checkpointing: bool = False, time_only: bool = False) -> dict:
     """The recipe's memory breakdown in bytes (see the module doc), after `steps` optimizer steps; with
     `gradient_checkpointing` the steps recompute activations and one chunk's activations are also measured
-    without it (`activations_without_checkpointing`)."""
+    without it (`activations_without_checkpointing`); `time_only`: the steps' seconds and the peak alone (a large
+    chunk's activations measured without checkpointing may not fit in memory)."""
     # what is there before: the Python runtime and libraries on CPU, other models on a GPU
     runtime = (torch.cuda.memory_allocated(device) if device.type == "cuda"
                else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
@@ -141,6 +147,10 @@ def measure(config: BertConfig, sequence_length: int, batch: int, q_chunk: int, 
     peak = (torch.cuda.max_memory_allocated(device) if device.type == "cuda"
             else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024)
     params = [p for p in model.parameters() if p.requires_grad]
+    if time_only:
+        return {"device": device.type, "precision": precision_name, "batch": batch, "q_chunk": q_chunk,
+                "ctx_chunk": ctx_chunk, "gradient_checkpointing": gradient_checkpointing, "step_seconds": step_seconds,
+                "peak": peak}
     activations = chunk_activations(model, data, q_chunk, ctx_chunk, precision)
     without = None
     if gradient_checkpointing:
@@ -212,7 +222,8 @@ def measure_spec(spec: dict) -> dict:
     recipe = recipe_config(spec["tiny"], spec["large"])
     q_chunk, ctx_chunk = spec["chunks"] or (recipe["q_chunk"], recipe["ctx_chunk"])
     return measure(recipe["config"], recipe["sequence_length"], spec["batch"], q_chunk, ctx_chunk,
-                   spec["precision"], spec["steps"], torch.device(spec["device"]), spec["gradient_checkpointing"])
+                   spec["precision"], spec["steps"], torch.device(spec["device"]), spec["gradient_checkpointing"],
+                   spec.get("time_only", False))
 
 
 def print_table(results: List[dict]) -> None:
@@ -241,6 +252,8 @@ def main(argv=None) -> List[dict]:
     parser.add_argument("--gradient_checkpointing", action="store_true",
                         help="the steps recompute activations (encoder.gradient_checkpointing); one chunk's activations "
                              "are measured with and without")
+    parser.add_argument("--time_only", action="store_true",
+                        help="time the steps and report the peak, without the breakdown")
     parser.add_argument("--threads", type=int, default=torch.get_num_threads())
     parser.add_argument("--out", default=None, help="JSON file of the results")
     args = parser.parse_args(argv)
@@ -251,8 +264,11 @@ def main(argv=None) -> List[dict]:
             results.append(run_in_subprocess({"batch": batch, "precision": precision, "steps": args.steps,
                                               "tiny": args.tiny, "threads": args.threads, "device": device,
                                               "gradient_checkpointing": args.gradient_checkpointing,
-                                              "large": args.large, "chunks": args.chunks}))
+                                              "large": args.large, "chunks": args.chunks,
+                                              "time_only": args.time_only}))
             print(json.dumps(results[-1]), flush=True)  # a long run shows each configuration as it ends
+    if args.time_only:
+        return results
     print_table(results)
     sixteen_bit = [r for r in results if r["precision"] in ("bf16", "fp16")]
     report = {"machine": platform.processor() or platform.machine(), "results": results}

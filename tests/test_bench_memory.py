@@ -48,3 +48,10 @@ def largest_chunks_fit_and_one_more_row_does_not(r: dict) -> None:
         rows = largest[key]
         assert projected_gib(activations, rows) <= BENCH["TARGET_GIB"] < projected_gib(activations, rows + 1)
 
+
+
+def test_time_only_times_the_steps_without_the_breakdown():
+    (r,) = BENCH["main"](["--tiny", "--batches", "4", "--precisions", "fp32", "--threads", "1",
+                          "--gradient_checkpointing", "--chunks", "4", "2", "--time_only", "--steps", "3"])
+    assert len(r["step_seconds"]) == 3 and all(s > 0 for s in r["step_seconds"]) and r["peak"] > 0
+    assert "parts" not in r and r["gradient_checkpointing"] is True
