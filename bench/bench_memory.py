@@ -172,7 +172,8 @@ def measure(config: BertConfig, sequence_length: int, batch: int, q_chunk: int, 
             "q_chunk": q_chunk, "ctx_chunk": ctx_chunk, "steps": steps, "parts": parts,
             "gradient_checkpointing": gradient_checkpointing, "activations": activations,
             "activations_without_checkpointing": without, "step_seconds": step_seconds, "peak": peak,
-            "runtime": runtime, "parameter_count": sum(p.numel() for p in model.parameters()),
+            "runtime": runtime, "layers": config.num_hidden_layers,
+            "parameter_count": sum(p.numel() for p in model.parameters()),
             "trained_parameter_count": sum(p.numel() for p in params)}
 
 
@@ -189,21 +190,29 @@ def projection_fp16_gpu(breakdown: dict) -> dict:
 
 def largest_chunks_within_target(breakdown: dict) -> dict:
     """The largest question chunk (passage chunk half of it, the recipe's ratio) whose projected fp16 GPU memory
-    stays within TARGET_GIB, with the layers checkpointed as measured and, where measured, without: one chunk's
-    activations are linear in its rows, so the bytes per row of the measured chunks scale to any chunk."""
+    stays within TARGET_GIB, without checkpointing and, where measured, with it: one chunk's activations are linear
+    in its rows, so the bytes per row of the measured chunks scale to any chunk. With checkpointing a chunk holds
+    its layers' inputs and, in backward, one layer's activations recomputed (the activations without
+    checkpointing divided by the number of layers)."""
     fixed = sum(v for k, v in breakdown["parts"].items() if k != "chunk_activations")
     budget = ((TARGET_GIB - CUDA_CONTEXT_GIB) * GIB / (1 + ALLOCATOR_OVERHEAD)) - fixed
+    plain = breakdown["activations_without_checkpointing"] or breakdown["activations"]
 
-    def largest(activations: dict) -> int:
-        per_question_row = activations["question_chunk"] / breakdown["q_chunk"]
-        per_passage_row = activations["passage_chunk"] / breakdown["ctx_chunk"]
+    def per_row(chunk: str, rows: int, checkpointed: bool) -> float:
+        held = plain[chunk] / rows
+        if checkpointed:
+            held = breakdown["activations"][chunk] / rows + held / breakdown["layers"]
+        return held
+
+    def largest(checkpointed: bool) -> int:
         # a question chunk of q rows and a passage chunk of q / 2 rows; the larger of the two is what is held
-        per_q = max(per_question_row, per_passage_row / 2)
+        per_q = max(per_row("question_chunk", breakdown["q_chunk"], checkpointed),
+                    per_row("passage_chunk", breakdown["ctx_chunk"], checkpointed) / 2)
         return max(0, int(budget // per_q))
 
-    result = {"with_layers_as_measured": largest(breakdown["activations"])}
-    if breakdown["activations_without_checkpointing"]:
-        result["without_checkpointing"] = largest(breakdown["activations_without_checkpointing"])
+    result = {"without_checkpointing": largest(False)}
+    if breakdown["gradient_checkpointing"]:
+        result["with_checkpointing"] = largest(True)
     return result
 
 
