@@ -472,7 +472,10 @@ def start_stuck_run(tmp_path, run_dir):
     script = subprocess.Popen([sys.executable, str(tmp_path / "driver.py"), str(SQUAD_OPEN), str(entry_scripts),
                                "--data", str(REPO / "data" / "sample"), "--run_dir", str(run_dir), "--no_plot",
                                "--bf16", "false"], env=dict(os.environ, STAGE_PIDS=str(pids)),
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True,
+                              # as started from a terminal: a shell without job control (a CI job started with `&`)
+                              # hands its background commands SIGINT ignored, and Python keeps it ignored
+                              preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
     deadline = time.monotonic() + 60
     while not (pids.is_file() and len(pids.read_text().split()) == 2):
         assert script.poll() is None and time.monotonic() < deadline, script.stderr.read()
@@ -485,7 +488,13 @@ def test_squad_open_ending_the_script_ends_its_stage(squad_open, tmp_path, signu
     script, stage_pids = start_stuck_run(tmp_path, tmp_path / "run")
     try:
         script.send_signal(signum)
-        assert script.wait(timeout=30) != 0
+        try:
+            code = script.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            script.kill()
+            pytest.fail(f"squad_open.py did not end within 30 s of signal {signum.name}; its stderr:\n"
+                        f"{script.communicate()[1][-3000:]}")
+        assert code != 0
         deadline = time.monotonic() + 10
         while not all(process_is_gone(pid) for pid in stage_pids) and time.monotonic() < deadline:
             time.sleep(0.05)
